@@ -1,0 +1,257 @@
+"""The Plan: which blocks reduce tokens, how, and by how much.
+
+A plan is plain, frozen data with a YAML/JSON form (schema version 1)::
+
+    version: 1
+    stages:
+      - {layer: 3, op: prune_fuse, keep: 0.7, score: cls_attn}
+
+``layer`` is the 0-based block index; a stage acts inside that block, after
+attention and before the MLP. ``keep`` is the fraction of the block's current
+patch tokens kept, ``r`` the number of patch tokens removed (give one of the
+two). Construction validates everything except the model-dependent layer
+range, which :meth:`Plan.check_depth` checks when the plan meets a model.
+Every error is one :class:`ParetokenError` line naming the stage, the field,
+the bad value and the valid values.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from paretoken.errors import ParetokenError
+
+SCHEMA_VERSION = 1
+
+OPS = ("prune", "prune_fuse", "merge", "joint", "threshold", "slim")
+SCORES = ("cls_attn", "head_weighted", "keys", "predictor")
+
+#: Valid scores per op; the first is the default.
+OP_SCORES: dict[str, tuple[str, ...]] = {
+    "prune": ("cls_attn", "head_weighted", "predictor"),
+    "prune_fuse": ("cls_attn", "head_weighted", "predictor"),
+    "merge": ("keys",),
+    "joint": ("cls_attn", "head_weighted"),
+    "threshold": ("head_weighted", "cls_attn"),
+    "slim": ("cls_attn", "head_weighted"),
+}
+
+#: Amount fields per op: the op needs exactly one of the fields in each group.
+OP_AMOUNT: dict[str, tuple[tuple[str, ...], ...]] = {
+    "prune": (("keep", "r"),),
+    "prune_fuse": (("keep", "r"),),
+    "merge": (("keep", "r"),),
+    "slim": (("keep", "r"),),
+    "joint": (("mass",), ("sim",)),
+    "threshold": (("threshold",),),
+}
+
+#: Ops whose token count differs from image to image.
+PER_IMAGE_OPS = frozenset({"joint", "threshold"})
+
+_AMOUNT_FIELDS = ("keep", "r", "mass", "sim", "threshold")
+
+
+def _fail(where: str, message: str) -> ParetokenError:
+    return ParetokenError(f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One token reduction inside block ``layer``.
+
+    Fields (units):
+      layer: 0-based block index.
+      op: one of :data:`OPS`.
+      score: token score, one of :data:`OP_SCORES` [op]; defaults to the op's first.
+      keep: fraction in (0, 1] of the block's current patch tokens kept.
+      r: non-negative number of patch tokens removed (instead of ``keep``).
+      mass: ``joint`` only: the critical tokens are the fewest patch tokens whose
+        score holds at least this fraction in (0, 1] of the score mass.
+      sim: ``joint`` only: cosine similarity in [-1, 1] at or above which a
+        non-critical token is merged into its most similar critical token
+        (pruned otherwise).
+      threshold: ``threshold`` only: a token is kept when its score, relative to
+        uniform attention (score * number of patch tokens), exceeds this (> 0).
+    """
+
+    layer: int
+    op: str
+    score: str | None = None
+    keep: float | None = None
+    r: int | None = None
+    mass: float | None = None
+    sim: float | None = None
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        where = "stage"
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise _fail(where, f"layer {self.layer!r} is invalid; valid: a block index, an integer >= 0")
+        where = f"stage at layer {self.layer}"
+        if self.op not in OPS:
+            raise _fail(where, f"op {self.op!r} is unknown; valid: {', '.join(OPS)}")
+        valid_scores = OP_SCORES[self.op]
+        if self.score is None:
+            object.__setattr__(self, "score", valid_scores[0])
+        elif self.score not in SCORES:
+            raise _fail(where, f"score {self.score!r} is unknown; valid: {', '.join(SCORES)}")
+        elif self.score not in valid_scores:
+            raise _fail(where, f"score {self.score!r} does not fit op {self.op!r}; valid: {', '.join(valid_scores)}")
+        needed = {f for group in OP_AMOUNT[self.op] for f in group}
+        for name in _AMOUNT_FIELDS:
+            if getattr(self, name) is not None and name not in needed:
+                valid = " or ".join("/".join(g) for g in OP_AMOUNT[self.op])
+                raise _fail(where, f"field {name!r} does not apply to op {self.op!r}; valid: {valid}")
+        for group in OP_AMOUNT[self.op]:
+            given = [f for f in group if getattr(self, f) is not None]
+            if len(given) != 1:
+                raise _fail(where, f"op {self.op!r} needs exactly one of {' or '.join(group)}; got {len(given)}")
+        self._check_ranges(where)
+
+    def _check_ranges(self, where: str) -> None:
+        def number(name: str) -> float | None:
+            value = getattr(self, name)
+            if value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise _fail(where, f"{name} {value!r} is not a finite number")
+            return float(value)
+
+        keep, mass, sim, threshold = number("keep"), number("mass"), number("sim"), number("threshold")
+        if keep is not None and not 0.0 < keep <= 1.0:
+            raise _fail(where, f"keep {self.keep!r} is out of range; valid: 0 < keep <= 1")
+        if self.r is not None and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0):
+            raise _fail(where, f"r {self.r!r} is invalid; valid: an integer >= 0")
+        if mass is not None and not 0.0 < mass <= 1.0:
+            raise _fail(where, f"mass {self.mass!r} is out of range; valid: 0 < mass <= 1")
+        if sim is not None and not -1.0 <= sim <= 1.0:
+            raise _fail(where, f"sim {self.sim!r} is out of range; valid: -1 <= sim <= 1")
+        if threshold is not None and not threshold > 0.0:
+            raise _fail(where, f"threshold {self.threshold!r} is out of range; valid: threshold > 0")
+
+    @property
+    def per_image(self) -> bool:
+        """True when this stage keeps a different number of tokens per image."""
+        return self.op in PER_IMAGE_OPS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+_STAGE_FIELDS = tuple(f.name for f in fields(Stage))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An ordered set of :class:`Stage` s, at most one per block.
+
+    ``meta`` carries free-form provenance (model, weights, metrics) that export
+    adds; it never changes what the plan does.
+    """
+
+    stages: tuple[Stage, ...] = ()
+    version: int = SCHEMA_VERSION
+    meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.version != SCHEMA_VERSION:
+            raise ParetokenError(f"plan: version {self.version!r} is unsupported; valid: {SCHEMA_VERSION}")
+        stages = tuple(self.stages)
+        for i, stage in enumerate(stages):
+            if not isinstance(stage, Stage):
+                raise ParetokenError(f"stage {i}: is {type(stage).__name__}, not a Stage")
+        seen: set[int] = set()
+        for stage in stages:
+            if stage.layer in seen:
+                raise ParetokenError(f"stage at layer {stage.layer}: layer {stage.layer} has two stages; valid: one stage per layer")
+            seen.add(stage.layer)
+        object.__setattr__(self, "stages", tuple(sorted(stages, key=lambda s: s.layer)))
+
+    @property
+    def per_image(self) -> bool:
+        """True when some stage keeps a different number of tokens per image."""
+        return any(s.per_image for s in self.stages)
+
+    def check_depth(self, depth: int) -> None:
+        """Raise unless every stage's layer is a block of a ``depth``-block model."""
+        for stage in self.stages:
+            if stage.layer >= depth:
+                raise ParetokenError(
+                    f"stage at layer {stage.layer}: layer {stage.layer} is out of range; "
+                    f"valid: 0..{depth - 1} for this {depth}-block model")
+
+    # -- plain-data form ---------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
+        """Build and validate a plan from its dict form (as YAML/JSON load it)."""
+        if not isinstance(data, Mapping):
+            raise ParetokenError(f"plan: expected a mapping with 'version' and 'stages', got {type(data).__name__}")
+        unknown = set(data) - {"version", "stages", "meta"}
+        if unknown:
+            raise ParetokenError(f"plan: field {sorted(unknown)[0]!r} is unknown; valid: version, stages, meta")
+        raw_stages = data.get("stages", [])
+        if not isinstance(raw_stages, (list, tuple)):
+            raise ParetokenError(f"plan: stages must be a list, got {type(raw_stages).__name__}")
+        stages = []
+        for i, raw in enumerate(raw_stages):
+            if not isinstance(raw, Mapping):
+                raise ParetokenError(f"stage {i}: expected a mapping, got {type(raw).__name__}")
+            bad = [k for k in raw if k not in _STAGE_FIELDS]
+            if bad:
+                raise ParetokenError(f"stage {i}: field {bad[0]!r} is unknown; valid: {', '.join(_STAGE_FIELDS)}")
+            if "layer" not in raw or "op" not in raw:
+                raise ParetokenError(f"stage {i}: field {'layer' if 'layer' not in raw else 'op'!r} is missing")
+            try:
+                stages.append(Stage(**raw))
+            except ParetokenError as err:
+                raise ParetokenError(f"stage {i}: {str(err).split(': ', 1)[1]}") from None
+        meta = data.get("meta") or {}
+        if not isinstance(meta, Mapping):
+            raise ParetokenError(f"plan: meta must be a mapping, got {type(meta).__name__}")
+        return cls(stages=tuple(stages), version=data.get("version", SCHEMA_VERSION), meta=dict(meta))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": self.version, "stages": [s.to_dict() for s in self.stages]}
+        if self.meta:
+            out["meta"] = dict(self.meta)
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan as YAML (``.yaml``/``.yml``) or JSON (anything else)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix in (".yaml", ".yml"):
+            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        else:
+            path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    def describe(self) -> str:
+        """One line per stage, for tables and logs."""
+        if not self.stages:
+            return "(no stages: uncompressed)"
+        return "; ".join(
+            f"L{s.layer} {s.op}(" + ", ".join(f"{k}={v}" for k, v in s.to_dict().items() if k not in ("layer", "op")) + ")"
+            for s in self.stages)
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a plan written by :meth:`Plan.save` (YAML or JSON; an export file works too)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParetokenError(f"plan: file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ParetokenError(f"plan: {str(path)!r} is not valid YAML/JSON{where}") from None
+    if isinstance(data, Mapping) and "plan" in data and "stages" not in data:
+        data = data["plan"]  # an export file: the plan sits under 'plan'
+    return Plan.from_dict(data)

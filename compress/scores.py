@@ -1,0 +1,53 @@
+"""Token scores from one attention layer: pure functions on q, k and head outputs.
+
+Shapes: q, k (B, H, N, D); head outputs (B, H, N, Dv); bias (B, 1, 1, N) or
+None (see :func:`paretoken.compress.reducers.attention_bias`). Scores are
+(B, N) with the class token at index 0.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    return logits.float().softmax(dim=-1)
+
+
+def class_attention(q, k, scale: float, bias) -> torch.Tensor:
+    """(B, H, N): each head's attention from the class token (query 0) to every token."""
+    return _attention(q[:, :, :1], k, scale, bias)[:, :, 0]
+
+
+def head_importance(head_out: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """(B, H) weights summing to 1: the norm of each head's output over the image's valid tokens."""
+    valid = (size > 0).to(head_out.dtype)[:, None, :, None]
+    norms = (head_out * valid).float().pow(2).sum(dim=(-1, -2)).sqrt()
+    return norms / norms.sum(dim=1, keepdim=True).clamp(min=torch.finfo(norms.dtype).tiny)
+
+
+def cls_attn_score(cls_attn: torch.Tensor) -> torch.Tensor:
+    """(B, N) EViT score: class attention averaged over heads."""
+    return cls_attn.mean(dim=1)
+
+
+def head_weighted_score(cls_attn: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(B, N) AS-ViT score: class attention with heads weighted by ``weights`` (B, H)."""
+    return torch.einsum("bhn,bh->bn", cls_attn, weights)
+
+
+def key_metric(k: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) ToMe's similarity metric: keys averaged over heads."""
+    return k.mean(dim=1)
+
+
+def propagated_importance(q, k, scale: float, bias, class_score: torch.Tensor) -> torch.Tensor:
+    """(B, N) Patch Slimming importance: class importance carried back one attention step.
+
+    importance_j = sum_i class_score_i * mean_h A_h(i, j): a token matters as
+    much as the attention it receives from the tokens the class token relies on.
+    """
+    attn = _attention(q, k, scale, bias).mean(dim=1)
+    return torch.einsum("bi,bij->bj", class_score.float(), attn)
