@@ -37,9 +37,12 @@ def patch_counts(size: torch.Tensor, prefix: int) -> torch.Tensor:
 
 
 def count_to_keep(n: torch.Tensor, keep: float | None = None, r: int | None = None) -> torch.Tensor:
-    """(B,) patch tokens to keep out of ``n`` (B,): ceil(keep * n), or n - r; at least 1."""
+    """(B,) patch tokens to keep out of ``n`` (B,): keep * n rounded to nearest, or n - r; at least 1.
+
+    Rounding reproduces DynamicViT's counts (196 * 0.7**i -> 137, 96, 67).
+    """
     if keep is not None:
-        k = torch.ceil(n.double() * keep - 1e-9).long()
+        k = torch.floor(n.double() * keep + 0.5).long()
     else:
         k = n - int(r)
     return k.clamp(min=1).minimum(n)
@@ -108,16 +111,15 @@ def prune_fuse(x, size, score, prefix: int, keep: float | None = None, r: int | 
 def _merge_into(x, size, src: torch.Tensor, dst: torch.Tensor):
     """Merge each token where ``src`` (B, N) is True into token ``dst`` (B, N) index.
 
-    Size-weighted average; merged tokens are removed. Returns compacted x, size.
+    Size-weighted average. Returns x, size of the same shape with the merged
+    tokens' size set to 0 (callers :func:`compact` them away).
     """
-    xs = x * size[..., None].to(x.dtype)
-    w = (size * src)
+    w = size * src
     dst = torch.where(src, dst, torch.arange(x.shape[1], device=x.device)[None])
-    xs = xs - xs * src[..., None]
-    xs = xs.scatter_add(1, dst[..., None].expand_as(x), (x * w[..., None].to(x.dtype)))
+    xs = x * (size - w)[..., None].to(x.dtype)
+    xs = xs.scatter_add(1, dst[..., None].expand_as(x), x * w[..., None].to(x.dtype))
     size = (size - w).scatter_add(1, dst, w)
-    x = xs / size.clamp(min=torch.finfo(size.dtype).tiny)[..., None].to(x.dtype)
-    return compact(x, size, ~src)
+    return xs / size.clamp(min=torch.finfo(size.dtype).tiny)[..., None].to(x.dtype), size
 
 
 def bipartite_merge(x, size, metric, prefix: int, keep: float | None = None, r: int | None = None):
@@ -145,7 +147,10 @@ def bipartite_merge(x, size, metric, prefix: int, keep: float | None = None, r: 
     src[:, ::2] = src_a
     dst = torch.zeros_like(size, dtype=torch.long)
     dst[:, ::2] = 2 * node_idx + 1
-    return _merge_into(x, size, src, dst)
+    x, size = _merge_into(x, size, src, dst)
+    # ToMe's output order: prefix, unmerged A tokens, then B tokens (it sets the next block's split).
+    order = torch.argsort(torch.where(pos < prefix, 0, 1 + pos % 2), stable=True)
+    return compact(x[:, order], size[:, order], size[:, order] > 0)
 
 
 def critical_by_mass(score, size, prefix: int, mass: float) -> torch.Tensor:
@@ -179,7 +184,7 @@ def joint_merge_prune(x, size, score, metric, prefix: int, mass: float, sim: flo
     merge = other & (best >= sim)
     drop = other & ~merge
     x, size = _merge_into(x, size * ~drop, merge, match)
-    return x, size
+    return compact(x, size, size > 0)
 
 
 def threshold_prune(x, size, score, prefix: int, threshold: float):

@@ -1,0 +1,131 @@
+"""An independent, slow formulation of every reducer, for tests.
+
+One image at a time, tokens as Python lists, attention written out with an
+explicit softmax (no SDPA), each op as its paper describes it. Shares no code
+with paretoken.compress.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _round_keep(n: int, keep: float | None, r: int | None) -> int:
+    k = int(math.floor(n * keep + 0.5)) if keep is not None else n - r
+    return max(1, min(n, k))
+
+
+def _stage_score(stage, A, head_out):
+    """Score per token from attention probs A (H, N, N) and head outputs (H, N, D)."""
+    cls = A[:, 0, :]
+    if stage["score"] == "head_weighted":
+        norms = torch.stack([head_out[h].pow(2).sum().sqrt() for h in range(A.shape[0])])
+        w = norms / norms.sum()
+        s = sum(w[h] * cls[h] for h in range(A.shape[0]))
+    else:
+        s = cls.mean(0)
+    if stage["op"] == "slim":
+        mean_a = A.mean(0)
+        s = torch.stack([sum(s[i] * mean_a[i, j] for i in range(A.shape[1])) for j in range(A.shape[1])])
+    return s
+
+
+def _apply_stage(stage, tokens, sizes, score, keys, prefix):
+    """tokens: list of (C,) tensors; sizes: list of floats; returns new lists."""
+    n_all = len(tokens)
+    patches = list(range(prefix, n_all))
+    n = len(patches)
+    op = stage["op"]
+    by_score = sorted(patches, key=lambda j: (-float(score[j]), j))
+    if op in ("prune", "slim", "prune_fuse"):
+        k = _round_keep(n, stage.get("keep"), stage.get("r"))
+        kept = sorted(by_score[:k])
+        new_t = [tokens[j] for j in range(prefix)] + [tokens[j] for j in kept]
+        new_s = [sizes[j] for j in range(prefix)] + [sizes[j] for j in kept]
+        dropped = by_score[k:]
+        if op == "prune_fuse" and dropped:
+            wsum = sum(float(score[j]) for j in dropped)
+            new_t.append(sum(float(score[j]) * tokens[j] for j in dropped) / wsum)
+            new_s.append(sum(sizes[j] for j in dropped))
+        return new_t, new_s
+    if op == "merge":  # ToMe, transcribed: alternate split, best match, r best edges, weighted average
+        r = n - _round_keep(n, stage["keep"], None) if stage.get("keep") is not None else stage["r"]
+        a_idx = [i for i in range(0, n_all, 2) if i >= prefix]
+        b_idx = [j for j in range(1, n_all, 2) if j >= prefix]
+        unit = F.normalize(keys, dim=-1)
+        edges = []
+        for i in a_idx:
+            sims = [float(unit[i] @ unit[j]) for j in b_idx]
+            best = max(range(len(b_idx)), key=lambda t: (sims[t], -t))
+            edges.append((sims[best], i, b_idx[best]))
+        edges.sort(key=lambda e: -e[0])
+        merged = edges[:min(r, len(edges))]
+        acc = {j: (tokens[j] * sizes[j], sizes[j]) for j in b_idx}
+        for _, i, j in merged:
+            acc[j] = (acc[j][0] + tokens[i] * sizes[i], acc[j][1] + sizes[i])
+        gone = {i for _, i, _ in merged}
+        order = list(range(prefix)) + [i for i in a_idx if i not in gone] + b_idx
+        new_t = [acc[j][0] / acc[j][1] if j in acc else tokens[j] for j in order]
+        new_s = [acc[j][1] if j in acc else sizes[j] for j in order]
+        return new_t, new_s
+    if op == "joint":  # JMP
+        total = sum(float(score[j]) for j in patches)
+        critical, held = [], 0.0
+        for j in by_score:
+            if critical and held >= stage["mass"] * total - 1e-6 * total:
+                break
+            critical.append(j)
+            held += float(score[j])
+        unit = F.normalize(keys, dim=-1)
+        acc = {c: (tokens[c] * sizes[c], sizes[c]) for c in critical}
+        for j in patches:
+            if j in acc:
+                continue
+            sims = {c: float(unit[j] @ unit[c]) for c in critical}
+            c = max(critical, key=lambda c: (sims[c], -c))
+            if sims[c] >= stage["sim"]:
+                acc[c] = (acc[c][0] + tokens[j] * sizes[j], acc[c][1] + sizes[j])
+        kept = sorted(critical)
+        return ([tokens[j] for j in range(prefix)] + [acc[c][0] / acc[c][1] for c in kept],
+                [sizes[j] for j in range(prefix)] + [acc[c][1] for c in kept])
+    if op == "threshold":  # AS-ViT, score relative to uniform attention
+        total = sum(float(score[j]) for j in patches)
+        keep = [j for j in patches if float(score[j]) * n / total > stage["threshold"] or j == by_score[0]]
+        return ([tokens[j] for j in range(prefix)] + [tokens[j] for j in keep],
+                [sizes[j] for j in range(prefix)] + [sizes[j] for j in keep])
+    raise ValueError(op)
+
+
+@torch.no_grad()
+def reference_forward(model, image: torch.Tensor, stages: list[dict]) -> tuple[torch.Tensor, list[int]]:
+    """Logits (num_classes,) and per-block token counts for one image (C, H, W) of an unpatched model."""
+    prefix = model.num_prefix_tokens
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(image[None]))))[0]
+    tokens, sizes = list(x), [1.0] * x.shape[0]
+    by_layer = {s["layer"]: s for s in stages}
+    counts = []
+    for layer, blk in enumerate(model.blocks):
+        x = torch.stack(tokens)
+        att = blk.attn
+        n, heads = x.shape[0], att.num_heads
+        qkv = att.qkv(blk.norm1(x)).reshape(n, 3, heads, att.head_dim).permute(1, 2, 0, 3)
+        q, k, v = att.q_norm(qkv[0]), att.k_norm(qkv[1]), qkv[2]
+        logits = torch.einsum("hid,hjd->hij", q, k) * att.scale + torch.tensor(sizes).log()[None, None, :]
+        A = torch.exp(logits - logits.max(-1, keepdim=True).values)
+        A = A / A.sum(-1, keepdim=True)
+        head_out = torch.einsum("hij,hjd->hid", A, v)
+        x = x + blk.ls1(att.proj(att.norm(head_out.permute(1, 0, 2).reshape(n, -1))))
+        tokens = list(x)
+        if layer in by_layer:
+            stage = dict(by_layer[layer])
+            stage.setdefault("score", {"merge": "keys", "threshold": "head_weighted"}.get(stage["op"], "cls_attn"))
+            score = _stage_score(stage, A, head_out)
+            tokens, sizes = _apply_stage(stage, tokens, sizes, score, k.mean(0), prefix)
+        x = torch.stack(tokens)
+        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+        tokens = list(x)
+        counts.append(len(tokens))
+    x = model.norm(torch.stack(tokens)[None])
+    return model.forward_head(x)[0], counts

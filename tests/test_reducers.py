@@ -1,0 +1,172 @@
+"""Reducers on real timm ViTs against the slow reference in tests/reference.py."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+
+import paretoken
+from paretoken.compress import reducers
+from reference import reference_forward
+
+# (timm name, image size): small images keep the slow reference fast; the patch is the same.
+MODELS = [
+    ("deit_tiny_patch16_224", 96),
+    ("deit_small_distilled_patch16_224", 96),  # two prefix tokens
+    ("deit3_small_patch16_224", 96),  # LayerScale
+    ("vit_small_patch16_224", 96),
+]
+
+
+def _model(name: str, img: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=img).eval()
+    with torch.no_grad():  # peakier attention than the random init: clear score gaps, no near-ties
+        for blk in model.blocks:
+            blk.attn.qkv.weight.mul_(6.0)
+    return model
+
+
+@pytest.fixture(scope="module", params=MODELS, ids=[m[0] for m in MODELS])
+def model_and_images(request):
+    name, img = request.param
+    torch.manual_seed(1)
+    return _model(name, img), torch.randn(3, 3, img, img)
+
+
+PLANS = {
+    "prune": [dict(layer=1, op="prune", keep=0.6), dict(layer=3, op="prune", r=5, score="head_weighted")],
+    "prune_fuse": [dict(layer=1, op="prune_fuse", keep=0.7), dict(layer=4, op="prune_fuse", keep=0.5)],
+    "merge": [dict(layer=0, op="merge", r=6), dict(layer=2, op="merge", keep=0.8), dict(layer=5, op="merge", r=9)],
+    "joint": [dict(layer=1, op="joint", mass=0.7, sim=0.3), dict(layer=4, op="joint", mass=0.8, sim=0.0,
+                                                                  score="head_weighted")],
+    "threshold": [dict(layer=1, op="threshold", threshold=0.8), dict(layer=4, op="threshold", threshold=1.0,
+                                                                      score="cls_attn")],
+    "slim": [dict(layer=1, op="slim", keep=0.8), dict(layer=2, op="slim", keep=0.8), dict(layer=6, op="slim", r=4)],
+    "mixed": [dict(layer=1, op="threshold", threshold=0.7), dict(layer=3, op="merge", r=4),
+              dict(layer=5, op="prune_fuse", keep=0.6), dict(layer=7, op="joint", mass=0.9, sim=0.2)],
+}
+
+
+def test_empty_plan_is_bit_exact(model_and_images):
+    model, images = model_and_images
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        before = model(images)
+        paretoken.apply(model, paretoken.Plan())
+        after = model(images)
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("plan_name", list(PLANS))
+def test_matches_slow_reference(model_and_images, plan_name):
+    model, images = model_and_images
+    stages = PLANS[plan_name]
+    patched = paretoken.apply(copy.deepcopy(model), paretoken.Plan.from_dict({"stages": stages}))
+    with torch.no_grad():
+        logits = patched(images)
+    counts = paretoken.compress.token_counts(patched)
+    for i, image in enumerate(images):
+        ref_logits, ref_counts = reference_forward(model, image, stages)
+        assert counts[i].tolist() == ref_counts
+        torch.testing.assert_close(logits[i], ref_logits, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("plan_name", ["threshold", "joint", "mixed"])
+def test_batched_equals_one_at_a_time(model_and_images, plan_name):
+    model, images = model_and_images
+    patched = paretoken.apply(copy.deepcopy(model), paretoken.Plan.from_dict({"stages": PLANS[plan_name]}))
+    with torch.no_grad():
+        batched = patched(images)
+        counts = paretoken.compress.token_counts(patched)
+        for i in range(len(images)):
+            alone = patched(images[i:i + 1])
+            assert paretoken.compress.token_counts(patched)[0].tolist() == counts[i].tolist()
+            torch.testing.assert_close(batched[i], alone[0], atol=1e-5, rtol=1e-5)
+            assert batched[i].argmax() == alone[0].argmax()
+
+
+def test_per_image_counts_really_differ():
+    """The batched tests above mean something only if images keep different counts."""
+    model = _model("deit_tiny_patch16_224", 96)
+    torch.manual_seed(3)
+    patched = paretoken.apply(model, paretoken.Plan.from_dict({"stages": PLANS["threshold"]}))
+    with torch.no_grad():
+        patched(torch.randn(8, 3, 96, 96))
+    assert len(set(paretoken.compress.token_counts(patched)[:, -1].tolist())) > 1
+
+
+@pytest.mark.parametrize("op,amount", [("prune", dict(keep=0.05)), ("prune_fuse", dict(keep=0.05)),
+                                       ("merge", dict(r=1000)), ("joint", dict(mass=0.05, sim=0.9)),
+                                       ("threshold", dict(threshold=50.0)), ("slim", dict(r=1000))])
+@pytest.mark.parametrize("prefix", [1, 2])
+def test_prefix_tokens_survive(op, amount, prefix):
+    """Prefix tokens are never dropped or merged, and stay first, however aggressive the op."""
+    torch.manual_seed(0)
+    B, N, C = 2, 20, 8
+    x = torch.randn(B, N, C)
+    x[:, :prefix] = 100.0 + torch.arange(prefix)[:, None].float()  # recognisable prefix tokens
+    size = torch.ones(B, N)
+    score = torch.rand(B, N)
+    score[:, :prefix] = 0.0  # the prefix must survive even with the worst score
+    keys = torch.randn(B, N, C)
+    args = dict(keep=None, r=None) | amount
+    if op in ("prune", "slim"):
+        out, out_size = reducers.prune(x, size, score, prefix, keep=args["keep"], r=args["r"])
+    elif op == "prune_fuse":
+        out, out_size = reducers.prune_fuse(x, size, score, prefix, keep=args["keep"])
+    elif op == "merge":
+        out, out_size = reducers.bipartite_merge(x, size, keys, prefix, r=args["r"])
+    elif op == "joint":
+        out, out_size = reducers.joint_merge_prune(x, size, score, keys, prefix, mass=args["mass"], sim=args["sim"])
+    else:
+        out, out_size = reducers.threshold_prune(x, size, score, prefix, threshold=args["threshold"])
+    assert torch.equal(out[:, :prefix], x[:, :prefix])
+    assert torch.equal(out_size[:, :prefix], torch.ones(B, prefix))
+    assert out.shape[1] > prefix  # at least one patch token is kept
+    assert torch.allclose(out_size.sum(1), size.sum(1)) or op in ("prune", "slim", "joint", "threshold")
+
+
+def test_merge_conserves_patches_and_mean():
+    """Merging moves mass, never loses it: sizes add up and the size-weighted mean is unchanged."""
+    torch.manual_seed(0)
+    x, size, keys = torch.randn(2, 31, 6), torch.ones(2, 31), torch.randn(2, 31, 6)
+    out, out_size = reducers.bipartite_merge(x, size, keys, prefix=1, r=10)
+    assert out.shape[1] == 21
+    torch.testing.assert_close(out_size.sum(1), size.sum(1))
+    torch.testing.assert_close((out * out_size[..., None]).sum(1), (x * size[..., None]).sum(1))
+
+
+def test_token_counts_follow_the_plan():
+    """Counts after each block, from the plan's arithmetic (not from running a reference)."""
+    model = timm.create_model("deit_small_patch16_224").eval()
+    images = torch.randn(2, 3, 224, 224)
+    cases = {
+        "tome-r13": [197 - 13 * (i + 1) for i in range(12)],
+        "evit-0.7": [197] * 3 + [1 + 137 + 1] * 3 + [1 + 97 + 1] * 3 + [1 + 69 + 1] * 3,
+        "dynamicvit-0.7": [197] * 3 + [1 + 137] * 3 + [1 + 96] * 3 + [1 + 67] * 3,
+    }
+    for name, expected in cases.items():
+        paretoken.apply(model, paretoken.preset(name))
+        with torch.no_grad():
+            model(images)
+        counts = paretoken.compress.token_counts(model)
+        assert counts.tolist() == [expected, expected], name
+
+
+def test_refuses_models_it_cannot_patch():
+    model = timm.create_model("vit_small_patch16_224", global_pool="avg")
+    with pytest.raises(paretoken.ParetokenError, match="global_pool='avg'"):
+        paretoken.apply(model, paretoken.Plan())
+    cnn = timm.create_model("resnet18")
+    with pytest.raises(paretoken.ParetokenError, match="not a timm VisionTransformer"):
+        paretoken.apply(cnn, paretoken.Plan())
+
+
+def test_layer_out_of_range_for_the_model():
+    model = timm.create_model("deit_tiny_patch16_224")
+    plan = paretoken.Plan.from_dict({"stages": [{"layer": 12, "op": "prune", "keep": 0.5}]})
+    with pytest.raises(paretoken.ParetokenError, match=r"layer 12 is out of range; valid: 0..11"):
+        paretoken.apply(model, plan)
