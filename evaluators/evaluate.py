@@ -1,0 +1,183 @@
+"""Evaluate one plan: accuracy against labels and the uncompressed model, FLOPs, speed.
+
+Metrics (units):
+  top1         % of evaluation images whose top-1 class is the label.
+  agreement    % of images whose top-1 equals the uncompressed model's.
+  kl           mean KL(uncompressed || compressed) of the class distributions, nats.
+  gflops       fvcore GFLOPs per image (one multiply-add = one FLOP); per-image
+               plans average over up to ``flops_images`` images run alone.
+  img_per_s    images per second at ``batch_size``: median over the timed
+               batches of the evaluation pass, the first batch a warm-up;
+               model only (images are preloaded tensors); AMP and
+               ``torch.cuda.synchronize`` on GPU.
+  latency_ms   batch-1 latency, median of ``latency_repeats`` after warm-up.
+  peak_mem_mb  CUDA peak allocated memory of the evaluation pass; NaN on CPU,
+               where PyTorch offers no allocator peak.
+  padding_pct  % of token slots in the batched pass that were padding (per-image
+               plans only; 0 otherwise): what batching per-image counts costs.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+import torch.nn.functional as F
+
+from paretoken.compress import Plan, apply, token_counts
+from paretoken.errors import ParetokenError
+from paretoken.evaluators.data import load_split
+from paretoken.evaluators.flops import count_flops
+from paretoken.evaluators.models import create_model
+
+METRICS = ("top1", "agreement", "kl", "gflops", "img_per_s", "latency_ms", "peak_mem_mb", "padding_pct")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What a trial is measured on. ``images``: evaluation images; ``batch_size``: images per timed batch."""
+
+    model: str = "default"
+    checkpoint: str | None = None
+    data: str | None = None
+    images: int = 1000
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 100
+    speed: bool = True
+    flops_images: int = 16
+    latency_repeats: int = 10
+    pretrained: bool = False
+
+
+@dataclass
+class _Bench:
+    """A model with its evaluation images and the uncompressed model's outputs, built once per config."""
+
+    model: torch.nn.Module
+    images: torch.Tensor  # (n, C, H, W) on the device
+    labels: torch.Tensor  # (n,)
+    base_logits: torch.Tensor  # (n, classes) float32, uncompressed
+
+
+_BENCHES: dict[tuple, _Bench] = {}
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ParetokenError(f"device: {name!r} is not available on this machine; valid: cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ParetokenError(f"device: {name!r} is unknown; valid: cpu, cuda, cuda:N") from None
+
+
+@torch.inference_mode()
+def _forward_all(model, images, batch_size, device) -> tuple[torch.Tensor, list[float], float]:
+    """Logits (n, classes) float32, per-batch seconds, and % padding token slots."""
+    outs, seconds, slots, padding = [], [], 0, 0
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        _sync(device)
+        t0 = time.perf_counter()
+        with _autocast(device):
+            logits = model(batch)
+        _sync(device)
+        seconds.append(time.perf_counter() - t0)
+        outs.append(logits.float())
+        counts = token_counts(model)  # (b, depth)
+        slots += int(counts.max(dim=0).values.sum()) * len(batch)
+        padding += int((counts.max(dim=0).values - counts).sum())
+    return torch.cat(outs), seconds, 100.0 * padding / max(slots, 1)
+
+
+def _bench(config: EvalConfig) -> _Bench:
+    key = (config.model, config.checkpoint, config.pretrained, config.data, config.images, config.seed,
+           config.device, config.batch_size)
+    if key not in _BENCHES:
+        device = _resolve_device(config.device)
+        model = create_model(config.model, checkpoint=config.checkpoint, pretrained=config.pretrained).to(device)
+        images, labels = load_split(config.data, model, "eval", n=config.images, seed=config.seed)
+        images, labels = images.to(device), labels.to(device)
+        apply(model, Plan())
+        base_logits, _, _ = _forward_all(model, images, config.batch_size, device)
+        _BENCHES[key] = _Bench(model, images, labels, base_logits)
+    return _BENCHES[key]
+
+
+@torch.inference_mode()
+def _latency_ms(model, image, repeats: int, device) -> float:
+    times = []
+    for i in range(repeats + 2):
+        _sync(device)
+        t0 = time.perf_counter()
+        with _autocast(device):
+            model(image)
+        _sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def evaluate(plan: Plan, config: EvalConfig = EvalConfig()) -> dict[str, float]:
+    """Measure ``plan`` on ``config``'s model and data; returns the metrics in :data:`METRICS`."""
+    bench = _bench(config)
+    model, device = bench.model, bench.images.device
+    apply(model, plan)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    logits, seconds, padding_pct = _forward_all(model, bench.images, config.batch_size, device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else math.nan
+    if not torch.isfinite(logits).all():
+        raise FloatingPointError("the compressed model produced non-finite logits")
+    pred, base_pred = logits.argmax(1), bench.base_logits.argmax(1)
+    kl = F.kl_div(logits.log_softmax(1), bench.base_logits.log_softmax(1), log_target=True, reduction="batchmean")
+    full = max(len(bench.images) // config.batch_size, 1)  # a short last batch is not timed
+    timed = seconds[1:full] or seconds[:full]
+    metrics = {
+        "top1": 100.0 * (pred == bench.labels).float().mean().item(),
+        "agreement": 100.0 * (pred == base_pred).float().mean().item(),
+        "kl": max(kl.item(), 0.0),
+        "gflops": count_flops(model, bench.images[:config.flops_images], per_image=plan.per_image,
+                              max_images=config.flops_images),
+        "img_per_s": min(config.batch_size, len(bench.images)) / statistics.median(timed) if config.speed else math.nan,
+        "latency_ms": _latency_ms(model, bench.images[:1], config.latency_repeats, device) if config.speed else math.nan,
+        "peak_mem_mb": peak,
+        "padding_pct": padding_pct,
+    }
+    return metrics
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "absent"
+
+
+def environment(device: str = "cpu") -> dict[str, str]:
+    """Where figures were measured: device, CPU threads and package versions."""
+    dev = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else (
+        platform.processor() or platform.machine())
+    return {
+        "device": f"{device} ({dev})",
+        "threads": str(torch.get_num_threads()),
+        "cpus": str(os.cpu_count()),
+        "python": platform.python_version(),
+        **{pkg: _version(pkg) for pkg in ("paretoken", "torch", "timm", "optuna", "ray", "fvcore")},
+    }

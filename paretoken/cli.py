@@ -1,0 +1,152 @@
+"""The `paretoken` command. Bad input is one line on stderr and exit status 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import warnings
+
+from paretoken.errors import ParetokenError
+
+
+def _plan_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--plan", metavar="FILE", help="plan file (YAML or JSON)")
+    group.add_argument("--preset", metavar="NAME", help="a published schedule (see `paretoken presets`)")
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default",
+                        help="timm model name, or 'default' (the embedded Fashion-MNIST ViT) [default]")
+    parser.add_argument("--checkpoint", metavar="FILE", help="weights: .safetensors or .pth (plain or timm-wrapped)")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="load the model's weights from the local Hugging Face cache (never the network)")
+    parser.add_argument("--data", metavar="DIR",
+                        help="Fashion-MNIST idx.gz dir or an ImageNet-style folder "
+                             "[default: /usr/share/datasets/fashion-mnist]")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [cpu]")
+
+
+def _resolve_plan(args: argparse.Namespace):
+    import paretoken
+
+    if args.plan:
+        return paretoken.load_plan(args.plan)
+    if args.preset:
+        return paretoken.preset(args.preset)
+    return paretoken.Plan()
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from paretoken.compress.presets import PRESETS
+
+    if args.json:
+        print(json.dumps({name: {"source": p.source, "plan": p.plan.to_dict()} for name, p in PRESETS.items()},
+                         indent=2))
+        return 0
+    for name, p in PRESETS.items():
+        print(f"{name:15s} {p.source}\n{'':15s} {p.plan.describe()}")
+    return 0
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    import torch
+
+    import paretoken
+    from paretoken.evaluators.data import load_split
+    from paretoken.evaluators.models import create_model
+
+    plan = _resolve_plan(args)
+    model = create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained)
+    images, _ = load_split(args.data, model, "eval", n=args.images, seed=0)
+    paretoken.apply(model, plan)
+    gflops = paretoken.count_flops(model, images, max_images=args.images)
+    with torch.no_grad():
+        model(images)
+    counts = paretoken.token_counts(model).float()
+    if args.json:
+        print(json.dumps({"gflops": gflops, "tokens_per_block": counts.mean(0).tolist(), "plan": plan.to_dict()}))
+        return 0
+    averaged = f" (mean of {len(images)} images)" if plan.per_image else ""
+    print(f"model   {args.model}\nplan    {plan.describe()}\nGFLOPs  {gflops:.3f} per image{averaged}")
+    print("tokens after each block (prefix included" + (", mean over images)" if plan.per_image else ")"))
+    for i, (mean, low, high) in enumerate(zip(counts.mean(0), counts.min(0).values, counts.max(0).values)):
+        spread = f"  (min {low:.0f}, max {high:.0f})" if high > low else ""
+        print(f"  block {i:2d}: {mean:7.1f}{spread}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from paretoken.evaluators.evaluate import EvalConfig, environment, evaluate
+
+    plan = _resolve_plan(args)
+    config = EvalConfig(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
+                        images=args.images, device=args.device, batch_size=args.batch_size, seed=args.seed)
+    metrics = evaluate(plan, config)
+    env = environment(args.device)
+    if args.json:
+        print(json.dumps({"plan": plan.to_dict(), "metrics": metrics, "environment": env}, allow_nan=True))
+        return 0
+    units = {"top1": "%", "agreement": "%", "kl": "nats", "gflops": "GFLOPs/image", "img_per_s": "images/s",
+             "latency_ms": "ms (batch 1)", "peak_mem_mb": "MiB (CUDA only)", "padding_pct": "% of token slots"}
+    print(f"model {args.model} on {args.images} images of {args.data or 'fashion-mnist'}; {env['device']}, "
+          f"{env['threads']} threads, batch {args.batch_size}\nplan  {plan.describe()}")
+    for name, value in metrics.items():
+        shown = "n/a" if math.isnan(value) else f"{value:.4f}" if name == "kl" else f"{value:.2f}"
+        print(f"  {name:12s} {shown:>10s}  {units[name]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="paretoken", description="Search the Pareto front of token-compression plans for Vision Transformers.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("presets", help="list the published schedules and their sources")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("flops", help="GFLOPs per image and tokens per block of a plan")
+    _model_args(p)
+    _plan_args(p)
+    p.add_argument("--images", type=int, default=8, help="images to count on (per-image plans average them) [8]")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("eval", help="measure a plan: top1, agreement, kl, GFLOPs, speed")
+    _model_args(p)
+    _plan_args(p)
+    p.add_argument("--images", type=int, default=1000, help="evaluation images [1000]")
+    p.add_argument("--batch-size", type=int, default=100, help="images per timed batch [100]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation subset [0]")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_eval)
+
+    try:
+        from paretoken.search.cli import add_search_parser, add_spaces_parser
+    except ImportError:
+        pass
+    else:
+        add_search_parser(sub)
+        add_spaces_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.getLogger("fvcore").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="fvcore")
+    try:
+        return args.func(args)
+    except ParetokenError as err:
+        print(f"paretoken: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("paretoken: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The Plan: round trips, validation messages, presets."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import paretoken
+from paretoken import Plan, Stage
+from paretoken.compress.presets import PRESETS
+
+FULL = {"version": 1, "stages": [
+    {"layer": 0, "op": "merge", "score": "keys", "r": 8},
+    {"layer": 2, "op": "prune", "score": "head_weighted", "keep": 0.7},
+    {"layer": 3, "op": "prune_fuse", "score": "cls_attn", "r": 20},
+    {"layer": 5, "op": "joint", "score": "cls_attn", "mass": 0.9, "sim": 0.45},
+    {"layer": 7, "op": "threshold", "score": "head_weighted", "threshold": 0.6},
+    {"layer": 9, "op": "slim", "score": "cls_attn", "keep": 0.5},
+]}
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".yml", ".json"])
+def test_round_trip_is_exact(tmp_path, suffix):
+    plan = Plan.from_dict(FULL)
+    assert plan.to_dict() == FULL
+    path = plan.save(tmp_path / f"plan{suffix}")
+    loaded = paretoken.load_plan(path)
+    assert loaded == plan and loaded.to_dict() == FULL
+    if suffix == ".json":
+        assert json.loads(path.read_text()) == FULL
+
+
+def test_defaults_and_ordering():
+    plan = Plan((Stage(6, "merge", r=4), Stage(2, "threshold", threshold=1.0)))
+    assert [s.layer for s in plan.stages] == [2, 6]
+    assert plan.stages[0].score == "head_weighted" and plan.stages[1].score == "keys"
+    assert plan.per_image and not Plan((Stage(1, "prune", keep=0.5),)).per_image
+
+
+BAD = [
+    ({"layer": 1, "op": "prun", "keep": 0.5},
+     "stage 0: op 'prun' is unknown; valid: prune, prune_fuse, merge, joint, threshold, slim"),
+    ({"layer": 1, "op": "prune", "keep": 1.5}, "stage 0: keep 1.5 is out of range; valid: 0 < keep <= 1"),
+    ({"layer": 1, "op": "prune", "keep": 0}, "stage 0: keep 0 is out of range; valid: 0 < keep <= 1"),
+    ({"layer": 1, "op": "merge", "r": -2}, "stage 0: r -2 is invalid; valid: an integer >= 0"),
+    ({"layer": 1, "op": "merge", "r": 2.5}, "stage 0: r 2.5 is invalid; valid: an integer >= 0"),
+    ({"layer": -1, "op": "merge", "r": 2}, "stage 0: layer -1 is invalid; valid: a block index, an integer >= 0"),
+    ({"layer": 1, "op": "merge", "r": 2, "score": "cls_attn"},
+     "stage 0: score 'cls_attn' does not fit op 'merge'; valid: keys"),
+    ({"layer": 1, "op": "prune", "keep": 0.5, "score": "attention"},
+     "stage 0: score 'attention' is unknown; valid: cls_attn, head_weighted, keys, predictor"),
+    ({"layer": 1, "op": "prune", "keep": 0.5, "r": 3}, "stage 0: op 'prune' needs exactly one of keep or r; got 2"),
+    ({"layer": 1, "op": "prune"}, "stage 0: op 'prune' needs exactly one of keep or r; got 0"),
+    ({"layer": 1, "op": "joint", "mass": 0.5}, "stage 0: op 'joint' needs exactly one of sim; got 0"),
+    ({"layer": 1, "op": "joint", "mass": 0.5, "sim": 2}, "stage 0: sim 2 is out of range; valid: -1 <= sim <= 1"),
+    ({"layer": 1, "op": "threshold", "threshold": 0.5, "keep": 0.5},
+     "stage 0: field 'keep' does not apply to op 'threshold'; valid: threshold"),
+    ({"layer": 1, "op": "threshold", "threshold": -1}, "stage 0: threshold -1 is out of range; valid: threshold > 0"),
+    ({"layer": 1, "op": "prune", "keep": 0.5, "ratio": 2}, "stage 0: field 'ratio' is unknown; valid: layer, op, "
+     "score, keep, r, mass, sim, threshold"),
+    ({"op": "prune", "keep": 0.5}, "stage 0: field 'layer' is missing"),
+]
+
+
+@pytest.mark.parametrize("stage,message", BAD, ids=[m for _, m in BAD])
+def test_validation_names_field_value_and_valid_values(stage, message):
+    with pytest.raises(paretoken.ParetokenError) as err:
+        Plan.from_dict({"version": 1, "stages": [stage]})
+    assert str(err.value) == message and "\n" not in str(err.value)
+
+
+def test_plan_level_errors(tmp_path):
+    with pytest.raises(paretoken.ParetokenError, match="layer 3 has two stages"):
+        Plan.from_dict({"stages": [{"layer": 3, "op": "merge", "r": 1}, {"layer": 3, "op": "prune", "keep": 0.5}]})
+    with pytest.raises(paretoken.ParetokenError, match="version 2 is unsupported; valid: 1"):
+        Plan.from_dict({"version": 2, "stages": []})
+    with pytest.raises(paretoken.ParetokenError, match="does not exist"):
+        paretoken.load_plan(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("stages: [ {layer: 1\n")
+    with pytest.raises(paretoken.ParetokenError, match="not valid YAML/JSON"):
+        paretoken.load_plan(tmp_path / "bad.yaml")
+    with pytest.raises(paretoken.ParetokenError, match="layer 12 is out of range; valid: 0..11"):
+        Plan.from_dict({"stages": [{"layer": 12, "op": "merge", "r": 1}]}).check_depth(12)
+
+
+def test_presets_are_valid_and_documented():
+    expected = {"tome-r8", "tome-r13", "tome-r16", "evit-0.7", "evit-0.5", "dynamicvit-0.7", "asvit", "jmp", "slim"}
+    assert set(PRESETS) == expected
+    for name, p in PRESETS.items():
+        assert p.source and p.plan.stages, name
+        p.plan.check_depth(12)
+        assert Plan.from_dict(p.plan.to_dict()) == p.plan
+    slim = [s.keep for s in paretoken.preset("slim").stages]
+    assert all(k <= 1 for k in slim)  # counts never grow with depth
+    with pytest.raises(paretoken.ParetokenError, match="preset: 'tome' is unknown; valid: tome-r8"):
+        paretoken.preset("tome")
