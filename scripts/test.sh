@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up, then run the default test suite (about 10 minutes on 2 CPU cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --test
+exec python3 -m pytest -q "$@"

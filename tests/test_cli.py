@@ -1,0 +1,74 @@
+"""The command line: help everywhere, and every bad input as one line, exit 2, no traceback."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "paretoken.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_console_script_and_help_on_every_subcommand():
+    exe = shutil.which("paretoken")
+    assert exe, "the console script `paretoken` is not installed"
+    top = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert top.returncode == 0
+    commands = ["presets", "flops", "eval"]
+    for name in commands:
+        assert name in top.stdout
+        sub = run(name, "--help")
+        assert sub.returncode == 0 and "usage: paretoken " + name in sub.stdout
+
+
+def test_presets_lists_every_schedule_with_its_source():
+    out = run("presets").stdout
+    for name in ["tome-r8", "tome-r13", "tome-r16", "evit-0.7", "evit-0.5", "dynamicvit-0.7", "asvit", "jmp",
+                 "slim"]:
+        assert name in out
+    assert "Bolya" in out and "Liang" in out and "Rao" in out
+
+
+def test_flops_prints_gflops_and_token_counts():
+    out = run("flops", "--model", "deit_small_patch16_224", "--preset", "tome-r13", "--images", "1")
+    assert out.returncode == 0, out.stderr
+    assert "GFLOPs  2.71" in out.stdout
+    assert "block 11:    41.0" in out.stdout
+
+
+def _bad_inputs(tmp_path):
+    (tmp_path / "malformed.yaml").write_text("version: 1\nstages: [ {layer: 3, op: prune\n")
+    (tmp_path / "unknown_op.yaml").write_text("version: 1\nstages:\n  - {layer: 3, op: prun, keep: 0.7}\n")
+    (tmp_path / "out_of_range.yaml").write_text("version: 1\nstages:\n  - {layer: 12, op: prune, keep: 0.7}\n")
+    (tmp_path / "bad_keep.json").write_text('{"version": 1, "stages": [{"layer": 1, "op": "merge", "keep": 2}]}')
+    return [
+        (["flops", "--plan", str(tmp_path / "malformed.yaml")], "is not valid YAML/JSON"),
+        (["flops", "--plan", str(tmp_path / "unknown_op.yaml")], "op 'prun' is unknown; valid: prune, prune_fuse"),
+        (["flops", "--plan", str(tmp_path / "out_of_range.yaml")], "layer 12 is out of range; valid: 0..11"),
+        (["eval", "--plan", str(tmp_path / "bad_keep.json")], "keep 2 is out of range; valid: 0 < keep <= 1"),
+        (["flops", "--plan", str(tmp_path / "missing.yaml")], "does not exist"),
+        (["flops", "--preset", "tome-r99"], "preset: 'tome-r99' is unknown; valid:"),
+        (["eval", "--model", "deit_smal_patch16_224"], "deit_smal_patch16_224"),
+        (["eval", "--checkpoint", str(tmp_path / "missing.safetensors")], "missing.safetensors"),
+        (["eval", "--data", str(tmp_path / "no-such-dir")], "no-such-dir"),
+        (["eval", "--device", "cuda:7"] if not _has_cuda() else ["eval", "--device", "tpu"], "device:"),
+    ]
+
+
+def _has_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path):
+    for args, needle in _bad_inputs(tmp_path):
+        out = run(*args)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2, (args, out.stderr)
+        assert len(lines) == 1 and lines[0].startswith("paretoken: error: "), (args, out.stderr)
+        assert needle in lines[0], (args, lines[0])
+        assert "Traceback" not in out.stderr + out.stdout
