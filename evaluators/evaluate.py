@@ -22,8 +22,6 @@ import math
 import os
 import platform
 import statistics
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
@@ -35,6 +33,7 @@ from paretoken.errors import ParetokenError
 from paretoken.evaluators.data import load_split
 from paretoken.evaluators.flops import count_flops
 from paretoken.evaluators.models import create_model
+from paretoken.evaluators.speed import latency_ms, timed_forward
 
 METRICS = ("top1", "agreement", "kl", "gflops", "img_per_s", "latency_ms", "peak_mem_mb", "padding_pct")
 
@@ -69,15 +68,6 @@ class _Bench:
 _BENCHES: dict[tuple, _Bench] = {}
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ParetokenError(f"device: {name!r} is not available on this machine; valid: cpu")
@@ -87,22 +77,18 @@ def _resolve_device(name: str) -> torch.device:
         raise ParetokenError(f"device: {name!r} is unknown; valid: cpu, cuda, cuda:N") from None
 
 
-@torch.inference_mode()
-def _forward_all(model, images, batch_size, device) -> tuple[torch.Tensor, list[float], float]:
+def _forward_all(model, images, batch_size) -> tuple[torch.Tensor, list[float], float]:
     """Logits (n, classes) float32, per-batch seconds, and % padding token slots."""
     outs, seconds, slots, padding = [], [], 0, 0
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
-        _sync(device)
-        t0 = time.perf_counter()
-        with _autocast(device):
-            logits = model(batch)
-        _sync(device)
-        seconds.append(time.perf_counter() - t0)
+        logits, elapsed = timed_forward(model, batch)
         outs.append(logits.float())
+        seconds.append(elapsed)
         counts = token_counts(model)  # (b, depth)
-        slots += int(counts.max(dim=0).values.sum()) * len(batch)
-        padding += int((counts.max(dim=0).values - counts).sum())
+        widest = counts.max(dim=0).values
+        slots += int(widest.sum()) * len(batch)
+        padding += int((widest - counts).sum())
     return torch.cat(outs), seconds, 100.0 * padding / max(slots, 1)
 
 
@@ -115,23 +101,9 @@ def _bench(config: EvalConfig) -> _Bench:
         images, labels = load_split(config.data, model, "eval", n=config.images, seed=config.seed)
         images, labels = images.to(device), labels.to(device)
         apply(model, Plan())
-        base_logits, _, _ = _forward_all(model, images, config.batch_size, device)
+        base_logits, _, _ = _forward_all(model, images, config.batch_size)
         _BENCHES[key] = _Bench(model, images, labels, base_logits)
     return _BENCHES[key]
-
-
-@torch.inference_mode()
-def _latency_ms(model, image, repeats: int, device) -> float:
-    times = []
-    for i in range(repeats + 2):
-        _sync(device)
-        t0 = time.perf_counter()
-        with _autocast(device):
-            model(image)
-        _sync(device)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def evaluate(plan: Plan, config: EvalConfig = EvalConfig()) -> dict[str, float]:
@@ -141,7 +113,7 @@ def evaluate(plan: Plan, config: EvalConfig = EvalConfig()) -> dict[str, float]:
     apply(model, plan)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    logits, seconds, padding_pct = _forward_all(model, bench.images, config.batch_size, device)
+    logits, seconds, padding_pct = _forward_all(model, bench.images, config.batch_size)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else math.nan
     if not torch.isfinite(logits).all():
         raise FloatingPointError("the compressed model produced non-finite logits")
@@ -156,7 +128,7 @@ def evaluate(plan: Plan, config: EvalConfig = EvalConfig()) -> dict[str, float]:
         "gflops": count_flops(model, bench.images[:config.flops_images], per_image=plan.per_image,
                               max_images=config.flops_images),
         "img_per_s": min(config.batch_size, len(bench.images)) / statistics.median(timed) if config.speed else math.nan,
-        "latency_ms": _latency_ms(model, bench.images[:1], config.latency_repeats, device) if config.speed else math.nan,
+        "latency_ms": latency_ms(model, bench.images[:1], config.latency_repeats) if config.speed else math.nan,
         "peak_mem_mb": peak,
         "padding_pct": padding_pct,
     }

@@ -1,0 +1,55 @@
+"""Real timing of a model's forward: warm-up, device synchronisation, AMP on GPU, medians.
+
+Only the model is timed: inputs are tensors already on the device.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+
+def autocast(device: torch.device):
+    """fp16 autocast on CUDA (how a ViT is deployed there); nothing on CPU."""
+    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def timed_forward(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Logits of one forward on ``images`` (B, C, H, W) and its wall time in seconds."""
+    device = images.device
+    synchronize(device)
+    start = time.perf_counter()
+    with autocast(device):
+        logits = model(images)
+    synchronize(device)
+    return logits, time.perf_counter() - start
+
+
+def median_seconds(model: torch.nn.Module, images: torch.Tensor, repeats: int = 5, warmup: int = 2) -> float:
+    """Median wall time in seconds of ``repeats`` forwards on ``images``, after ``warmup`` untimed ones."""
+    times = [timed_forward(model, images)[1] for _ in range(warmup + repeats)]
+    return statistics.median(times[warmup:])
+
+
+def throughput(model: torch.nn.Module, batch: torch.Tensor, repeats: int = 5, warmup: int = 2) -> float:
+    """Images per second at the batch size of ``batch`` (B, C, H, W)."""
+    return batch.shape[0] / median_seconds(model, batch, repeats, warmup)
+
+
+def latency_ms(model: torch.nn.Module, image: torch.Tensor, repeats: int = 10, warmup: int = 2) -> float:
+    """Batch-1 latency in milliseconds of ``image`` (1, C, H, W)."""
+    return 1e3 * median_seconds(model, image, repeats, warmup)
+
+
+def timing_context() -> dict[str, int | str]:
+    """The settings a timing depends on, recorded beside every figure."""
+    return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "memory_format": "contiguous (NCHW)", "torch": torch.__version__}
