@@ -99,6 +99,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layer_list(text: str) -> list[int]:
+    """'1-11' or '2,4,6' -> block indices."""
+    try:
+        if "-" in text:
+            first, last = (int(v) for v in text.split("-"))
+            return list(range(first, last + 1))
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a layer list; valid: FIRST-LAST or L1,L2,...") from None
+
+
+def cmd_slim(args: argparse.Namespace) -> int:
+    from paretoken.compress.slim import fit_slim
+    from paretoken.evaluators.data import load_split
+    from paretoken.evaluators.models import create_model
+
+    model = create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained)
+    images, _ = load_split(args.data, model, "calib", n=args.images, seed=args.seed)
+    plan = fit_slim(model, images, args.layers, tolerance=args.tolerance)
+    plan.save(args.out)
+    print(f"{plan.describe()}\nsaved {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="paretoken", description="Search the Pareto front of token-compression plans for Vision Transformers.")
@@ -123,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation subset [0]")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("slim", help="choose a Patch Slimming pyramid top-down on calibration images")
+    _model_args(p)
+    p.add_argument("--layers", type=_layer_list, default=list(range(1, 12)), help="blocks with a stage [1-11]")
+    p.add_argument("--tolerance", type=float, default=0.05, help="KL budget of the whole plan, nats [0.05]")
+    p.add_argument("--images", type=int, default=256, help="calibration images [256]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset [0]")
+    p.add_argument("--out", default="slim.yaml", help="plan file to write [slim.yaml]")
+    p.set_defaults(func=cmd_slim)
 
     try:
         from paretoken.search.cli import add_search_parser, add_spaces_parser
