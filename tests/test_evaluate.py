@@ -1,0 +1,75 @@
+"""evaluate(): every metric, on a real timm ViT and real Fashion-MNIST images."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import safetensors.torch
+import torch
+
+import paretoken
+from paretoken.evaluators import evaluate as ev
+from paretoken.evaluators.data import load_split
+from paretoken.evaluators.models import build_default_architecture
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    """The default architecture with seeded random weights, written as a checkpoint file."""
+    torch.manual_seed(0)
+    model = build_default_architecture()
+    with torch.no_grad():
+        for blk in model.blocks:  # peaky attention so per-image counts differ
+            blk.attn.qkv.weight.mul_(4.0)
+    path = tmp_path_factory.mktemp("ckpt") / "weights.safetensors"
+    safetensors.torch.save_file(model.state_dict(), str(path))
+    return ev.EvalConfig(checkpoint=str(path), images=120, batch_size=40, latency_repeats=2, flops_images=4)
+
+
+def test_uncompressed_metrics(config):
+    metrics = ev.evaluate(paretoken.Plan(), config)
+    assert set(metrics) == set(ev.METRICS)
+    assert metrics["agreement"] == 100.0 and metrics["kl"] == 0.0 and metrics["padding_pct"] == 0.0
+    assert 0.0 <= metrics["top1"] <= 100.0
+    assert metrics["img_per_s"] > 0 and metrics["latency_ms"] > 0
+    assert math.isnan(metrics["peak_mem_mb"])  # CPU: no allocator peak
+    assert metrics["gflops"] == pytest.approx(0.1774, abs=5e-4)
+
+
+def test_top1_agreement_and_kl_against_a_direct_computation(config):
+    plan = paretoken.preset("evit-0.5")
+    metrics = ev.evaluate(plan, config)
+    model = ev._bench(config).model
+    images, labels = load_split(None, model, "eval", n=config.images, seed=config.seed)
+    with torch.no_grad():
+        paretoken.apply(model, paretoken.Plan())
+        base = model(images)
+        paretoken.apply(model, plan)
+        out = model(images)
+    assert metrics["top1"] == pytest.approx(100.0 * (out.argmax(1) == labels).float().mean().item())
+    assert metrics["agreement"] == pytest.approx(100.0 * (out.argmax(1) == base.argmax(1)).float().mean().item())
+    p = base.softmax(1)
+    kl = (p * (p.log() - out.log_softmax(1))).sum(1).mean().item()
+    assert metrics["kl"] == pytest.approx(kl, rel=1e-3, abs=1e-6)
+    assert metrics["agreement"] < 100.0 and metrics["gflops"] < 0.1774
+
+
+def test_baseline_is_computed_once_per_config(config):
+    ev.evaluate(paretoken.Plan(), config)
+    bench = ev._bench(config)
+    ev.evaluate(paretoken.preset("tome-r8"), config)
+    assert ev._bench(config) is bench
+    other = ev.EvalConfig(**{**config.__dict__, "seed": 1})
+    assert ev._bench(other) is not bench
+
+
+def test_per_image_plan_reports_padding(config):
+    plan = paretoken.Plan.from_dict({"stages": [{"layer": 2, "op": "threshold", "threshold": 1.0}]})
+    metrics = ev.evaluate(plan, config)
+    assert metrics["padding_pct"] > 0.0
+    assert metrics["gflops"] < 0.1774
+
+
+def test_bad_device():
+    with pytest.raises(paretoken.ParetokenError, match="device: 'cuda:7'"):
+        ev.evaluate(paretoken.Plan(), ev.EvalConfig(device="cuda:7"))
