@@ -1,0 +1,178 @@
+"""Models: the embedded default Fashion-MNIST ViT, or any timm model with local weights.
+
+Weights only ever come from a local file (safetensors or torch .pth/.pt) or the
+local Hugging Face cache; the network is never used.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from paretoken.errors import ParetokenError
+from paretoken.evaluators.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+
+DEFAULT_MODEL = "default"
+DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "default_fmnist.safetensors"
+_WRAPPER_KEYS = ("state_dict_ema", "state_dict", "model")
+
+
+def build_default_architecture() -> VisionTransformer:
+    """The default ViT, randomly initialised: 28x28x1 input, 2x2 patches (14x14 = 196
+    patch tokens + class token), width 64, 12 blocks, 4 heads, 10 classes.
+
+    Its pretrained_cfg makes `timm.data.resolve_data_config(model=model)` give
+    input_size (1, 28, 28) and the Fashion-MNIST mean/std.
+    """
+    model = VisionTransformer(
+        img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=64,
+        depth=12, num_heads=4, mlp_ratio=4.0, global_pool="token",
+    )
+    model.pretrained_cfg = {
+        "architecture": "paretoken_default",
+        "input_size": (1, 28, 28),
+        "mean": FASHION_MNIST_MEAN,
+        "std": FASHION_MNIST_STD,
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "num_classes": 10,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+    }
+    model.default_cfg = model.pretrained_cfg
+    return model
+
+
+def create_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None, pretrained: bool = False) -> torch.nn.Module:
+    """Build model `name` with local weights, in eval mode.
+
+    name: "default" (the embedded Fashion-MNIST ViT) or a timm model name.
+    checkpoint: a .safetensors or .pth/.pt state dict (plain or timm-wrapped); for
+        "default" it replaces the packaged weights.
+    pretrained: with no checkpoint, load timm's pretrained weights from the local
+        Hugging Face cache only (HF_HUB_OFFLINE=1).
+    """
+    if name == DEFAULT_MODEL:
+        model = build_default_architecture()
+        load_checkpoint(model, checkpoint if checkpoint is not None else DEFAULT_WEIGHTS)
+        return model.eval()
+    _check_timm_name(name)
+    import timm
+
+    if checkpoint is not None:
+        state = read_state_dict(checkpoint)
+        model = timm.create_model(name, pretrained=False, num_classes=_num_classes(state, name))
+        _load_into(model, state, checkpoint)
+        return model.eval()
+    if pretrained:
+        return _create_from_hf_cache(name).eval()
+    return timm.create_model(name, pretrained=False).eval()
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat {name: tensor} dict.
+
+    Accepts .safetensors, or .pth/.pt holding a state dict either plain or wrapped
+    under 'state_dict_ema' / 'state_dict' / 'model'; a 'module.' prefix is stripped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ParetokenError(f"checkpoint: {path} does not exist; pass --checkpoint FILE (.safetensors, .pth or .pt)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # any reader failure is a bad file from the user's point of view
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ParetokenError(
+            f"checkpoint: cannot read {path} ({reason}); pass a .safetensors file or a torch state dict (.pth/.pt)"
+        ) from None
+    if isinstance(state, dict):
+        for key in _WRAPPER_KEYS:
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ParetokenError(
+            f"checkpoint: {path} holds no state dict of tensors (type {type(state).__name__}); "
+            "save model.state_dict() or a dict with a 'state_dict' / 'model' entry"
+        )
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_checkpoint(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Load checkpoint file `path` into `model` strictly (all keys, same shapes)."""
+    return _load_into(model, read_state_dict(path), path)
+
+
+def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> torch.nn.Module:
+    """Strict load with a one-line error naming the first offending key."""
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in state:
+            raise ParetokenError(
+                f"checkpoint: {path} lacks key {key!r} (expected shape {tuple(tensor.shape)}); "
+                f"pass a checkpoint for {_arch(model)}"
+            )
+        if state[key].shape != tensor.shape:
+            raise ParetokenError(
+                f"checkpoint: {path} key {key!r} has shape {tuple(state[key].shape)}, expected {tuple(tensor.shape)}; "
+                f"pass a checkpoint for {_arch(model)}"
+            )
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise ParetokenError(
+            f"checkpoint: {path} has unexpected key {extra[0]!r} ({len(extra)} extra keys); pass a checkpoint for {_arch(model)}"
+        )
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _arch(model: torch.nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+def _check_timm_name(name: str) -> None:
+    import timm
+
+    if timm.is_model(name):  # also accepts a pretrained tag: deit_small_patch16_224.fb_in1k
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.5)
+    suggestion = f"close matches: {', '.join(close)}" if close else "e.g. deit_small_patch16_224, vit_base_patch16_224"
+    raise ParetokenError(
+        f"model: {name!r} is not 'default' nor a timm model name ({suggestion}; list them with timm.list_models('*vit*'))"
+    )
+
+
+def _num_classes(state: dict[str, torch.Tensor], name: str) -> int | None:
+    """Classes of the checkpoint's head (None: keep timm's default for `name`)."""
+    for key in ("head.weight", "head.fc.weight", "fc.weight", "classifier.weight"):
+        if key in state and state[key].ndim == 2:
+            return int(state[key].shape[0])
+    return None
+
+
+def _create_from_hf_cache(name: str) -> torch.nn.Module:
+    """timm pretrained weights from the local Hugging Face cache, never the network."""
+    import timm
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True  # huggingface_hub reads the variable once, at import
+    try:
+        return timm.create_model(name, pretrained=True)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split()).split('. ')[0][:120]}"
+        raise ParetokenError(
+            f"model: pretrained weights for {name!r} are not in the local Hugging Face cache "
+            f"{constants.HF_HUB_CACHE} ({reason}); pass --checkpoint FILE"
+        ) from None
