@@ -1,0 +1,41 @@
+"""On a CUDA device: the patched model under AMP matches fp32 on CPU, and per-image batching holds."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import paretoken
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("preset", ["tome-r13", "evit-0.7", "asvit", "jmp"])
+def test_amp_on_gpu_matches_cpu(preset):
+    torch.manual_seed(0)
+    model = timm.create_model("deit_small_patch16_224").eval()
+    images = torch.randn(8, 3, 224, 224)
+    paretoken.apply(model, paretoken.preset(preset))
+    with torch.no_grad():
+        cpu = model(images)
+        model.cuda()
+        with torch.autocast("cuda", dtype=torch.float16):
+            gpu = model(images.cuda()).float().cpu()
+    assert (cpu.argmax(1) == gpu.argmax(1)).float().mean() >= 0.75
+    torch.testing.assert_close(gpu, cpu, atol=5e-2, rtol=5e-2)
+
+
+def test_per_image_batched_equals_alone_on_gpu():
+    torch.manual_seed(0)
+    model = timm.create_model("deit_small_patch16_224").eval().cuda()
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight.mul_(6.0)
+    plan = paretoken.Plan.from_dict({"stages": [{"layer": 3, "op": "threshold", "threshold": 0.8},
+                                                {"layer": 6, "op": "joint", "mass": 0.8, "sim": 0.3}]})
+    paretoken.apply(model, plan)
+    images = torch.randn(6, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        batched = model(images)
+        for i in range(6):
+            torch.testing.assert_close(batched[i], model(images[i:i + 1])[0], atol=1e-4, rtol=1e-4)
