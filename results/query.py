@@ -1,0 +1,485 @@
+"""Read an Optuna study into a table and answer Pareto questions about it.
+
+``load(study, storage)`` gives one row per trial (columns below); ``front``,
+``hypervolume`` and ``compare`` are pure pandas/numpy on that table, so they
+work on any DataFrame with the metric columns.
+
+Columns of :func:`load`:
+  number, state           Optuna trial number and state name (COMPLETE, FAIL, ...)
+  preset                  published schedule the trial ran (user attr ``preset``,
+                          else the preset whose plan equals the trial's), or None
+  plan                    the plan in dict form (user attr ``plan``)
+  plan_str                a compact readable form, e.g. ``prune_fuse(keep=0.7)@3,6,9``
+  top1 ... padding_pct    every metric of :data:`METRICS` (NaN where not measured)
+  constraint:<name>       each Optuna constraint value (feasible when <= 0)
+  feasible                all constraints <= 0 (True when the study has none)
+  device, duration_s, worker_pid, error, datetime_start, datetime_complete, values
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from paretoken.errors import ParetokenError
+
+#: Metric columns, in the evaluators' order (kept here so reading a study never imports torch).
+METRICS = ("top1", "agreement", "kl", "gflops", "img_per_s", "latency_ms", "peak_mem_mb", "padding_pct")
+
+#: Whether each objective is maximised (True) or minimised (False).
+MAXIMIZE: dict[str, bool] = {
+    "top1": True, "agreement": True, "img_per_s": True,
+    "kl": False, "gflops": False, "latency_ms": False, "peak_mem_mb": False, "padding_pct": False,
+    "duration_s": False,
+}
+
+DEFAULT_OBJECTIVES = ("top1", "gflops")
+STUDIES_DIR = Path("studies")
+
+
+# --------------------------------------------------------------------------- storage
+def default_storage(study: str) -> str:
+    """The storage a search writes study ``study`` to when given none: ``sqlite:///studies/<study>.db``."""
+    try:  # follow the search package's default when it defines one
+        from paretoken.search import default_storage as search_default  # type: ignore[attr-defined]
+    except ImportError:
+        return f"sqlite:///{STUDIES_DIR / (study + '.db')}"
+    return search_default(study)
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+
+
+def _sqlite_path(url: str) -> Path | None:
+    if url.startswith("sqlite:///"):
+        rest = url[len("sqlite:///"):].split("?", 1)[0]
+        return None if rest in ("", ":memory:") else Path(rest)
+    return None
+
+
+def _journal_path(url: str) -> Path | None:
+    for prefix in ("journal:///", "journal://", "file://"):
+        if url.startswith(prefix):
+            return Path(url[len(prefix):])
+    if "://" not in url:
+        return Path(url)
+    return None
+
+
+def open_storage(url: str):
+    """An Optuna storage for ``url``: ``sqlite:///FILE``, ``postgresql://...``, or a journal file
+    (``journal:///FILE`` or a plain path). Never creates anything: a missing file is an error."""
+    import optuna
+
+    if not isinstance(url, str) or not url:
+        raise ParetokenError(f"storage: {url!r} is not a storage URL; valid: sqlite:///FILE.db, "
+                             "postgresql://USER@HOST/DB, journal:///FILE")
+    sqlite = _sqlite_path(url)
+    journal = None if sqlite else _journal_path(url)
+    for path in (sqlite, journal):
+        if path is not None and not path.is_file():
+            near = sorted(p.stem for p in path.parent.glob("*.db")) if path.parent.is_dir() else []
+            hint = f"; studies beside it: {', '.join(near)}" if near else ""
+            raise ParetokenError(f"storage: {str(path)!r} does not exist (from {_redact(url)}){hint}")
+    try:
+        if journal is not None:
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+            return JournalStorage(JournalFileBackend(str(journal)))
+        return optuna.storages.RDBStorage(url, skip_compatibility_check=False)
+    except ParetokenError:
+        raise
+    except Exception as exc:  # unreachable server, bad URL, unreadable file: one line for the user
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ParetokenError(f"storage: cannot open {_redact(url)} ({reason})") from None
+
+
+def study_names(storage: str) -> list[str]:
+    """Names of the studies in ``storage``."""
+    import optuna
+
+    return sorted(s.study_name for s in optuna.get_all_study_summaries(open_storage(storage),
+                                                                        include_best_trial=False))
+
+
+def load_study(study: str, storage: str | None = None):
+    """``optuna.load_study`` with one-line errors naming the studies that do exist."""
+    import optuna
+
+    storage = storage or default_storage(study)
+    backend = open_storage(storage)
+    try:
+        return optuna.load_study(study_name=study, storage=backend)
+    except KeyError:
+        names = sorted(s.study_name for s in optuna.get_all_study_summaries(backend, include_best_trial=False))
+        valid = ", ".join(names) if names else "(none)"
+        raise ParetokenError(f"study: {study!r} is not in {_redact(storage)}; studies there: {valid}") from None
+
+
+# --------------------------------------------------------------------------- plans
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _layers(layers: Sequence[int]) -> str:
+    """[1,2,3,5] -> '1-3,5'."""
+    parts, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            parts.append(str(start) if start == layer else f"{start}-{layer}" if layer > start + 1
+                         else f"{start},{layer}")
+            start = None
+    return ",".join(parts)
+
+
+def plan_label(plan: Mapping[str, Any] | Any) -> str:
+    """Compact readable form of a plan (dict or Plan): identical stages grouped by layers.
+
+    ``merge(r=8)@0-11``, ``prune_fuse(keep=0.7)@3,6,9``, ``none`` for the uncompressed plan.
+    The score is shown only where it is not the op's default.
+    """
+    from paretoken.compress.plan import OP_SCORES, Plan
+
+    if plan is None:
+        return ""
+    try:
+        plan = plan if isinstance(plan, Plan) else Plan.from_dict(plan)
+    except ParetokenError as err:
+        return f"invalid plan ({err})"
+    if not plan.stages:
+        return "none"
+    groups: dict[tuple, list[int]] = {}
+    for stage in plan.stages:
+        fields = {k: v for k, v in stage.to_dict().items() if k not in ("layer", "op")}
+        if fields.get("score") == OP_SCORES[stage.op][0]:
+            del fields["score"]
+        groups.setdefault((stage.op, tuple(fields.items())), []).append(stage.layer)
+    return " + ".join(f"{op}({', '.join(f'{k}={_fmt(v)}' for k, v in fields)})@{_layers(layers)}"
+                      for (op, fields), layers in sorted(groups.items(), key=lambda g: g[1][0]))
+
+
+def _preset_of(plan: Mapping[str, Any] | None) -> str | None:
+    from paretoken.compress.plan import Plan
+    from paretoken.compress.presets import PRESETS
+
+    if not plan:
+        return None
+    try:
+        parsed = Plan.from_dict(plan)
+    except ParetokenError:
+        return None
+    for name, p in PRESETS.items():
+        if p.plan == parsed:
+            return name
+    return None
+
+
+# --------------------------------------------------------------------------- load
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def trials_frame(study) -> pd.DataFrame:
+    """The table of :func:`load` for an already-open ``optuna.Study``."""
+    names = list(getattr(study, "metric_names", None) or study.user_attrs.get("objectives") or [])
+    rows = []
+    constraint_keys: list[str] = []
+    for trial in study.get_trials(deepcopy=False):
+        attrs = trial.user_attrs
+        plan = attrs.get("plan")
+        row: dict[str, Any] = {
+            "number": trial.number,
+            "state": trial.state.name,
+            "preset": attrs.get("preset") or _preset_of(plan),
+            "plan": plan,
+            "plan_str": plan_label(plan),
+        }
+        values = list(trial.values) if trial.values is not None else []
+        for metric in METRICS:
+            row[metric] = _float(attrs.get(metric))
+        for name, value in zip(names, values):  # objectives the trial reported but did not store by name
+            if name in METRICS and math.isnan(row[name]):
+                row[name] = _float(value)
+        constraints = trial.constraints
+        for key, value in constraints.items():
+            if key not in constraint_keys:
+                constraint_keys.append(key)
+            row[f"constraint:{key}"] = float(value)
+        row["feasible"] = all(v <= 0.0 for v in constraints.values())
+        duration = attrs.get("duration_s")
+        if duration is None and trial.duration is not None:
+            duration = trial.duration.total_seconds()
+        row.update({
+            "device": attrs.get("device"),
+            "duration_s": _float(duration),
+            "worker_pid": attrs.get("worker_pid"),
+            "error": attrs.get("error"),
+            "datetime_start": trial.datetime_start,
+            "datetime_complete": trial.datetime_complete,
+            "values": tuple(values) if values else None,
+        })
+        rows.append(row)
+    columns = (["number", "state", "preset", "plan", "plan_str", *METRICS]
+               + [f"constraint:{k}" for k in constraint_keys]
+               + ["feasible", "device", "duration_s", "worker_pid", "error", "datetime_start", "datetime_complete",
+                  "values"])
+    df = pd.DataFrame(rows, columns=columns)
+    for text in ("preset", "plan_str", "device", "error"):  # keep None as None (pandas 3 infers str + NaN)
+        df[text] = pd.Series([row.get(text) for row in rows], dtype=object, index=df.index)
+    for metric in METRICS:
+        df[metric] = df[metric].astype(float)
+    df.attrs["study"] = study.study_name
+    df.attrs["user_attrs"] = dict(study.user_attrs)
+    df.attrs["objectives"] = names
+    return df.sort_values("number", ignore_index=True)
+
+
+def load(study: str, storage: str | None = None) -> pd.DataFrame:
+    """One row per trial of ``study`` in ``storage`` (default: the search's default for that name).
+
+    Unknown study or unreachable storage: a one-line :class:`ParetokenError` that lists the
+    studies that exist. ``df.attrs`` holds ``study``, ``storage`` and the study's user attrs.
+    """
+    storage = storage or default_storage(study)
+    df = trials_frame(load_study(study, storage))
+    df.attrs["storage"] = storage
+    return df
+
+
+# --------------------------------------------------------------------------- fronts
+def _check_objectives(objectives: Iterable[str], df: pd.DataFrame | None = None) -> tuple[str, ...]:
+    if isinstance(objectives, str):
+        objectives = tuple(o.strip() for o in objectives.split(",") if o.strip())
+    objectives = tuple(objectives)
+    if not objectives:
+        raise ParetokenError(f"objectives: none given; valid: {', '.join(MAXIMIZE)}")
+    for name in objectives:
+        if name not in MAXIMIZE:
+            raise ParetokenError(f"objectives: {name!r} is unknown; valid: {', '.join(MAXIMIZE)}")
+        if df is not None and name not in df.columns:
+            raise ParetokenError(f"objectives: {name!r} is not a column of this table")
+    if len(set(objectives)) != len(objectives):
+        raise ParetokenError(f"objectives: {','.join(objectives)} names one twice")
+    return objectives
+
+
+def losses(df: pd.DataFrame, objectives: Sequence[str]) -> np.ndarray:
+    """(n, k) array of the objectives turned into minimisation (maximised ones negated)."""
+    objectives = _check_objectives(objectives, df)
+    return np.column_stack([-df[o].to_numpy(float) if MAXIMIZE[o] else df[o].to_numpy(float)
+                            for o in objectives]) if len(df) else np.empty((0, len(objectives)))
+
+
+def budget(df: pd.DataFrame, max_gflops: float | None = None, min_top1: float | None = None) -> pd.DataFrame:
+    """The COMPLETE rows within the budgets (``gflops <= max_gflops``, ``top1 >= min_top1``)."""
+    keep = df["state"] == "COMPLETE" if "state" in df.columns else pd.Series(True, index=df.index)
+    if max_gflops is not None:
+        keep &= df["gflops"] <= max_gflops
+    if min_top1 is not None:
+        keep &= df["top1"] >= min_top1
+    return df[keep]
+
+
+def non_dominated(points: np.ndarray) -> np.ndarray:
+    """Boolean mask of the rows of ``points`` (minimisation) that no other row dominates.
+
+    A row dominates another when it is no worse in every column and better in one; equal rows do
+    not dominate each other (both stay). Lexicographic sweep: a point can only be dominated by one
+    that sorts before it, and then by one already on the front, so each point is checked against
+    the front found so far.
+    """
+    n = len(points)
+    mask = np.zeros(n, dtype=bool)
+    if n == 0:
+        return mask
+    order = np.lexsort(points.T[::-1])
+    front: list[np.ndarray] = []
+    for i in order:
+        p = points[i]
+        if front:
+            f = np.asarray(front)
+            if np.any(np.all(f <= p, axis=1) & np.any(f < p, axis=1)):
+                continue
+        front.append(p)
+        mask[i] = True
+    return mask
+
+
+def front(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJECTIVES, max_gflops: float | None = None,
+          min_top1: float | None = None) -> pd.DataFrame:
+    """The non-dominated COMPLETE rows of ``df`` on ``objectives`` within the budgets.
+
+    Directions: top1, agreement, img_per_s are maximised; gflops, latency_ms, kl, peak_mem_mb,
+    padding_pct minimised. Rows missing an objective (NaN) are left out. The result is sorted by
+    the first objective, best first.
+    """
+    objectives = _check_objectives(objectives, df)
+    rows = budget(df, max_gflops, min_top1)
+    points = losses(rows, objectives)
+    finite = np.all(np.isfinite(points), axis=1) if len(rows) else np.zeros(0, dtype=bool)
+    rows, points = rows[finite], points[finite]
+    out = rows[non_dominated(points)]
+    return out.sort_values(list(objectives), ascending=[not MAXIMIZE[o] for o in objectives], kind="stable")
+
+
+def reference_point(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJECTIVES,
+                    top1_margin: float = 10.0) -> dict[str, float]:
+    """A fixed reference point for hypervolume.
+
+    With an uncompressed trial (a plan with no stages) in ``df``: its top1/agreement minus
+    ``top1_margin`` points and its gflops/latency/... as they are (the search benchmark's
+    convention); objectives it cannot fix come from the worst COMPLETE value in ``df``.
+    """
+    objectives = _check_objectives(objectives, df)
+    done = budget(df)
+    base = done[done["plan"].map(lambda p: isinstance(p, Mapping) and not p.get("stages"))] \
+        if "plan" in done.columns else done.iloc[:0]
+    ref: dict[str, float] = {}
+    for o in objectives:
+        value = base[o].dropna().median() if len(base) and o in ("top1", "agreement", "gflops") else math.nan
+        if o in ("top1", "agreement") and not math.isnan(value):
+            value -= top1_margin
+        if math.isnan(value):
+            column = done[o].dropna()
+            if column.empty:
+                raise ParetokenError(f"reference: no COMPLETE trial has {o!r}; pass a reference point")
+            value = column.min() if MAXIMIZE[o] else column.max()
+        ref[o] = float(value)
+    return ref
+
+
+def _reference_losses(reference: Mapping[str, float] | Sequence[float], objectives: Sequence[str]) -> np.ndarray:
+    if isinstance(reference, Mapping):
+        missing = [o for o in objectives if o not in reference]
+        if missing:
+            raise ParetokenError(f"reference: no value for objective {missing[0]!r}")
+        values = [float(reference[o]) for o in objectives]
+    else:
+        values = [float(v) for v in reference]
+        if len(values) != len(objectives):
+            raise ParetokenError(f"reference: {len(values)} values for {len(objectives)} objectives")
+    return np.array([-v if MAXIMIZE[o] else v for o, v in zip(objectives, values)])
+
+
+def _hv(points: np.ndarray, ref: np.ndarray) -> float:
+    points = points[np.all(np.isfinite(points), axis=1) & np.all(points <= ref, axis=1)]
+    if len(points) == 0:
+        return 0.0
+    try:
+        from optuna._hypervolume import compute_hypervolume
+    except ImportError:  # pragma: no cover - exact 2-D sweep for Optuna versions without it
+        if points.shape[1] != 2:
+            raise
+        pts = points[non_dominated(points)]
+        pts = pts[np.argsort(pts[:, 0])]
+        area, prev_y = 0.0, ref[1]
+        for x, y in pts:
+            area += (ref[0] - x) * (prev_y - y)
+            prev_y = y
+        return float(area)
+    return float(compute_hypervolume(points, ref))
+
+
+def hypervolume(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJECTIVES,
+                reference: Mapping[str, float] | Sequence[float] | None = None) -> float:
+    """Exact hypervolume of the COMPLETE rows of ``df`` against ``reference``.
+
+    ``reference`` is in the objectives' own units (a mapping by name or a sequence in
+    ``objectives`` order), default :func:`reference_point`. Points worse than the reference in
+    some objective add nothing. Units: product of the objectives' units (top1 % x GFLOPs).
+    """
+    objectives = _check_objectives(objectives, df)
+    if reference is None:
+        reference = reference_point(df, objectives)
+    return _hv(losses(budget(df), objectives), _reference_losses(reference, objectives))
+
+
+def hypervolume_history(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJECTIVES,
+                        reference: Mapping[str, float] | Sequence[float] | None = None) -> pd.DataFrame:
+    """Hypervolume after each trial, in trial-number order: columns number, state, hypervolume."""
+    objectives = _check_objectives(objectives, df)
+    if reference is None:
+        reference = reference_point(df, objectives)
+    ref = _reference_losses(reference, objectives)
+    ordered = df.sort_values("number")
+    points = losses(ordered, objectives)
+    complete = (ordered["state"] == "COMPLETE").to_numpy()
+    values, current, seen = [], 0.0, []
+    for point, ok in zip(points, complete):
+        if ok and np.all(np.isfinite(point)) and np.all(point <= ref):
+            seen.append(point)
+            current = _hv(np.asarray(seen), ref)
+        values.append(current)
+    return pd.DataFrame({"number": ordered["number"].to_numpy(), "state": ordered["state"].to_numpy(),
+                         "hypervolume": values})
+
+
+def best(df: pd.DataFrame, metric: str = "top1", max_gflops: float | None = None,
+         min_top1: float | None = None) -> pd.Series | None:
+    """The COMPLETE row with the best ``metric`` within the budgets (ties: fewer GFLOPs, then the
+    earlier trial); None when no row fits."""
+    _check_objectives([metric], df)
+    rows = budget(df, max_gflops, min_top1).dropna(subset=[metric])
+    if rows.empty:
+        return None
+    keys = [metric] + (["gflops"] if metric != "gflops" and "gflops" in rows else []) + ["number"]
+    ascending = [not MAXIMIZE[metric]] + [True] * (len(keys) - 1)
+    return rows.sort_values(keys, ascending=ascending, kind="stable").iloc[0]
+
+
+def compare(studies: Sequence[tuple[str, str | None]] | Sequence[str],
+            objectives: Sequence[str] | str = DEFAULT_OBJECTIVES, max_gflops: float | None = None,
+            min_top1: float | None = None,
+            reference: Mapping[str, float] | Sequence[float] | None = None) -> pd.DataFrame:
+    """One table of several studies: trials, complete, failed, front size, best top1 within the budgets
+    (and its GFLOPs and plan), hypervolume against one shared reference point.
+
+    ``studies``: (name, storage) pairs, or names for the default storage. Without ``reference``
+    the point comes from all studies together (:func:`reference_point` on their union), so the
+    hypervolumes are comparable.
+    """
+    objectives = _check_objectives(objectives)
+    frames = []
+    for item in studies:
+        name, storage = (item, None) if isinstance(item, str) else item
+        frames.append((name, load(name, storage)))
+    if reference is None and frames:
+        reference = reference_point(pd.concat([f for _, f in frames], ignore_index=True), objectives)
+    rows = []
+    for name, df in frames:
+        within = budget(df, max_gflops, min_top1)
+        top = best(df, "top1", max_gflops, min_top1) if "top1" in df else None
+        rows.append({
+            "study": name,
+            "storage": _redact(df.attrs.get("storage", "")),
+            "trials": len(df),
+            "complete": int((df["state"] == "COMPLETE").sum()),
+            "failed": int((df["state"] == "FAIL").sum()),
+            "within_budget": len(within),
+            "front_size": len(front(df, objectives, max_gflops, min_top1)),
+            "best_top1": math.nan if top is None else float(top["top1"]),
+            "best_gflops": math.nan if top is None else float(top["gflops"]),
+            "best_trial": None if top is None else int(top["number"]),
+            "best_plan": None if top is None else top["plan_str"],
+            "hypervolume": hypervolume(within, objectives, reference) if reference is not None else math.nan,
+        })
+    out = pd.DataFrame(rows)
+    out.attrs["reference"] = dict(reference) if isinstance(reference, Mapping) else reference
+    return out
+
+
+__all__ = ["DEFAULT_OBJECTIVES", "MAXIMIZE", "METRICS", "best", "budget", "compare", "default_storage", "front",
+           "hypervolume", "hypervolume_history", "load", "load_study", "losses", "non_dominated", "open_storage",
+           "plan_label", "reference_point", "study_names", "trials_frame"]

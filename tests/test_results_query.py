@@ -1,0 +1,265 @@
+"""paretoken.results.query on real Optuna studies (SQLite files in tmp_path): load, front, budgets,
+hypervolume, compare. Trials are made with optuna.trial.create_trial carrying the attributes the
+search stores; no Optuna mock."""
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+
+import paretoken
+from paretoken.errors import ParetokenError
+from paretoken.results import query
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+
+
+def trial_attrs(plan: paretoken.Plan, top1: float, gflops: float, **extra) -> dict:
+    """User attrs as the search stores them: plan dict, every metric by name, device, timings."""
+    metrics = {"top1": top1, "agreement": min(100.0, top1 + 5), "kl": 0.01, "gflops": gflops,
+               "img_per_s": 1000.0 / gflops, "latency_ms": gflops * 10, "peak_mem_mb": math.nan, "padding_pct": 0.0}
+    attrs = {"plan": plan.to_dict(), **metrics, "device": "cpu (x86_64)", "duration_s": 1.5, "worker_pid": 1234,
+             "torch": "2.x", "optuna": optuna.__version__}
+    attrs.update(extra)
+    return {k: v for k, v in attrs.items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+def make_study(storage: str, name: str, points, failed: int = 1, max_gflops: float | None = None) -> optuna.Study:
+    """A (top1 max, gflops min) study; ``points`` are (plan, top1, gflops[, preset]) tuples."""
+    study = optuna.create_study(study_name=name, storage=storage, directions=["maximize", "minimize"])
+    study.set_metric_names(["top1", "gflops"])
+    for point in points:
+        plan, top1, gflops, *preset = point
+        extra = {"preset": preset[0]} if preset else {}
+        constraints = {"max_gflops": gflops - max_gflops} if max_gflops is not None else None
+        study.add_trial(optuna.trial.create_trial(values=[top1, gflops], user_attrs=trial_attrs(plan, top1, gflops,
+                                                                                               **extra),
+                                                  constraints=constraints))
+    for _ in range(failed):
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.FAIL,
+            user_attrs={"plan": paretoken.preset("tome-r16").to_dict(), "error": "RuntimeError: out of memory",
+                        "device": "cpu (x86_64)", "duration_s": 0.2}))
+    return study
+
+
+def keep_plan(keep: float) -> paretoken.Plan:
+    return paretoken.Plan(tuple(paretoken.Stage(layer, "prune_fuse", keep=keep) for layer in (3, 6, 9)))
+
+
+POINTS = [
+    (paretoken.Plan(), 80.0, 4.0),
+    (paretoken.preset("evit-0.7"), 79.5, 3.0, "evit-0.7"),
+    (keep_plan(0.6), 78.0, 2.5),
+    (keep_plan(0.55), 75.0, 2.6),  # dominated by keep 0.6
+    (paretoken.preset("tome-r13"), 77.0, 2.0),  # a preset without the user attr: found by its plan
+    (keep_plan(0.3), 60.0, 1.0),
+]
+
+
+@pytest.fixture()
+def storage(tmp_path):
+    return f"sqlite:///{tmp_path / 'studies.db'}"
+
+
+def test_load_one_row_per_trial_with_every_column(storage):
+    make_study(storage, "s", POINTS, failed=1, max_gflops=3.0)
+    df = query.load("s", storage)
+    assert list(df["number"]) == list(range(len(POINTS) + 1))
+    assert list(df["state"]) == ["COMPLETE"] * len(POINTS) + ["FAIL"]
+    for metric in query.METRICS:
+        assert metric in df.columns and df[metric].dtype == float
+    from paretoken.evaluators.evaluate import METRICS
+
+    assert query.METRICS == METRICS
+    first = df.iloc[0]
+    assert first["plan"] == {"version": 1, "stages": []} and first["plan_str"] == "none"
+    assert first["top1"] == 80.0 and first["gflops"] == 4.0 and math.isnan(first["peak_mem_mb"])
+    assert first["device"] == "cpu (x86_64)" and first["duration_s"] == 1.5 and first["worker_pid"] == 1234
+    assert df.loc[1, "plan_str"] == "prune_fuse(keep=0.7)@3,6,9"
+    assert paretoken.Plan.from_dict(df.loc[1, "plan"]) == paretoken.preset("evit-0.7")
+    assert list(df["preset"][:5]) == [None, "evit-0.7", None, None, "tome-r13"]
+    assert df["constraint:max_gflops"].tolist()[:2] == [1.0, 0.0]
+    assert df["feasible"].tolist()[:3] == [False, True, True]
+    failed = df.iloc[-1]
+    assert failed["error"] == "RuntimeError: out of memory" and math.isnan(failed["top1"])
+    assert df.attrs["study"] == "s" and df.attrs["storage"] == storage
+
+
+def test_metrics_missing_from_user_attrs_come_from_the_values(storage):
+    study = optuna.create_study(study_name="v", storage=storage, directions=["maximize", "minimize"])
+    study.set_metric_names(["top1", "gflops"])
+    study.add_trial(optuna.trial.create_trial(values=[70.0, 2.0], user_attrs={"plan": {"version": 1, "stages": []}}))
+    df = query.load("v", storage)
+    assert df.loc[0, "top1"] == 70.0 and df.loc[0, "gflops"] == 2.0 and math.isnan(df.loc[0, "kl"])
+
+
+def test_unknown_study_lists_the_existing_ones(storage):
+    make_study(storage, "alpha", POINTS[:2], failed=0)
+    make_study(storage, "beta", POINTS[:2], failed=0)
+    with pytest.raises(ParetokenError) as err:
+        query.load("gamma", storage)
+    message = str(err.value)
+    assert "'gamma'" in message and "alpha, beta" in message and "\n" not in message
+
+
+def test_missing_or_unreachable_storage_is_one_line_and_creates_nothing(tmp_path):
+    missing = tmp_path / "nope.db"
+    with pytest.raises(ParetokenError, match="does not exist"):
+        query.load("s", f"sqlite:///{missing}")
+    assert not missing.exists()
+    with pytest.raises(ParetokenError) as err:
+        query.load("s", "postgresql://user:secret@127.0.0.1:1/db")
+    assert "cannot open" in str(err.value) and "secret" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_default_storage_is_the_studies_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "studies").mkdir()
+    make_study(query.default_storage("mine"), "mine", POINTS[:3], failed=0)
+    assert query.default_storage("mine") == "sqlite:///studies/mine.db"
+    assert len(query.load("mine")) == 3
+    with pytest.raises(ParetokenError, match="beside it: mine"):
+        query.load("other")
+
+
+def test_journal_file_storage(tmp_path):
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    path = tmp_path / "journal.log"
+    make_study(JournalStorage(JournalFileBackend(str(path))), "j", POINTS[:3], failed=0)
+    assert len(query.load("j", str(path))) == 3
+
+
+# --------------------------------------------------------------------------- front
+def brute_force_front(df: pd.DataFrame, objectives) -> set[int]:
+    """Independent O(n^2) dominance check in plain Python."""
+    sign = {o: (-1 if query.MAXIMIZE[o] else 1) for o in objectives}
+    rows = [(r["number"], [sign[o] * r[o] for o in objectives]) for _, r in df.iterrows()
+            if r["state"] == "COMPLETE" and all(not math.isnan(r[o]) for o in objectives)]
+    keep = set()
+    for n, p in rows:
+        dominated = any(all(a <= b for a, b in zip(q, p)) and any(a < b for a, b in zip(q, p)) for _, q in rows)
+        if not dominated:
+            keep.add(n)
+    return keep
+
+
+def random_frame(seed: int, n: int = 120) -> pd.DataFrame:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        state = rng.choice(["COMPLETE"] * 8 + ["FAIL", "RUNNING"])
+        # coarse grid values force ties and exact duplicates
+        row = {"number": i, "state": state, "plan_str": f"p{i}",
+               "top1": rng.randint(0, 20) / 2, "gflops": rng.randint(1, 20) / 4,
+               "img_per_s": float(rng.randint(1, 10)), "kl": rng.random()}
+        if state != "COMPLETE" or rng.random() < 0.05:
+            row["top1"] = math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("objectives", [("top1", "gflops"), ("top1", "gflops", "img_per_s"), ("gflops", "kl")])
+def test_front_matches_brute_force(seed, objectives):
+    df = random_frame(seed)
+    got = query.front(df, objectives)
+    assert set(got["number"]) == brute_force_front(df, objectives)
+    first = objectives[0]
+    values = got[first].to_numpy()
+    assert np.all(np.diff(values) <= 0) if query.MAXIMIZE[first] else np.all(np.diff(values) >= 0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_front_budgets(seed):
+    df = random_frame(seed)
+    got = query.front(df, ("top1", "gflops"), max_gflops=2.5, min_top1=3.0)
+    within = df[(df["gflops"] <= 2.5) & (df["top1"] >= 3.0)]
+    assert set(got["number"]) == brute_force_front(within, ("top1", "gflops"))
+    assert (got["gflops"] <= 2.5).all() and (got["top1"] >= 3.0).all()
+
+
+def test_front_on_a_study(storage):
+    make_study(storage, "s", POINTS)
+    df = query.load("s", storage)
+    assert query.front(df)["number"].tolist() == [0, 1, 2, 4, 5]
+    assert query.front(df, "top1,gflops", max_gflops=2.6)["number"].tolist() == [2, 4, 5]
+    assert query.front(df, max_gflops=2.6, min_top1=77.5)["number"].tolist() == [2]
+    assert query.front(df, max_gflops=0.5).empty
+    assert query.best(df, max_gflops=2.6)["number"] == 2
+    assert query.best(df, max_gflops=0.5) is None
+
+
+def test_bad_objectives_are_one_line():
+    df = random_frame(0)
+    with pytest.raises(ParetokenError, match="'accuracy' is unknown; valid: top1"):
+        query.front(df, ("accuracy", "gflops"))
+    with pytest.raises(ParetokenError, match="not a column"):
+        query.front(df, ("top1", "latency_ms"))
+
+
+# --------------------------------------------------------------------------- hypervolume
+def test_hypervolume_hand_computed():
+    # top1 max, gflops min, reference (top1 50, gflops 4): in (gflops, -top1) the points
+    # (1, -60), (2, -70), (3, -80) give the staircase 3*10 + 2*10 + 1*10 = 60 -> in units
+    # (gflops, top1): [1,4]x[50,60] + [2,4]x[60,70] + [3,4]x[70,80] = 30 + 20 + 10 = 60.
+    df = pd.DataFrame({"number": range(6), "state": ["COMPLETE"] * 5 + ["FAIL"],
+                       "top1": [60.0, 70.0, 80.0, 55.0, 90.0, 99.0], "gflops": [1.0, 2.0, 3.0, 2.5, 5.0, 0.1]})
+    # (2.5, 55) is dominated; (5.0, 90) lies beyond the reference; the FAIL row is ignored.
+    assert query.hypervolume(df, ("top1", "gflops"), {"top1": 50.0, "gflops": 4.0}) == pytest.approx(60.0)
+    assert query.hypervolume(df, ("gflops", "top1"), (4.0, 50.0)) == pytest.approx(60.0)
+    assert query.hypervolume(df.iloc[:1], ("top1", "gflops"), (50.0, 4.0)) == pytest.approx(30.0)
+    assert query.hypervolume(df.iloc[:0], ("top1", "gflops"), (50.0, 4.0)) == 0.0
+    history = query.hypervolume_history(df, ("top1", "gflops"), (50.0, 4.0))
+    assert history["hypervolume"].tolist() == pytest.approx([30.0, 50.0, 60.0, 60.0, 60.0, 60.0])
+
+
+def test_hypervolume_against_monte_carlo_in_3d():
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"number": range(15), "state": "COMPLETE", "top1": rng.uniform(0, 1, 15),
+                       "gflops": rng.uniform(0, 1, 15), "kl": rng.uniform(0, 1, 15)})
+    ref = {"top1": 0.0, "gflops": 1.0, "kl": 1.0}
+    samples = rng.uniform(0, 1, (200_000, 3))  # (top1, gflops, kl) in the unit cube
+    pts = df[["top1", "gflops", "kl"]].to_numpy()
+    covered = np.zeros(len(samples), dtype=bool)
+    for t, g, k in pts:
+        covered |= (samples[:, 0] <= t) & (samples[:, 1] >= g) & (samples[:, 2] >= k)
+    assert query.hypervolume(df, ("top1", "gflops", "kl"), ref) == pytest.approx(covered.mean(), abs=5e-3)
+
+
+def test_reference_point_from_the_uncompressed_trial(storage):
+    make_study(storage, "s", POINTS)
+    df = query.load("s", storage)
+    assert query.reference_point(df) == {"top1": 70.0, "gflops": 4.0}
+    assert query.reference_point(df[df["number"] > 0]) == {"top1": 60.0, "gflops": 3.0}  # worst values
+    # staircase over (gflops, top1) against (4, 70): evit (3, 79.5), keep0.6 (2.5, 78), tome (2, 77)
+    expected = (4 - 3) * (79.5 - 70) + (3 - 2.5) * (78 - 70) + (2.5 - 2) * (77 - 70)
+    assert query.hypervolume(df) == pytest.approx(expected)
+
+
+def test_compare_studies(tmp_path):
+    a, b = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
+    make_study(a, "tpe", POINTS)
+    make_study(b, "random", POINTS[:3], failed=2)
+    table = query.compare([("tpe", a), ("random", b)], max_gflops=3.0)
+    assert table["study"].tolist() == ["tpe", "random"]
+    assert table["trials"].tolist() == [7, 5] and table["failed"].tolist() == [1, 2]
+    assert table["front_size"].tolist() == [4, 2]
+    assert table["best_top1"].tolist() == [79.5, 79.5] and table["best_trial"].tolist() == [1, 1]
+    assert table.attrs["reference"] == {"top1": 70.0, "gflops": 4.0}
+    assert table.loc[0, "hypervolume"] > table.loc[1, "hypervolume"] > 0
+
+
+def test_non_dominated_keeps_duplicates():
+    points = np.array([[1.0, 1.0], [1.0, 1.0], [2.0, 2.0], [0.5, 3.0]])
+    assert query.non_dominated(points).tolist() == [True, True, False, True]
+    for perm in itertools.permutations(range(4)):
+        assert query.non_dominated(points[list(perm)]).tolist() == [
+            [True, True, False, True][i] for i in perm]
