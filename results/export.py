@@ -1,0 +1,186 @@
+"""Export a trial's plan with what a training run needs to rebuild and check it.
+
+The file is a plan (``paretoken.load_plan`` reads it) whose ``meta`` says::
+
+    meta:
+      model: default                       # timm name or 'default'
+      checkpoint: null                     # the weights file the trial ran with (null: packaged / timm)
+      pretrained: false                    # weights from the local Hugging Face cache
+      weights: {file: .../default_fmnist.safetensors, sha256: ...}
+      input_size: [1, 28, 28]
+      data: fashion-mnist                  # what the metrics were measured on
+      eval: {images: 1000, seed: 0, batch_size: 100}
+      metrics: {top1: ..., gflops: ..., ...}
+      plan_str: prune_fuse(keep=0.7)@3,6,9
+      preset: evit-0.7                     # when the plan is a published schedule
+      provenance: {study, trial, storage, device, duration_s, versions, exported_at, exported_with}
+
+so ``create_model(meta.model, meta.checkpoint)`` + ``paretoken.apply(model, load_plan(path))``
+rebuilds the measured model, and re-evaluating ``meta.eval`` on ``meta.data`` gives ``meta.metrics``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from paretoken.errors import ParetokenError
+from paretoken.results import query
+
+#: Evaluation settings looked up, in this order, in the trial's user attrs, a config dict in them
+#: (``eval``/``eval_config``/``config``), then the same in the study's user attrs.
+EVAL_KEYS = ("model", "checkpoint", "pretrained", "data", "images", "seed", "batch_size", "flops_images")
+_CONFIG_KEYS = ("eval", "eval_config", "config")
+_VERSION_PACKAGES = ("paretoken", "torch", "timm", "optuna", "ray", "fvcore", "python")
+
+
+def _lookup(sources: list[Mapping[str, Any]], key: str) -> Any:
+    for source in sources:
+        if key in source and source[key] is not None:
+            return source[key]
+        for name in _CONFIG_KEYS:
+            nested = source.get(name)
+            if isinstance(nested, Mapping) and nested.get(key) is not None:
+                return nested[key]
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _weights(model: str, checkpoint: str | None, pretrained: bool) -> dict[str, Any]:
+    """Which weights the trial ran with: the file and its sha256 where there is one."""
+    if checkpoint:
+        path = Path(checkpoint)
+        return {"file": str(path), "sha256": _sha256(path) if path.is_file() else None}
+    if model == "default":
+        from paretoken.evaluators.models import DEFAULT_WEIGHTS
+
+        return {"file": str(DEFAULT_WEIGHTS), "packaged": "paretoken.evaluators/weights/" + DEFAULT_WEIGHTS.name,
+                "sha256": _sha256(DEFAULT_WEIGHTS) if DEFAULT_WEIGHTS.is_file() else None}
+    return {"timm": model, "source": "local Hugging Face cache" if pretrained else "random init (no weights)"}
+
+
+def _input_size(model: str) -> list[int] | None:
+    if model == "default":
+        from paretoken.evaluators.models import build_default_architecture
+
+        return list(build_default_architecture().pretrained_cfg["input_size"])
+    try:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(model)
+    except Exception:  # an unknown name: leave it out rather than fail the export
+        return None
+    return list(cfg.input_size) if cfg is not None and cfg.input_size else None
+
+
+def _plain(value: Any) -> Any:
+    """YAML-safe plain data (tuples to lists, numpy scalars to Python)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value
+
+
+def choose_trial(df, trial: int | None = None, best: bool = False, max_gflops: float | None = None,
+                 min_top1: float | None = None):
+    """The row of ``df`` to export: trial number ``trial``, or the best top1 within the budgets."""
+    if (trial is None) == (not best):
+        raise ParetokenError("export: give exactly one of --trial N or --best")
+    if best:
+        row = query.best(df, "top1", max_gflops, min_top1)
+        if row is None:
+            within = " within " + " and ".join(
+                f for f in (f"{max_gflops:g} GFLOPs" if max_gflops is not None else "",
+                            f"top1 >= {min_top1:g}" if min_top1 is not None else "") if f) \
+                if max_gflops is not None or min_top1 is not None else ""
+            low = df.loc[df["state"] == "COMPLETE", "gflops"].min() if len(df) else math.nan
+            hint = f"; the fewest GFLOPs of a COMPLETE trial is {low:.4g}" if not math.isnan(low) else ""
+            raise ParetokenError(f"export: no COMPLETE trial{within}{hint}")
+        return row
+    if max_gflops is not None or min_top1 is not None:
+        raise ParetokenError("export: --max-gflops/--min-top1 go with --best, not with --trial")
+    rows = df[df["number"] == trial]
+    if rows.empty:
+        valid = f"0..{int(df['number'].max())}" if len(df) else "(the study has no trials)"
+        raise ParetokenError(f"export: trial {trial} is not in the study; valid: {valid}")
+    row = rows.iloc[0]
+    if row["state"] != "COMPLETE":
+        why = f" ({row['error']})" if isinstance(row.get("error"), str) else ""
+        raise ParetokenError(f"export: trial {trial} is {row['state']}{why}; export a COMPLETE trial")
+    return row
+
+
+def export_meta(study, row, storage: str) -> dict[str, Any]:
+    """The ``meta`` of an exported plan for ``row`` (a :func:`query.load` row) of ``study``."""
+    from paretoken.evaluators.evaluate import environment
+
+    trial = next(t for t in study.get_trials(deepcopy=False) if t.number == int(row["number"]))
+    sources = [trial.user_attrs, study.user_attrs]
+    model = _lookup(sources, "model") or "default"
+    checkpoint = _lookup(sources, "checkpoint")
+    pretrained = bool(_lookup(sources, "pretrained") or False)
+    data = _lookup(sources, "data") or "fashion-mnist"
+    evaluation = {k: _lookup(sources, k) for k in ("images", "seed", "batch_size", "flops_images")}
+    versions = trial.user_attrs.get("versions")
+    if not isinstance(versions, Mapping):
+        versions = {k: trial.user_attrs[k] for k in _VERSION_PACKAGES if k in trial.user_attrs}
+    now = environment("cpu")
+    return _plain({
+        "model": model,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "pretrained": pretrained,
+        "weights": _weights(model, checkpoint, pretrained),
+        "input_size": _input_size(model),
+        "data": str(data),
+        "eval": {k: v for k, v in evaluation.items() if v is not None},
+        "metrics": {m: float(row[m]) for m in query.METRICS if m in row and not math.isnan(float(row[m]))},
+        "plan_str": row.get("plan_str"),
+        "preset": row.get("preset") if isinstance(row.get("preset"), str) else None,
+        "provenance": {
+            "study": study.study_name,
+            "trial": int(row["number"]),
+            "storage": query._redact(storage),
+            "device": row.get("device"),
+            "duration_s": None if math.isnan(float(row.get("duration_s", math.nan))) else float(row["duration_s"]),
+            "versions": dict(versions),
+            "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "exported_with": {k: now[k] for k in _VERSION_PACKAGES if k in now},
+        },
+    })
+
+
+def export(study: str, storage: str | None = None, trial: int | None = None, best: bool = False,
+           max_gflops: float | None = None, min_top1: float | None = None,
+           out: str | Path = "plan.yaml") -> Path:
+    """Write trial ``trial`` of ``study`` (or, with ``best``, the best top1 within the budgets) as a
+    plan file with ``meta`` (model, weights, input size, metrics, provenance); returns its path.
+
+    YAML for ``.yaml``/``.yml``, JSON otherwise. ``paretoken.load_plan(out)`` reads it back.
+    """
+    from paretoken.compress.plan import Plan
+
+    storage = storage or query.default_storage(study)
+    opened = query.load_study(study, storage)
+    df = query.trials_frame(opened)
+    row = choose_trial(df, trial, best, max_gflops, min_top1)
+    if not isinstance(row["plan"], Mapping):
+        raise ParetokenError(f"export: trial {int(row['number'])} stores no plan (user attr 'plan')")
+    plan = Plan.from_dict({k: v for k, v in row["plan"].items() if k != "meta"})
+    exported = Plan(plan.stages, plan.version, meta=export_meta(opened, row, storage))
+    return exported.save(out)
+
+
+__all__ = ["EVAL_KEYS", "choose_trial", "export", "export_meta"]
