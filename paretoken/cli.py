@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_search_parser(sub)
         add_spaces_parser(sub)
+    from paretoken.results.cli import add_results_parsers
+
+    add_results_parsers(sub)
     return parser
 
 

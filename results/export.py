@@ -83,6 +83,23 @@ def _input_size(model: str) -> list[int] | None:
     return list(cfg.input_size) if cfg is not None and cfg.input_size else None
 
 
+def _versions() -> dict[str, str]:
+    """Package versions of this process (the evaluators' environment() without importing fvcore)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in _VERSION_PACKAGES:
+        if package == "python":
+            out[package] = platform.python_version()
+            continue
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "absent"
+    return out
+
+
 def _plain(value: Any) -> Any:
     """YAML-safe plain data (tuples to lists, numpy scalars to Python)."""
     if isinstance(value, Mapping):
@@ -125,8 +142,6 @@ def choose_trial(df, trial: int | None = None, best: bool = False, max_gflops: f
 
 def export_meta(study, row, storage: str) -> dict[str, Any]:
     """The ``meta`` of an exported plan for ``row`` (a :func:`query.load` row) of ``study``."""
-    from paretoken.evaluators.evaluate import environment
-
     trial = next(t for t in study.get_trials(deepcopy=False) if t.number == int(row["number"]))
     sources = [trial.user_attrs, study.user_attrs]
     model = _lookup(sources, "model") or "default"
@@ -137,7 +152,7 @@ def export_meta(study, row, storage: str) -> dict[str, Any]:
     versions = trial.user_attrs.get("versions")
     if not isinstance(versions, Mapping):
         versions = {k: trial.user_attrs[k] for k in _VERSION_PACKAGES if k in trial.user_attrs}
-    now = environment("cpu")
+    now = _versions()
     return _plain({
         "model": model,
         "checkpoint": str(checkpoint) if checkpoint else None,

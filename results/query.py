@@ -236,7 +236,7 @@ def trials_frame(study) -> pd.DataFrame:
                + ["feasible", "device", "duration_s", "worker_pid", "error", "datetime_start", "datetime_complete",
                   "values"])
     df = pd.DataFrame(rows, columns=columns)
-    for text in ("preset", "plan_str", "device", "error"):  # keep None as None (pandas 3 infers str + NaN)
+    for text in ("preset", "plan_str", "device", "error", "worker_pid"):  # None stays None (not NaN)
         df[text] = pd.Series([row.get(text) for row in rows], dtype=object, index=df.index)
     for metric in METRICS:
         df[metric] = df[metric].astype(float)

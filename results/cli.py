@@ -1,0 +1,175 @@
+"""`paretoken front`, `paretoken export` and `paretoken finetune`; hooked in by paretoken.cli.build_parser."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from paretoken.errors import ParetokenError
+
+TABLE_COLUMNS = ("number", "preset", "top1", "agreement", "kl", "gflops", "img_per_s", "latency_ms", "plan_str")
+
+
+def _storage_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage", metavar="URL",
+                        help="Optuna storage: sqlite:///FILE.db, postgresql://USER@HOST/DB or journal:///FILE "
+                             "[default: sqlite:///studies/<study>.db]")
+
+
+def _budget_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-gflops", type=float, metavar="X", help="only trials with at most X GFLOPs per image")
+    parser.add_argument("--min-top1", type=float, metavar="Y", help="only trials with top-1 of at least Y %%")
+
+
+def _plain(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if hasattr(value, "item") and callable(value.item):
+        return _plain(value.item())
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
+
+
+def _records(df, columns) -> list[dict]:
+    return [{c: _plain(row[c]) for c in columns if c in df.columns} for _, row in df.iterrows()]
+
+
+def _cell(column: str, value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if not isinstance(value, float):
+        return str(value)
+    if column == "kl":
+        return f"{value:.4f}"
+    if column in ("top1", "agreement", "best_top1"):
+        return f"{value:.2f}"
+    if column == "img_per_s":
+        return f"{value:.0f}"
+    if column in ("gflops", "best_gflops"):
+        return f"{value:.4f}"
+    if column in ("latency_ms", "peak_mem_mb", "duration_s"):
+        return f"{value:.2f}"
+    return f"{value:.4g}"
+
+
+def _table(df, columns) -> str:
+    shown = [c for c in columns if c in df.columns and not (df[c].dtype == float and df[c].isna().all())]
+    cells = [[_cell(c, row[c]) for c in shown] for _, row in df.iterrows()]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(shown)]
+    left = ("plan_str", "best_plan", "study")
+    lines = ["  ".join(c.ljust(w) if c in left else c.rjust(w) for c, w in zip(shown, widths)).rstrip()]
+    for r in cells:
+        lines.append("  ".join(v.ljust(w) if c in left else v.rjust(w) for c, v, w in zip(shown, r, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def cmd_front(args: argparse.Namespace) -> int:
+    from paretoken.results import query
+
+    args.objectives = query._check_objectives(args.objectives)
+    if len(args.study) > 1:
+        return _compare(args)
+    df = query.load(args.study[0], args.storage)
+    fr = query.front(df, args.objectives, args.max_gflops, args.min_top1)
+    reference = query.reference_point(df, args.objectives) if (df["state"] == "COMPLETE").any() else None
+    hv = query.hypervolume(query.budget(df, args.max_gflops, args.min_top1), args.objectives, reference) \
+        if reference else math.nan
+    if args.plot:
+        from paretoken.results.plots import plot_front
+
+        plot_front(df, args.objectives, args.plot, args.max_gflops, args.min_top1)
+    if args.csv:
+        out = fr.drop(columns=["values"]).copy()
+        out["plan"] = out["plan"].map(json.dumps)
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+        out.to_csv(args.csv, index=False)
+    counts = df["state"].value_counts().to_dict()
+    if args.json:
+        columns = ["number", "state", "preset", "plan", "plan_str", *query.METRICS,
+                   *[c for c in df.columns if c.startswith("constraint:")], "feasible", "device", "duration_s"]
+        print(json.dumps({"study": args.study[0], "storage": query._redact(df.attrs["storage"]),
+                          "objectives": list(args.objectives),
+                          "budgets": {"max_gflops": args.max_gflops, "min_top1": args.min_top1},
+                          "trials": {k: int(v) for k, v in counts.items()},
+                          "reference": reference, "hypervolume": _plain(hv),
+                          "front": _records(fr, columns)}, allow_nan=False))
+        return 0
+    budgets = ", ".join(b for b in (f"gflops <= {args.max_gflops:g}" if args.max_gflops is not None else "",
+                                    f"top1 >= {args.min_top1:g}" if args.min_top1 is not None else "") if b)
+    print(f"study {args.study[0]} ({query._redact(df.attrs['storage'])}): {len(df)} trials, "
+          + ", ".join(f"{v} {k.lower()}" for k, v in counts.items()))
+    print(f"front on {', '.join(args.objectives)}" + (f" within {budgets}" if budgets else "")
+          + f": {len(fr)} trials" + (f"; hypervolume {hv:.4g} (reference "
+                                     + ", ".join(f"{k} {v:.4g}" for k, v in reference.items()) + ")"
+                                     if reference else ""))
+    if len(fr):
+        print(_table(fr, TABLE_COLUMNS))
+    for what, path in (("csv", args.csv), ("plot", args.plot)):
+        if path:
+            print(f"{what} written to {path}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from paretoken.results import query
+
+    table = query.compare([(name, args.storage) for name in args.study], args.objectives, args.max_gflops,
+                          args.min_top1)
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+    if args.json:
+        print(json.dumps({"reference": table.attrs["reference"], "studies": _records(table, table.columns)},
+                         allow_nan=False))
+        return 0
+    print("reference " + ", ".join(f"{k} {v:.4g}" for k, v in table.attrs["reference"].items()))
+    print(_table(table, ("study", "trials", "complete", "failed", "front_size", "best_top1", "best_gflops",
+                         "best_trial", "hypervolume", "best_plan")))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from paretoken.compress.plan import load_plan
+    from paretoken.results.export import export
+
+    path = export(args.study, args.storage, trial=args.trial, best=args.best, max_gflops=args.max_gflops,
+                  min_top1=args.min_top1, out=args.out)
+    meta = load_plan(path).meta
+    metrics = meta["metrics"]
+    shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in ("top1", "agreement", "gflops", "img_per_s") if k in metrics)
+    print(f"trial {meta['provenance']['trial']} of study {args.study}: {meta['plan_str']}\n"
+          f"  {shown}\n  model {meta['model']}, weights {meta['checkpoint'] or meta['weights'].get('file') or 'timm'}"
+          f"\nsaved {path}")
+    return 0
+
+
+def add_results_parsers(sub) -> None:
+    """Add `front` and `export` to the `paretoken` subcommands."""
+    p = sub.add_parser("front", help="the Pareto front of a study (table, JSON, CSV, plot)",
+                       description="Non-dominated COMPLETE trials of a study on the chosen objectives, within the "
+                                   "budgets; with several --study, one comparison table.")
+    p.add_argument("--study", required=True, action="append", metavar="NAME",
+                   help="study name (repeat to compare studies)")
+    _storage_args(p)
+    p.add_argument("--objectives", default="top1,gflops", metavar="A,B",
+                   help="objectives, comma-separated: top1, agreement, img_per_s (max); gflops, latency_ms, kl, "
+                        "peak_mem_mb (min) [top1,gflops]")
+    _budget_args(p)
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    out.add_argument("--csv", metavar="FILE", help="also write the front (or the comparison) as CSV")
+    p.add_argument("--plot", metavar="FILE", help="draw the front: FILE.png (matplotlib) or FILE.html (plotly)")
+    p.set_defaults(func=cmd_front)
+
+    p = sub.add_parser("export", help="write a trial's plan with model, weights, metrics and provenance",
+                       description="Export a plan that `paretoken.load_plan` + `paretoken.apply` rebuild anywhere.")
+    p.add_argument("--study", required=True, metavar="NAME", help="study name")
+    _storage_args(p)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", type=int, metavar="N", help="trial number")
+    which.add_argument("--best", action="store_true", help="the best top-1 within --max-gflops / --min-top1")
+    _budget_args(p)
+    p.add_argument("--out", default="plan.yaml", metavar="FILE", help="plan file, .yaml or .json [plan.yaml]")
+    p.set_defaults(func=cmd_export)
+
