@@ -66,7 +66,7 @@ def create_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None
 
     if checkpoint is not None:
         state = read_state_dict(checkpoint)
-        model = timm.create_model(name, pretrained=False, num_classes=_num_classes(state, name))
+        model = timm.create_model(name, pretrained=False, num_classes=_num_classes(state))
         _load_into(model, state, checkpoint)
         return model.eval()
     if pretrained:
@@ -153,8 +153,8 @@ def _check_timm_name(name: str) -> None:
     )
 
 
-def _num_classes(state: dict[str, torch.Tensor], name: str) -> int | None:
-    """Classes of the checkpoint's head (None: keep timm's default for `name`)."""
+def _num_classes(state: dict[str, torch.Tensor]) -> int | None:
+    """Classes of the checkpoint's head (None: keep the model's default)."""
     for key in ("head.weight", "head.fc.weight", "fc.weight", "classifier.weight"):
         if key in state and state[key].ndim == 2:
             return int(state[key].shape[0])
