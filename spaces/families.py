@@ -1,0 +1,290 @@
+"""The spaces, one per source method plus ``mixed``.
+
+Grids (chosen so every published preset of :mod:`paretoken.compress.presets` lies on them):
+
+  keep       0.25 .. 0.95 step 0.05   fraction of the block's current patch tokens kept (prune, prune_fuse)
+  slim keep  0.50 .. 1.00 step 0.05   1.00 means no stage in that block
+  r          0 .. 24 (tome), 1 .. 24 (mixed merge)   patch tokens merged away in a block
+  threshold  0.10 .. 2.00 step 0.05   relative to uniform attention (1.0 = average token)
+  mass       0.50 .. 1.00 step 0.05   score mass held by JMP's critical tokens
+  sim        0.00 .. 1.00 step 0.05   cosine at or above which JMP merges instead of pruning
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from paretoken.compress.plan import Plan, Stage
+from paretoken.spaces.base import Param, Space, check_depth, stages_by_layer, suggest_grid
+
+KEEP = (0.25, 0.95, 0.05)
+SLIM_KEEP = (0.5, 1.0, 0.05)
+THRESHOLD = (0.1, 2.0, 0.05)
+MASS = (0.5, 1.0, 0.05)
+SIM = (0.0, 1.0, 0.05)
+R_MAX = 24
+R_RAMP_MAX = 32
+SCORES = ("cls_attn", "head_weighted")
+MIXED_OPS = ("prune", "prune_fuse", "merge", "joint", "threshold")
+
+
+def _grid(values: tuple[float, float, float]) -> str:
+    low, high, step = values
+    return f"float {low:g}..{high:g} step {step:g}"
+
+
+def _on_grid(value: float | None, values: tuple[float, float, float]) -> bool:
+    low, high, step = values
+    if value is None or not low - 1e-9 <= value <= high + 1e-9:
+        return False
+    k = (value - low) / step
+    return abs(k - round(k)) < 1e-6
+
+
+_AT = Param("at_<l>", "categorical False/True, l = 0..depth-1", "block l has a stage")
+
+
+# --------------------------------------------------------------------------- ToMe
+class TomeSpace(Space):
+    """ToMe: bipartite merging of ``r`` tokens per block, per layer or on a ramp."""
+
+    name = "tome"
+    description = ("ToMe (bipartite soft matching, keys): r tokens merged in each block, "
+                   "as one constant r, a linear ramp from the first to the last block, or r per layer")
+    params = (
+        Param("schedule", "categorical constant/linear/per_layer", "how r varies with depth"),
+        Param("r", f"int 0..{R_MAX}", "r in every block", "schedule = constant"),
+        Param("r_first", f"int 0..{R_RAMP_MAX}", "r in block 0", "schedule = linear"),
+        Param("r_last", f"int 0..{R_RAMP_MAX}", "r in the last block (rounded linear in between)", "schedule = linear"),
+        Param("r_<l>", f"int 0..{R_MAX}", "r in block l (0: no stage)", "schedule = per_layer"),
+    )
+
+    @staticmethod
+    def ramp(first: int, last: int, depth: int) -> list[int]:
+        if depth == 1:
+            return [first]
+        return [int(math.floor(first + (last - first) * layer / (depth - 1) + 0.5)) for layer in range(depth)]
+
+    def sample(self, trial, depth: int = 12) -> Plan:
+        depth = check_depth(depth)
+        schedule = trial.suggest_categorical("schedule", ("constant", "linear", "per_layer"))
+        if schedule == "constant":
+            rs = [trial.suggest_int("r", 0, R_MAX)] * depth
+        elif schedule == "linear":
+            rs = self.ramp(trial.suggest_int("r_first", 0, R_RAMP_MAX), trial.suggest_int("r_last", 0, R_RAMP_MAX),
+                           depth)
+        else:
+            rs = [trial.suggest_int(f"r_{layer}", 0, R_MAX) for layer in range(depth)]
+        return Plan(tuple(Stage(layer, "merge", r=r) for layer, r in enumerate(rs) if r > 0))
+
+    def _params_for(self, plan: Plan, depth: int) -> list[dict[str, Any]] | None:
+        if any(s.op != "merge" or s.r is None for s in plan.stages):
+            return None
+        by = stages_by_layer(plan)
+        rs = [by[layer].r if layer in by else 0 for layer in range(depth)]
+        candidates = []
+        if len(set(rs)) == 1:
+            candidates.append({"schedule": "constant", "r": rs[0]})
+        if self.ramp(rs[0], rs[-1], depth) == rs:
+            candidates.append({"schedule": "linear", "r_first": rs[0], "r_last": rs[-1]})
+        candidates.append({"schedule": "per_layer", **{f"r_{layer}": r for layer, r in enumerate(rs)}})
+        return candidates
+
+
+# --------------------------------------------------------------------------- located stages
+class LocatedSpace(Space):
+    """A stage of one op in each block whose ``at_<l>`` is True, with per-block amounts."""
+
+    op: str = ""
+    score: str = ""
+
+    def amount(self, trial, layer: int) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def amount_params(self, stage: Stage) -> dict[str, Any] | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def sample(self, trial, depth: int = 12) -> Plan:
+        depth = check_depth(depth)
+        stages = []
+        for layer in range(depth):
+            if trial.suggest_categorical(f"at_{layer}", (False, True)):
+                stages.append(Stage(layer, self.op, score=self.score, **self.amount(trial, layer)))
+        return Plan(tuple(stages))
+
+    def _params_for(self, plan: Plan, depth: int) -> dict[str, Any] | None:
+        by = stages_by_layer(plan)
+        params: dict[str, Any] = {}
+        for layer in range(depth):
+            stage = by.get(layer)
+            params[f"at_{layer}"] = stage is not None
+            if stage is None:
+                continue
+            if stage.op != self.op or stage.score != self.score:
+                return None
+            amount = self.amount_params(stage)
+            if amount is None:
+                return None
+            params.update(amount)
+        return params
+
+
+class KeepSpace(LocatedSpace):
+    def amount(self, trial, layer: int) -> dict[str, Any]:
+        return {"keep": suggest_grid(trial, f"keep_{layer}", *KEEP)}
+
+    def amount_params(self, stage: Stage) -> dict[str, Any] | None:
+        return {f"keep_{stage.layer}": stage.keep} if _on_grid(stage.keep, KEEP) else None
+
+
+class EvitSpace(KeepSpace):
+    name = "evit"
+    op = "prune_fuse"
+    score = "cls_attn"
+    description = ("EViT: keep the top tokens by class attention and fuse the rest into one token, "
+                   "at chosen blocks with a keep ratio each")
+    params = (_AT, Param("keep_<l>", _grid(KEEP), "fraction of the block's patch tokens kept", "at_<l>"))
+
+
+class DynamicVitSpace(KeepSpace):
+    name = "dynamicvit"
+    op = "prune"
+    score = "cls_attn"
+    description = ("DynamicViT (inference form, class-attention scores standing in for the learned predictors): "
+                   "drop all but the top tokens at chosen blocks with a keep ratio each")
+    params = (_AT, Param("keep_<l>", _grid(KEEP), "fraction of the block's patch tokens kept", "at_<l>"))
+
+
+class AsVitSpace(LocatedSpace):
+    name = "asvit"
+    op = "threshold"
+    score = "head_weighted"
+    description = ("AS-ViT: keep the tokens whose head-weighted class attention exceeds a threshold "
+                   "(a per-image count), at chosen blocks with a threshold each")
+    params = (_AT, Param("threshold_<l>", _grid(THRESHOLD), "score threshold relative to uniform attention",
+                         "at_<l>"))
+
+    def amount(self, trial, layer: int) -> dict[str, Any]:
+        return {"threshold": suggest_grid(trial, f"threshold_{layer}", *THRESHOLD)}
+
+    def amount_params(self, stage: Stage) -> dict[str, Any] | None:
+        return {f"threshold_{stage.layer}": stage.threshold} if _on_grid(stage.threshold, THRESHOLD) else None
+
+
+class JmpSpace(LocatedSpace):
+    name = "jmp"
+    op = "joint"
+    score = "cls_attn"
+    description = ("JMP: critical tokens hold a mass of the class attention; each other token merges into its "
+                   "most similar critical token above a similarity or is pruned, at chosen blocks")
+    params = (_AT,
+              Param("mass_<l>", _grid(MASS), "score mass held by the critical tokens", "at_<l>"),
+              Param("sim_<l>", _grid(SIM), "cosine at or above which a token merges instead of being pruned",
+                    "at_<l>"))
+
+    def amount(self, trial, layer: int) -> dict[str, Any]:
+        return {"mass": suggest_grid(trial, f"mass_{layer}", *MASS), "sim": suggest_grid(trial, f"sim_{layer}", *SIM)}
+
+    def amount_params(self, stage: Stage) -> dict[str, Any] | None:
+        if not (_on_grid(stage.mass, MASS) and _on_grid(stage.sim, SIM)):
+            return None
+        return {f"mass_{stage.layer}": stage.mass, f"sim_{stage.layer}": stage.sim}
+
+
+# --------------------------------------------------------------------------- Patch Slimming
+class SlimSpace(Space):
+    name = "slim"
+    description = ("Patch Slimming: a static pyramid, a keep ratio of the current tokens in every block "
+                   "(so counts never grow with depth), tokens picked by class importance")
+    params = (Param("keep_<l>", _grid(SLIM_KEEP) + ", l = 0..depth-1",
+                    "fraction of the block's patch tokens kept (1: no stage)"),)
+
+    def sample(self, trial, depth: int = 12) -> Plan:
+        depth = check_depth(depth)
+        keeps = [suggest_grid(trial, f"keep_{layer}", *SLIM_KEEP) for layer in range(depth)]
+        return Plan(tuple(Stage(layer, "slim", keep=k) for layer, k in enumerate(keeps) if k < 1.0))
+
+    def _params_for(self, plan: Plan, depth: int) -> dict[str, Any] | None:
+        by = stages_by_layer(plan)
+        params = {}
+        for layer in range(depth):
+            stage = by.get(layer)
+            if stage is None:
+                params[f"keep_{layer}"] = 1.0
+                continue
+            if stage.op != "slim" or stage.score != "cls_attn" or not _on_grid(stage.keep, SLIM_KEEP) \
+                    or stage.keep >= 1.0:
+                return None
+            params[f"keep_{layer}"] = stage.keep
+        return params
+
+
+# --------------------------------------------------------------------------- mixed
+class MixedSpace(Space):
+    name = "mixed"
+    description = ("Each chosen block picks its own op (prune, prune_fuse, merge, joint, threshold), "
+                   "its amount and, where it applies, its score")
+    params = (
+        _AT,
+        Param("op_<l>", "categorical " + "/".join(MIXED_OPS), "the block's op", "at_<l>"),
+        Param("keep_<l>", _grid(KEEP), "fraction of patch tokens kept", "op_<l> in prune, prune_fuse"),
+        Param("r_<l>", f"int 1..{R_MAX}", "tokens merged away", "op_<l> = merge"),
+        Param("mass_<l>", _grid(MASS), "JMP critical score mass", "op_<l> = joint"),
+        Param("sim_<l>", _grid(SIM), "JMP merge similarity", "op_<l> = joint"),
+        Param("threshold_<l>", _grid(THRESHOLD), "score threshold", "op_<l> = threshold"),
+        Param("score_<l>", "categorical " + "/".join(SCORES), "token score", "op_<l> not merge"),
+    )
+
+    def sample(self, trial, depth: int = 12) -> Plan:
+        depth = check_depth(depth)
+        stages = []
+        for layer in range(depth):
+            if not trial.suggest_categorical(f"at_{layer}", (False, True)):
+                continue
+            op = trial.suggest_categorical(f"op_{layer}", MIXED_OPS)
+            if op == "merge":
+                stages.append(Stage(layer, op, r=trial.suggest_int(f"r_{layer}", 1, R_MAX)))
+                continue
+            if op in ("prune", "prune_fuse"):
+                amount = {"keep": suggest_grid(trial, f"keep_{layer}", *KEEP)}
+            elif op == "joint":
+                amount = {"mass": suggest_grid(trial, f"mass_{layer}", *MASS),
+                          "sim": suggest_grid(trial, f"sim_{layer}", *SIM)}
+            else:
+                amount = {"threshold": suggest_grid(trial, f"threshold_{layer}", *THRESHOLD)}
+            score = trial.suggest_categorical(f"score_{layer}", SCORES)
+            stages.append(Stage(layer, op, score=score, **amount))
+        return Plan(tuple(stages))
+
+    def _params_for(self, plan: Plan, depth: int) -> dict[str, Any] | None:
+        by = stages_by_layer(plan)
+        params: dict[str, Any] = {}
+        for layer in range(depth):
+            stage = by.get(layer)
+            params[f"at_{layer}"] = stage is not None
+            if stage is None:
+                continue
+            if stage.op not in MIXED_OPS:
+                return None
+            params[f"op_{layer}"] = stage.op
+            if stage.op == "merge":
+                if stage.r is None or not 1 <= stage.r <= R_MAX:
+                    return None
+                params[f"r_{layer}"] = stage.r
+                continue
+            if stage.score not in SCORES:
+                return None
+            if stage.op in ("prune", "prune_fuse"):
+                if not _on_grid(stage.keep, KEEP):
+                    return None
+                params[f"keep_{layer}"] = stage.keep
+            elif stage.op == "joint":
+                if not (_on_grid(stage.mass, MASS) and _on_grid(stage.sim, SIM)):
+                    return None
+                params[f"mass_{layer}"], params[f"sim_{layer}"] = stage.mass, stage.sim
+            else:
+                if not _on_grid(stage.threshold, THRESHOLD):
+                    return None
+                params[f"threshold_{layer}"] = stage.threshold
+            params[f"score_{layer}"] = stage.score
+        return params

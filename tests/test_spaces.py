@@ -1,0 +1,158 @@
+"""Search spaces: every sampled plan is valid, presets are expressible, plans apply to a timm ViT."""
+from __future__ import annotations
+
+import warnings
+
+import optuna
+import pytest
+import torch
+
+import paretoken
+from paretoken.compress.plan import OP_SCORES, Plan
+from paretoken.errors import ParetokenError
+from paretoken.evaluators.models import build_default_architecture
+from paretoken.spaces import SPACES, get_space
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+FAMILY_OPS = {"tome": {"merge"}, "evit": {"prune_fuse"}, "dynamicvit": {"prune"}, "asvit": {"threshold"},
+              "jmp": {"joint"}, "slim": {"slim"}, "mixed": {"prune", "prune_fuse", "merge", "joint", "threshold"}}
+
+EXPRESSIBLE = {
+    "tome": {"tome-r8", "tome-r13", "tome-r16"},
+    "evit": {"evit-0.7", "evit-0.5"},
+    "dynamicvit": {"dynamicvit-0.7"},
+    "asvit": {"asvit"},
+    "jmp": {"jmp"},
+    "slim": {"slim"},
+    "mixed": {"tome-r8", "tome-r13", "tome-r16", "evit-0.7", "evit-0.5", "dynamicvit-0.7", "asvit", "jmp"},
+}
+
+
+def _samples(space, n, depth=12, seed=0):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    plans = []
+    for _ in range(n):
+        trial = study.ask()
+        plan = space.sample(trial, depth)
+        study.tell(trial, 0.0)
+        plans.append((trial.params, plan))
+    return plans
+
+
+def test_registry_lists_every_family_and_rejects_unknown_names():
+    assert set(SPACES) == set(FAMILY_OPS)
+    for name, space in SPACES.items():
+        assert get_space(name) is space and space.name == name
+        assert space.description and space.params
+        assert space.describe()["params"][0]["name"]
+    with pytest.raises(ParetokenError) as err:
+        get_space("tomee")
+    message = str(err.value)
+    assert "\n" not in message and "'tomee'" in message and all(n in message for n in SPACES)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_OPS))
+@pytest.mark.parametrize("depth", [12, 4])
+def test_many_random_samples_are_valid_plans(name, depth):
+    space = get_space(name)
+    plans = _samples(space, 200, depth=depth, seed=depth)
+    distinct = {repr(p.to_dict()) for _, p in plans}
+    assert len(distinct) > 100  # the space is not degenerate
+    for params, plan in plans:
+        assert isinstance(plan, Plan)
+        plan.check_depth(depth)
+        again = Plan.from_dict(plan.to_dict())  # the stored form rebuilds the same plan
+        assert again == plan
+        for stage in plan.stages:
+            assert stage.op in FAMILY_OPS[name]
+            assert stage.score in OP_SCORES[stage.op] and stage.score != "predictor"
+            if stage.keep is not None:  # no float noise such as 0.7000000000000001
+                assert stage.keep == round(stage.keep, 6) and 0 < stage.keep < 1
+            if stage.r is not None:
+                assert stage.r > 0
+        if name == "slim":  # a pyramid: counts never grow with depth
+            counts, current = [], 196
+            for stage in plan.stages:
+                current = round(current * stage.keep)
+                counts.append(current)
+            assert counts == sorted(counts, reverse=True)
+        # the inverse reproduces the sampled plan
+        inverse = space.params_for(plan, depth)
+        assert inverse is not None
+        assert space.sample(optuna.trial.FixedTrial(inverse), depth) == plan
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_OPS))
+def test_presets_of_the_family_are_expressible_and_others_are_not(name):
+    space = get_space(name)
+    expressible = {p for p, pr in paretoken.PRESETS.items() if space.params_for(pr.plan, 12) is not None}
+    assert expressible == EXPRESSIBLE[name]
+    for preset in expressible:
+        params = space.params_for(paretoken.preset(preset), 12)
+        assert space.sample(optuna.trial.FixedTrial(params), 12) == paretoken.preset(preset)
+        # a study that enqueues these params gets exactly the preset
+        study = optuna.create_study()
+        study.enqueue_trial(params)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no out-of-range warning for enqueued params
+            trial = study.ask()
+            assert space.sample(trial, 12) == paretoken.preset(preset)
+    # 12-block presets do not fit a 6-block model
+    assert space.params_for(paretoken.preset("evit-0.7"), 6) is None
+    # every space can express the uncompressed model
+    assert space.sample(optuna.trial.FixedTrial(space.params_for(Plan(), 12)), 12) == Plan()
+
+
+def test_tome_schedules():
+    tome = get_space("tome")
+    ramp = tome.sample(optuna.trial.FixedTrial({"schedule": "linear", "r_first": 0, "r_last": 22}), 12)
+    assert [s.r for s in ramp.stages] == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22]  # block 0 has r = 0: no stage
+    assert tome.params_for(ramp, 12) == {"schedule": "linear", "r_first": 0, "r_last": 22}
+    per_layer = {"schedule": "per_layer", **{f"r_{i}": i % 3 for i in range(12)}}
+    plan = tome.sample(optuna.trial.FixedTrial(per_layer), 12)
+    assert [(s.layer, s.r) for s in plan.stages] == [(i, i % 3) for i in range(12) if i % 3]
+    assert tome.params_for(plan, 12) == per_layer
+
+
+def test_bad_depth_is_one_line_error():
+    with pytest.raises(ParetokenError, match="depth"):
+        get_space("evit").sample(optuna.trial.FixedTrial({}), 0)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "gp"])
+def test_samplers_handle_the_conditional_mixed_space(sampler):
+    """Define-by-run with conditional parameters under each multi-objective sampler (synthetic objective)."""
+    make = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=0, n_startup_trials=5, multivariate=True, group=True),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=0, population_size=6),
+        "gp": lambda: optuna.samplers.GPSampler(seed=0, n_startup_trials=4, warn_independent_sampling=False),
+    }[sampler]
+    space = get_space("mixed")
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=make())
+    n = 8 if sampler == "gp" else 20
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(n):
+            trial = study.ask()
+            plan = space.sample(trial, 12)
+            study.tell(trial, [len(plan.stages), sum(s.keep or 0.5 for s in plan.stages)])
+    assert len(study.best_trials) >= 1
+
+
+def test_plans_of_each_family_apply_to_a_timm_vit():
+    torch.manual_seed(0)
+    model = build_default_architecture().eval()
+    images = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        base = model(images)
+        for name in sorted(FAMILY_OPS):
+            for params, plan in _samples(get_space(name), 3, seed=1):
+                paretoken.apply(model, plan)
+                out = model(images)
+                assert out.shape == base.shape and torch.isfinite(out).all(), (name, plan.describe())
+                counts = paretoken.token_counts(model)
+                assert counts.shape == (2, 12)
+                assert (counts[:, 1:] <= counts[:, :-1]).all()  # tokens never grow
+        paretoken.apply(model, Plan())
+        assert torch.equal(model(images), base)
