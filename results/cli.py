@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 from paretoken.errors import ParetokenError
@@ -144,8 +145,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from paretoken.results.finetune import FinetuneConfig, finetune
+
+    config = FinetuneConfig(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                            data=args.data, epochs=args.epochs, train_images=args.train_images,
+                            eval_images=args.eval_images, batch_size=args.batch_size, lr=args.lr,
+                            alpha=args.alpha, temperature=args.temperature, seed=args.seed, device=args.device,
+                            max_steps=args.max_steps)
+    report = finetune(args.plan, config, out=args.out, log=None if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(report, allow_nan=True))
+    return 0
+
+
 def add_results_parsers(sub) -> None:
-    """Add `front` and `export` to the `paretoken` subcommands."""
+    """Add `front`, `export` and `finetune` to the `paretoken` subcommands."""
     p = sub.add_parser("front", help="the Pareto front of a study (table, JSON, CSV, plot)",
                        description="Non-dominated COMPLETE trials of a study on the chosen objectives, within the "
                                    "budgets; with several --study, one comparison table.")
@@ -173,3 +188,26 @@ def add_results_parsers(sub) -> None:
     p.add_argument("--out", default="plan.yaml", metavar="FILE", help="plan file, .yaml or .json [plan.yaml]")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("finetune", help="fine-tune a compressed model by distillation from the uncompressed one",
+                       description="Cross-entropy + KL distillation from the uncompressed model; writes a "
+                                   "checkpoint that `paretoken eval --checkpoint FILE --plan PLAN` measures.")
+    p.add_argument("--plan", required=True, metavar="FILE", help="plan file (an export works)")
+    p.add_argument("--model", help="timm model name or 'default' [the plan's meta, else default]")
+    p.add_argument("--checkpoint", metavar="FILE", help="starting weights [the plan's meta, else packaged/timm]")
+    p.add_argument("--pretrained", action="store_true", help="start from the local Hugging Face cache weights")
+    p.add_argument("--data", metavar="DIR", help="Fashion-MNIST dir or ImageFolder [the plan's meta, else "
+                                                 "fashion-mnist]")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training images [1]")
+    p.add_argument("--train-images", type=int, default=None, help="training images [all of the calib split]")
+    p.add_argument("--eval-images", type=int, default=1000, help="images for the before/after top-1 [1000]")
+    p.add_argument("--batch-size", type=int, default=128, help="[128]")
+    p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate, cosine schedule [5e-5]")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term; (1-alpha) on CE [0.5]")
+    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature [1]")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
+    p.add_argument("--seed", type=int, default=0, help="[0]")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [cpu]")
+    p.add_argument("--out", default="finetuned.safetensors", metavar="FILE",
+                   help="checkpoint to write (.safetensors); the plan is written beside it as FILE.yaml")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.set_defaults(func=cmd_finetune)

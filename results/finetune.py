@@ -1,0 +1,238 @@
+"""Fine-tune a compressed model by distillation from the uncompressed one.
+
+The student is the model with the plan applied (``paretoken.apply``), the teacher the same weights
+uncompressed and frozen. Loss per batch::
+
+    (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+
+AdamW with a linear warm-up then cosine decay. Training images come from the data's ``calib``
+split (the Fashion-MNIST train set, or the ImageFolder images that the ``eval`` split does not
+take), so the before/after top-1 on the ``eval`` split is measured on images never trained on.
+
+The output is a weights file (``.safetensors``) plus the plan written beside it, whose ``meta``
+names the new checkpoint, so ``paretoken eval --checkpoint OUT --plan OUT.yaml`` measures it.
+
+Not done here: learning AS-ViT thresholds (thresholds stay as the plan gives them; the weights
+adapt to them) and training DynamicViT predictors (plans with ``score: predictor`` are refused).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+import torch.nn.functional as F
+
+from paretoken.compress import Plan, apply, load_plan
+from paretoken.errors import ParetokenError
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning settings; ``None`` for model/checkpoint/data means the plan's ``meta``, then the defaults."""
+
+    model: str | None = None
+    checkpoint: str | None = None
+    pretrained: bool = False
+    data: str | None = None
+    epochs: float = 1.0
+    train_images: int | None = None  # None: the whole calib split
+    eval_images: int = 1000
+    batch_size: int = 128
+    lr: float = 5e-5
+    weight_decay: float = 0.05
+    warmup: float = 0.05  # fraction of the steps
+    alpha: float = 0.5
+    temperature: float = 1.0
+    seed: int = 0
+    device: str = "cpu"
+    max_steps: int | None = None
+
+    def check(self) -> None:
+        for name, low in (("epochs", 0.0), ("lr", 0.0), ("temperature", 0.0)):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > low):
+                raise ParetokenError(f"finetune: {name} {value!r} is invalid; valid: a number > {low:g}")
+        for name in ("batch_size", "eval_images"):
+            if getattr(self, name) < 1:
+                raise ParetokenError(f"finetune: {name} {getattr(self, name)!r} is invalid; valid: an integer >= 1")
+        for name in ("train_images", "max_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ParetokenError(f"finetune: {name} {value!r} is invalid; valid: an integer >= 1")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ParetokenError(f"finetune: alpha {self.alpha!r} is out of range; valid: 0 <= alpha <= 1")
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float,
+                      temperature: float) -> torch.Tensor:
+    """(1 - alpha) CE + alpha T^2 KL(teacher || student), both over the batch mean."""
+    ce = F.cross_entropy(student, labels)
+    if alpha == 0.0:
+        return ce
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
+                  reduction="batchmean") * (t * t)
+    return (1.0 - alpha) * ce + alpha * kl
+
+
+@torch.no_grad()
+def _predict(model, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(images[i:i + batch_size].to(device)).float().cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def _resolve(plan: Plan, config: FinetuneConfig) -> tuple[str, str | None, str | None]:
+    meta = dict(plan.meta or {})
+    model = config.model or meta.get("model") or "default"
+    checkpoint = config.checkpoint if config.checkpoint is not None else (
+        meta.get("checkpoint") if model == meta.get("model", model) else None)
+    data = config.data if config.data is not None else meta.get("data")
+    return model, checkpoint, data
+
+
+def _say(log: TextIO | None, text: str) -> None:
+    if log is not None:
+        print(text, file=log, flush=True)
+
+
+def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
+             out: str | Path = "finetuned.safetensors", log: TextIO | None = None) -> dict[str, Any]:
+    """Fine-tune ``plan`` on ``config``'s model and data; write ``out`` (weights) and ``out``.yaml (plan).
+
+    Returns a report: top1 of the uncompressed model and of the compressed model before and after,
+    agreement with the uncompressed model before and after, the loss at each logged step, the
+    number of steps and the written paths.
+    """
+    from safetensors.torch import save_file
+
+    from paretoken.evaluators.data import load_split
+    from paretoken.evaluators.evaluate import _resolve_device, environment
+    from paretoken.evaluators.models import create_model
+
+    config.check()
+    plan_path = None
+    if not isinstance(plan, Plan):
+        plan_path = str(plan)
+        plan = load_plan(plan)
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ParetokenError(f"finetune: --out {str(out)!r} must end in .safetensors")
+    for stage in plan.stages:
+        if stage.score == "predictor":
+            raise ParetokenError(f"stage at layer {stage.layer}: score 'predictor' needs DynamicViT predictor "
+                                 "training, which finetune does not do yet; valid: cls_attn, head_weighted")
+    model_name, checkpoint, data = _resolve(plan, config)
+    device = _resolve_device(config.device)
+    torch.manual_seed(config.seed)
+
+    teacher = create_model(model_name, checkpoint=checkpoint, pretrained=config.pretrained).to(device).eval()
+    student = create_model(model_name, checkpoint=checkpoint, pretrained=config.pretrained).to(device)
+    apply(teacher, Plan())
+    apply(student, Plan(plan.stages))
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    train_x, train_y = load_split(data, student, "calib", n=config.train_images, seed=config.seed)
+    eval_x, eval_y = load_split(data, student, "eval", n=config.eval_images, seed=config.seed)
+    base_logits = _predict(teacher, eval_x, config.batch_size, device)
+    base_pred = base_logits.argmax(1)
+
+    def measure() -> dict[str, float]:
+        logits = _predict(student, eval_x, config.batch_size, device)
+        pred = logits.argmax(1)
+        return {"top1": 100.0 * (pred == eval_y).float().mean().item(),
+                "agreement": 100.0 * (pred == base_pred).float().mean().item()}
+
+    before = measure()
+    uncompressed_top1 = 100.0 * (base_pred == eval_y).float().mean().item()
+    steps_per_epoch = math.ceil(len(train_x) / config.batch_size)
+    total = max(1, math.ceil(config.epochs * steps_per_epoch))
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    warmup = int(config.warmup * total)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=config.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    _say(log, f"fine-tuning {model_name} with plan {plan.describe()}\n"
+              f"  {len(train_x)} training images, {total} steps of {config.batch_size}, lr {config.lr:g}, "
+              f"alpha {config.alpha:g}, T {config.temperature:g} on {device}\n"
+              f"  before: top1 {before['top1']:.2f} (uncompressed {uncompressed_top1:.2f}), "
+              f"agreement {before['agreement']:.2f}")
+    generator = torch.Generator().manual_seed(config.seed)
+    losses: list[tuple[int, float]] = []
+    log_every = max(1, total // 20)
+    step, started = 0, time.perf_counter()
+    amp = device.type == "cuda"
+    while step < total:
+        order = torch.randperm(len(train_x), generator=generator)
+        for start in range(0, len(order), config.batch_size):
+            if step >= total:
+                break
+            idx = order[start:start + config.batch_size]
+            x, y = train_x[idx].to(device), train_y[idx].to(device)
+            student.train()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                with torch.no_grad():
+                    t_logits = teacher(x)
+                s_logits = student(x)
+            loss = distillation_loss(s_logits.float(), t_logits.float(), y, config.alpha, config.temperature)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"finetune: the loss became {loss.item()} at step {step}; lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append((step, float(loss.item())))
+            if step % log_every == 0 or step == total - 1:
+                _say(log, f"  step {step + 1}/{total}  loss {loss.item():.4f}  "
+                          f"({time.perf_counter() - started:.0f} s)")
+            step += 1
+    after = measure()
+    _say(log, f"  after:  top1 {after['top1']:.2f} ({after['top1'] - before['top1']:+.2f}), "
+              f"agreement {after['agreement']:.2f}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}, str(out))
+    report = {
+        "model": model_name, "checkpoint_in": checkpoint, "data": data or "fashion-mnist",
+        "uncompressed_top1": uncompressed_top1, "before": before, "after": after, "steps": step,
+        "train_images": len(train_x), "eval_images": len(eval_x), "seconds": time.perf_counter() - started,
+        "loss": [loss for _, loss in losses],
+    }
+    meta = dict(plan.meta or {})
+    meta.update({
+        "model": model_name, "checkpoint": str(out), "pretrained": False, "data": data or "fashion-mnist",
+        "weights": {"file": str(out), "finetuned_from": checkpoint or ("packaged default" if model_name == "default"
+                                                                       else "timm")},
+        "finetune": {
+            "plan_file": plan_path, "config": asdict(config), "steps": step,
+            "uncompressed_top1": uncompressed_top1, "before": before, "after": after,
+            "first_loss": losses[0][1] if losses else None, "last_loss": losses[-1][1] if losses else None,
+            "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": {k: v for k, v in environment(config.device).items() if k not in ("threads", "cpus")},
+        },
+    })
+    if "metrics" in meta:  # the trial's metrics were measured on the old weights
+        meta["metrics_before_finetune"] = meta.pop("metrics")
+    plan_out = Plan(plan.stages, plan.version, meta=meta).save(out.with_suffix(".yaml"))
+    report.update({"checkpoint": str(out), "plan": str(plan_out)})
+    _say(log, f"saved {out} and {plan_out}\n  measure it: paretoken eval --model {model_name} "
+              f"--checkpoint {out} --plan {plan_out}" + (f" --data {data}" if data else ""))
+    return report
+
+
+__all__ = ["FinetuneConfig", "distillation_loss", "finetune"]

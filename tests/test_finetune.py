@@ -1,0 +1,75 @@
+"""paretoken.results.finetune: a few distillation steps on 256 Fashion-MNIST images lower the loss, and the
+written checkpoint + plan evaluate with `paretoken eval`."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import torch
+
+import paretoken
+from paretoken.cli import main
+from paretoken.errors import ParetokenError
+from paretoken.evaluators.data import load_split
+from paretoken.evaluators.models import build_default_architecture, create_model
+from paretoken.results.finetune import FinetuneConfig, distillation_loss, finetune
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_default_architecture()
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight.mul_(4.0)
+    path = tmp_path_factory.mktemp("ft") / "start.safetensors"
+    safetensors.torch.save_file(model.state_dict(), str(path))
+    return path
+
+
+def _loss_on(weights, plan, images, labels, teacher_weights) -> float:
+    teacher = create_model("default", checkpoint=teacher_weights)
+    student = paretoken.apply(create_model("default", checkpoint=weights), plan)
+    with torch.no_grad():
+        return distillation_loss(student(images), teacher(images), labels, 0.5, 1.0).item()
+
+
+def test_distillation_lowers_the_loss_and_the_result_evaluates(checkpoint, tmp_path, capsys):
+    plan_file = paretoken.preset("evit-0.5").save(tmp_path / "plan.yaml")
+    out = tmp_path / "tuned.safetensors"
+    assert main(["finetune", "--plan", str(plan_file), "--checkpoint", str(checkpoint), "--train-images", "256",
+                 "--eval-images", "64", "--batch-size", "64", "--epochs", "1", "--lr", "1e-3", "--out", str(out),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["steps"] == 4 and len(report["loss"]) == 4
+    assert out.is_file() and (tmp_path / "tuned.yaml").is_file()
+
+    plan = paretoken.load_plan(tmp_path / "tuned.yaml")
+    assert plan == paretoken.preset("evit-0.5")
+    assert plan.meta["checkpoint"] == str(out) and plan.meta["finetune"]["steps"] == 4
+
+    probe = create_model("default", checkpoint=checkpoint)
+    images, labels = load_split(None, probe, "calib", n=256, seed=0)  # the training images
+    before = _loss_on(checkpoint, plan, images, labels, checkpoint)
+    after = _loss_on(out, plan, images, labels, checkpoint)
+    assert after < 0.97 * before, (before, after)  # 1.158 -> 1.081 on this machine
+
+    proc = subprocess.run([sys.executable, "-m", "paretoken.cli", "eval", "--checkpoint", str(out), "--plan",
+                           str(tmp_path / "tuned.yaml"), "--images", "64", "--json"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    measured = json.loads(proc.stdout)["metrics"]
+    assert measured["top1"] == pytest.approx(report["after"]["top1"])
+
+
+def test_bad_finetune_requests(checkpoint, tmp_path):
+    plan = paretoken.Plan((paretoken.Stage(3, "prune", keep=0.5, score="predictor"),))
+    with pytest.raises(ParetokenError, match="predictor"):
+        finetune(plan, FinetuneConfig(checkpoint=str(checkpoint)), out=tmp_path / "x.safetensors")
+    with pytest.raises(ParetokenError, match="must end in .safetensors"):
+        finetune(paretoken.Plan(), FinetuneConfig(checkpoint=str(checkpoint)), out=tmp_path / "x.pt")
+    with pytest.raises(ParetokenError, match="alpha"):
+        finetune(paretoken.Plan(), FinetuneConfig(alpha=2.0), out=tmp_path / "x.safetensors")
