@@ -1,0 +1,40 @@
+"""paretoken.search: multi-objective searches over plans, kept in an Optuna study.
+
+    from paretoken.search import run_search
+    from paretoken.evaluators.evaluate import EvalConfig
+    result = run_search("demo", space="mixed", objectives=("top1", "gflops"), n_trials=40,
+                        backend="local", eval_config=EvalConfig(images=500))
+    print(result.front)
+
+The study (default ``sqlite:///studies/<study>.db``; ``journal:PATH``; ``postgresql://...``) is the
+single source of truth; :mod:`paretoken.results` reads it. Importing this package is cheap: the
+heavy parts (Optuna, torch, Ray) load on first use.
+"""
+from __future__ import annotations
+
+from paretoken.search.storage import default_storage, open_storage
+
+_LAZY = {
+    "run_search": "paretoken.search.run",
+    "SearchResult": "paretoken.search.run",
+    "BACKENDS": "paretoken.search.run",
+    "DIRECTIONS": "paretoken.search.study",
+    "SAMPLERS": "paretoken.search.study",
+    "DEFAULT_OBJECTIVES": "paretoken.search.study",
+    "make_sampler": "paretoken.search.study",
+    "enqueue_plan": "paretoken.search.study",
+    "hypervolume": "paretoken.search.study",
+    "reference_point": "paretoken.search.study",
+    "run_trial": "paretoken.search.worker",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'paretoken.search' has no attribute {name!r}")
+
+
+__all__ = ["default_storage", "open_storage", *_LAZY]

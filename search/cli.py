@@ -1,0 +1,145 @@
+"""`paretoken search` and `paretoken spaces`: registered on the main parser by :mod:`paretoken.cli`.
+
+Importing this module is cheap; the handlers import Optuna, torch and Ray when they run.
+Each handler returns an exit code; bad input raises :class:`ParetokenError`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from paretoken.errors import ParetokenError
+
+SPACE_NAMES = ("tome", "evit", "dynamicvit", "asvit", "jmp", "slim", "mixed")  # kept in step with spaces.SPACES
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
+def add_search_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "search", help="multi-objective search over plans (an Optuna study; resumable)",
+        description="Search token-compression plans with an Optuna multi-objective study. Running the same "
+                    "command again resumes the study: finished trials are kept, trials a killed run left "
+                    "RUNNING are failed and re-run, and only the missing trials run.")
+    p.add_argument("--study", required=True, metavar="NAME", help="study name")
+    p.add_argument("--storage", metavar="URL",
+                   help="sqlite:///FILE.db, journal:FILE (several processes on one host) or postgresql://... "
+                        "[sqlite:///studies/NAME.db]")
+    g = p.add_argument_group("what is measured")
+    g.add_argument("--model", default="default",
+                   help="timm model name, or 'default' (the embedded Fashion-MNIST ViT) [default]")
+    g.add_argument("--checkpoint", metavar="FILE", help="weights: .safetensors or .pth")
+    g.add_argument("--pretrained", action="store_true", help="weights from the local Hugging Face cache")
+    g.add_argument("--data", metavar="DIR", help="Fashion-MNIST idx.gz dir or an ImageNet-style folder "
+                                                 "[/usr/share/datasets/fashion-mnist]")
+    g.add_argument("--images", type=_positive_int, default=500, help="evaluation images per trial [500]")
+    g.add_argument("--batch-size", type=_positive_int, default=100, help="images per timed batch [100]")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda where present) [auto]")
+    g.add_argument("--no-speed", action="store_true",
+                   help="skip throughput/latency timing (img_per_s, latency_ms are then not recorded)")
+    g = p.add_argument_group("search")
+    g.add_argument("--space", default="mixed", help=f"search space: {', '.join(SPACE_NAMES)} [mixed]")
+    g.add_argument("--objectives", default="top1,gflops",
+                   help="comma-separated: top1, agreement, img_per_s (maximised); gflops, latency_ms, kl, "
+                        "peak_mem_mb (minimised) [top1,gflops]")
+    g.add_argument("--sampler", default="tpe", help="tpe, nsga2, gp or random [tpe]")
+    g.add_argument("--trials", type=_positive_int, default=40,
+                   help="target number of finished trials in the study (a resumed run runs the missing ones) [40]")
+    g.add_argument("--seed", type=int, default=0, help="sampler seed [0]")
+    g.add_argument("--max-gflops", type=float, metavar="X", help="budget: GFLOPs per image at most X")
+    g.add_argument("--min-top1", type=float, metavar="X", help="budget: top-1 at least X %%")
+    g.add_argument("--no-presets", action="store_true",
+                   help="do not enqueue the published schedules when the study is created")
+    g = p.add_argument_group("backend")
+    g.add_argument("--backend", default="local", choices=("local", "ray"), help="local (in process) or ray [local]")
+    g.add_argument("--workers", type=int, default=None, help="concurrent Ray workers [ray: 2, local: 1]")
+    g.add_argument("--ray-address", metavar="A", help="an existing Ray cluster (e.g. auto or ray://HOST:10001); "
+                                                      "default: start a local Ray")
+    g.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs each Ray trial declares [1]")
+    g.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="GPUs each Ray trial declares [1 when the device is CUDA, else 0]")
+    g.add_argument("--heartbeat", type=int, default=10, metavar="S",
+                   help="heartbeat of running trials, s; a trial silent for 3 heartbeats is re-run [10]")
+    g = p.add_argument_group("output")
+    g.add_argument("--plot", metavar="FILE", help="also draw the front to FILE (.png or .html)")
+    p.set_defaults(func=cmd_search)
+    return p
+
+
+def add_spaces_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("spaces", help="list the search spaces and their parameters")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--presets", action="store_true", help="also show which published schedules each space expresses")
+    p.set_defaults(func=cmd_spaces)
+    return p
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit deprecation, raised on importing fvcore
+        from paretoken.evaluators.evaluate import EvalConfig
+        from paretoken.search.run import run_search
+
+    if args.images < 1:
+        raise ParetokenError(f"images: {args.images} is invalid; valid: an integer >= 1")
+    if args.batch_size < 1:
+        raise ParetokenError(f"batch-size: {args.batch_size} is invalid; valid: an integer >= 1")
+    workers = args.workers if args.workers is not None else (2 if args.backend == "ray" else 1)
+    config = EvalConfig(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
+                        images=args.images, batch_size=min(args.batch_size, args.images),
+                        device=_device(args.device), speed=not args.no_speed)
+    result = run_search(args.study, storage=args.storage, space=args.space, objectives=args.objectives,
+                        sampler=args.sampler, n_trials=args.trials, backend=args.backend, workers=workers,
+                        ray_address=args.ray_address, cpus_per_trial=args.cpus_per_trial,
+                        gpus_per_trial=args.gpus_per_trial, max_gflops=args.max_gflops, min_top1=args.min_top1,
+                        eval_config=config, seed=args.seed, presets=not args.no_presets,
+                        heartbeat_s=args.heartbeat)
+    if args.plot:
+        from paretoken.results.plots import plot_front
+        from paretoken.results.query import trials_frame
+
+        path = plot_front(trials_frame(result.study), list(result.study.user_attrs.get("objectives")), args.plot,
+                          max_gflops=args.max_gflops, min_top1=args.min_top1)
+        print(f"front plot: {path}", flush=True)
+    return 0
+
+
+def cmd_spaces(args: argparse.Namespace) -> int:
+    from paretoken.compress.presets import PRESETS
+    from paretoken.spaces import SPACES
+
+    listing = []
+    for name, space in SPACES.items():
+        entry = space.describe()
+        if args.presets or args.json:
+            entry["presets"] = [p for p, pr in PRESETS.items() if space.params_for(pr.plan, 12) is not None]
+        listing.append(entry)
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    for entry in listing:
+        print(f"{entry['name']}\n  {entry['description']}")
+        for param in entry["params"]:
+            when = f"  (when {param['when']})" if param.get("when") else ""
+            print(f"    {param['name']:15s} {param['values']:45s} {param['meaning']}{when}")
+        if "presets" in entry:
+            print(f"    presets: {', '.join(entry['presets']) or '(none)'}")
+    return 0

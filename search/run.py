@@ -1,0 +1,530 @@
+"""run_search: an Optuna multi-objective study driven by an ask/tell loop, trials evaluated
+in process (``local``) or on Ray workers (``ray``).
+
+The driver is the only process that writes the study: it asks Optuna for a trial,
+turns it into a plan (the space, or a fixed enqueued plan), hands the plan to a
+worker, and tells Optuna the result with every metric as a user attribute. The
+storage therefore holds every trial of every backend in the same form, and a
+search is resumed by running the same command again:
+
+* ``n_trials`` is the study's target of finished trials (COMPLETE, plus FAIL with an
+  error of their own); a resumed run only runs the missing ones, and several processes
+  sharing a storage (journal file, PostgreSQL) share the target;
+* trials left RUNNING by a killed process are failed once their heartbeat is stale
+  (``grace_s``) and their plans enqueued again; finished trials are never repeated;
+* a trial that raises (bad plan, out of memory, NaN metric) is recorded FAIL with user attr
+  ``error`` and the search goes on.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from paretoken.errors import ParetokenError
+from paretoken.search import study as st
+from paretoken.search.storage import check_study_name, default_storage, open_storage, redact
+from paretoken.search.worker import config_to_dict, nan_objectives, run_trial
+
+BACKENDS = ("local", "ray")
+
+
+@dataclass
+class SearchResult:
+    """What a search leaves: the study's counts, its Pareto front (a DataFrame) and hypervolume."""
+
+    study_name: str
+    storage: str
+    counts: st.Counts
+    front: Any  # pandas.DataFrame
+    hypervolume: float
+    reference: dict[str, float] | None
+    ran: int = 0  # trials this call finished
+    study: Any = field(default=None, repr=False)
+
+
+# --------------------------------------------------------------------------- executors
+class LocalExecutor:
+    """Runs one trial at a time in this process (the evaluator caches the model between trials)."""
+
+    def __init__(self) -> None:
+        self._done: list[tuple[int, dict[str, Any]]] = []
+
+    def free(self) -> bool:
+        return not self._done
+
+    def submit(self, key: int, plan: dict[str, Any], config: dict[str, Any]) -> None:
+        self._done.append((key, run_trial(plan, config)))
+
+    def busy(self) -> bool:
+        return bool(self._done)
+
+    def wait(self, timeout: float) -> list[tuple[int, dict[str, Any]]]:
+        done, self._done = self._done, []
+        return done
+
+    def close(self) -> None:
+        pass
+
+
+def _quiet_ray_env() -> None:
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+
+
+class RayExecutor:
+    """K Ray actors, each declaring ``cpus``/``gpus`` and evaluating one trial at a time.
+
+    Actors live for the whole search, so each keeps the evaluator's cached model and baseline
+    logits; a worker that dies fails its trial with the reason and is replaced.
+    """
+
+    def __init__(self, workers: int, cpus: float, gpus: float, address: str | None,
+                 log: Callable[[str], None], start_timeout: float = 180.0) -> None:
+        import logging
+
+        _quiet_ray_env()
+        import ray
+
+        from paretoken.search.worker import RayEvaluator
+
+        self.ray, self.log = ray, log
+        self.started = False
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR,
+                                      "log_to_driver": False, "configure_logging": True}
+            try:
+                if address:
+                    ray.init(address=address, **kwargs)
+                else:
+                    num_gpus = 0
+                    if gpus > 0:
+                        import torch
+
+                        num_gpus = torch.cuda.device_count()
+                    ray.init(num_cpus=max(1, math.ceil(workers * cpus)), num_gpus=num_gpus, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - unreachable cluster, bad address
+                where = f"the Ray cluster at {address!r}" if address else "a local Ray"
+                raise ParetokenError(f"ray: cannot start {where} ({' '.join(str(exc).split())[:200]})") from None
+            self.started = True
+        self.options = {"num_cpus": cpus, "num_gpus": gpus, "max_restarts": 0}
+        self.threads = max(1, int(cpus))
+        self.actor_cls = ray.remote(RayEvaluator)
+        self.idle = [self._new_actor() for _ in range(workers)]
+        try:
+            pids = ray.get([a.pid.remote() for a in self.idle], timeout=start_timeout)
+        except ray.exceptions.GetTimeoutError:
+            have = ray.cluster_resources()
+            self.close()
+            raise ParetokenError(
+                f"ray: {workers} workers with {cpus:g} CPU and {gpus:g} GPU each do not fit in "
+                f"{have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU; lower --workers, --cpus-per-trial or "
+                "--gpus-per-trial") from None
+        self.pending: dict[Any, tuple[int, Any]] = {}
+        resources = ray.cluster_resources()
+        log(f"ray: {workers} workers (pids {', '.join(map(str, pids))}), {cpus:g} CPU + {gpus:g} GPU per trial, "
+            f"cluster {resources.get('CPU', 0):g} CPU / {resources.get('GPU', 0):g} GPU")
+
+    def _new_actor(self):
+        return self.actor_cls.options(**self.options).remote(self.threads)
+
+    def free(self) -> bool:
+        return bool(self.idle)
+
+    def submit(self, key: int, plan: dict[str, Any], config: dict[str, Any]) -> None:
+        actor = self.idle.pop()
+        self.pending[actor.run.remote(plan, config)] = (key, actor)
+
+    def busy(self) -> bool:
+        return bool(self.pending)
+
+    def wait(self, timeout: float) -> list[tuple[int, dict[str, Any]]]:
+        ready, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=timeout)
+        done = []
+        for ref in ready:
+            key, actor = self.pending.pop(ref)
+            try:
+                result = self.ray.get(ref)
+                self.idle.append(actor)
+            except Exception as exc:  # noqa: BLE001 - the worker process died (OOM kill, segfault)
+                reason = " ".join(str(exc).split())[:300]
+                result = {"error": f"worker died: {type(exc).__name__}: {reason}", "duration_s": math.nan}
+                try:
+                    self.ray.kill(actor)
+                except Exception:  # noqa: BLE001
+                    pass
+                self.idle.append(self._new_actor())
+            done.append((key, result))
+        return done
+
+    def close(self) -> None:
+        for actor in list(self.idle) + [a for _, a in getattr(self, "pending", {}).values()]:
+            try:
+                self.ray.kill(actor)
+            except Exception:  # noqa: BLE001
+                pass
+        if self.started:
+            self.ray.shutdown()
+
+
+class _Beater(threading.Thread):
+    """Records a heartbeat for this process's running trials every ``interval`` seconds."""
+
+    def __init__(self, liveness: st.Liveness) -> None:
+        super().__init__(name="paretoken-heartbeat", daemon=True)
+        self.liveness, self.ids, self.lock, self.halt = liveness, set(), threading.Lock(), threading.Event()
+
+    def add(self, trial_id: int) -> None:
+        with self.lock:
+            self.ids.add(trial_id)
+
+    def discard(self, trial_id: int) -> None:
+        with self.lock:
+            self.ids.discard(trial_id)
+
+    def run(self) -> None:
+        while not self.halt.wait(self.liveness.interval):
+            with self.lock:
+                ids = list(self.ids)
+            try:
+                self.liveness.beat(ids)
+            except Exception:  # noqa: BLE001 - a missed beat is retried; the sweep has a grace period
+                pass
+
+    def stop(self) -> None:
+        self.halt.set()
+
+
+# --------------------------------------------------------------------------- helpers
+def model_depth(config) -> int:
+    """Number of blocks of the evaluated model, built on the meta device (no weights loaded)."""
+    import torch
+
+    from paretoken.evaluators.models import DEFAULT_MODEL, _check_timm_name, build_default_architecture
+
+    with torch.device("meta"):
+        if config.model == DEFAULT_MODEL:
+            model = build_default_architecture()
+        else:
+            _check_timm_name(config.model)
+            import timm
+
+            model = timm.create_model(config.model, pretrained=False)
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ParetokenError(f"model: {config.model!r} has no transformer blocks; valid: timm ViT/DeiT models")
+    return len(blocks)
+
+
+def _resolve_plan(trial, space, depth: int):
+    from paretoken.compress.plan import Plan
+
+    fixed = trial.user_attrs.get("enqueued_plan")
+    if fixed is not None:
+        return Plan.from_dict(fixed)
+    return space.sample(trial, depth)
+
+
+def _fmt(value: Any) -> str:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.4g}" if abs(value) < 10 else f"{value:.2f}"
+
+
+def _check_inputs(objectives, backend, workers, n_trials, cpus_per_trial, gpus_per_trial, max_gflops, min_top1,
+                  config) -> None:
+    if backend not in BACKENDS:
+        raise ParetokenError(f"backend: {backend!r} is unknown; valid: {', '.join(BACKENDS)}")
+    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 0:
+        raise ParetokenError(f"trials: {n_trials!r} is invalid; valid: an integer >= 0 (the study's target)")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ParetokenError(f"workers: {workers!r} is invalid; valid: an integer >= 1")
+    if backend == "local" and workers != 1:
+        raise ParetokenError(f"workers: the local backend runs one trial at a time, not {workers}; "
+                             "use --backend ray for --workers K (or run K processes on a shared storage)")
+    if not cpus_per_trial > 0:
+        raise ParetokenError(f"cpus-per-trial: {cpus_per_trial!r} is invalid; valid: > 0")
+    if gpus_per_trial is not None and not gpus_per_trial >= 0:
+        raise ParetokenError(f"gpus-per-trial: {gpus_per_trial!r} is invalid; valid: >= 0")
+    if max_gflops is not None and not max_gflops > 0:
+        raise ParetokenError(f"max-gflops: {max_gflops!r} is invalid; valid: > 0")
+    if min_top1 is not None and not 0 <= min_top1 <= 100:
+        raise ParetokenError(f"min-top1: {min_top1!r} is invalid; valid: 0..100 (%)")
+    if not config.speed:
+        for o in objectives:
+            if o in st.SPEED_OBJECTIVES:
+                raise ParetokenError(f"objectives: {o!r} needs speed measurement; drop --no-speed")
+    if "peak_mem_mb" in objectives and not str(config.device).startswith("cuda"):
+        raise ParetokenError("objectives: 'peak_mem_mb' is measured on CUDA devices only; "
+                             "valid on CPU: " + ", ".join(o for o in st.DIRECTIONS if o != "peak_mem_mb"))
+
+
+# --------------------------------------------------------------------------- the search
+def run_search(study_name: str, storage: str | None = None, space: str = "mixed",
+               objectives: Sequence[str] | str = st.DEFAULT_OBJECTIVES, sampler: str = "tpe", n_trials: int = 40,
+               backend: str = "local", workers: int = 1, ray_address: str | None = None,
+               cpus_per_trial: float = 1.0, gpus_per_trial: float | None = None, max_gflops: float | None = None,
+               min_top1: float | None = None, eval_config=None, seed: int = 0, presets: bool = True,
+               heartbeat_s: int = 10, grace_s: int | None = None, poll_s: float = 1.0,
+               log: Callable[[str], None] | None = None) -> SearchResult:
+    """Run (or resume) study ``study_name`` until it holds ``n_trials`` finished trials.
+
+    study_name / storage: the Optuna study and its storage URL (default ``sqlite:///studies/<study>.db``;
+      ``journal:PATH``; ``postgresql://...``).
+    space: a name of :data:`paretoken.spaces.SPACES`.
+    objectives: metric names; top1, agreement, img_per_s are maximised, gflops, latency_ms, kl,
+      peak_mem_mb, padding_pct minimised.
+    sampler: tpe, nsga2, gp or random, seeded with ``seed``.
+    backend: ``local`` (in process, one trial at a time) or ``ray`` (``workers`` Ray actors with
+      ``cpus_per_trial``/``gpus_per_trial`` each, on a local Ray or ``ray_address``; default one GPU
+      per trial when the evaluation device is CUDA).
+    max_gflops / min_top1: budgets, recorded as Optuna constraints (``trial.set_constraint``):
+      infeasible trials stay in the study but leave the front.
+    eval_config: :class:`paretoken.evaluators.evaluate.EvalConfig` (default: EvalConfig()).
+    presets: when the study is created, enqueue every published preset the space can express (the
+      uncompressed model, the hypervolume's reference, is enqueued in any case).
+    heartbeat_s / grace_s: heartbeat interval of running trials; a RUNNING trial silent for ``grace_s``
+      (default 3 heartbeats) is failed and its plan re-run.
+    log: receives the progress lines (default: print).
+    """
+    import optuna
+
+    from paretoken.evaluators.evaluate import EvalConfig
+    from paretoken.spaces import get_space
+
+    log = log or (lambda line: print(line, flush=True))
+    check_study_name(study_name)
+    objectives = st.check_objectives(objectives)
+    space_obj = get_space(space)
+    config = eval_config if eval_config is not None else EvalConfig()
+    if sampler not in st.SAMPLERS:
+        raise ParetokenError(f"sampler: {sampler!r} is unknown; valid: {', '.join(st.SAMPLERS)}")
+    _check_inputs(objectives, backend, workers, n_trials, cpus_per_trial, gpus_per_trial, max_gflops, min_top1,
+                  config)
+    if isinstance(heartbeat_s, bool) or not isinstance(heartbeat_s, int) or heartbeat_s < 1:
+        raise ParetokenError(f"heartbeat: {heartbeat_s!r} is invalid; valid: an integer >= 1 (seconds)")
+    grace_s = int(grace_s) if grace_s is not None else 3 * heartbeat_s
+    if grace_s <= heartbeat_s:
+        raise ParetokenError(f"grace: {grace_s} s must exceed the heartbeat interval {heartbeat_s} s")
+    depth = model_depth(config)
+    url = storage or default_storage(study_name)
+    config_dict = config_to_dict(config)
+    settings = st.study_settings(space_obj.name, objectives, max_gflops, min_top1, config_dict, depth)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        _quiet_warnings()
+        return _run(study_name, url, space_obj, objectives, sampler, n_trials, backend, workers, ray_address,
+                    cpus_per_trial, gpus_per_trial, max_gflops, min_top1, config, seed, presets, heartbeat_s,
+                    grace_s, poll_s, log, depth, settings, config_dict)
+
+
+def _quiet_warnings() -> None:
+    import optuna
+
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
+    warnings.filterwarnings("ignore", module="fvcore")
+
+
+def _run(study_name, url, space_obj, objectives, sampler, n_trials, backend, workers, ray_address, cpus_per_trial,
+         gpus_per_trial, max_gflops, min_top1, config, seed, presets, heartbeat_s, grace_s, poll_s, log, depth,
+         settings, config_dict) -> SearchResult:
+    import optuna
+
+    storage_obj = open_storage(url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                               stale_callback=st.stale_callback(log))
+    sampler_obj = st.make_sampler(sampler, seed)
+    try:
+        study = optuna.create_study(study_name=study_name, storage=storage_obj, sampler=sampler_obj,
+                                    directions=st.directions(objectives))
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=study_name, storage=storage_obj, sampler=sampler_obj)
+        created = False
+    except Exception as exc:  # noqa: BLE001 - e.g. a read-only file, a dropped connection
+        raise ParetokenError(f"storage: cannot create study {study_name!r} in {redact(url)} "
+                             f"({' '.join(str(exc).split())[:200]})") from None
+    if created:
+        study.set_metric_names(list(objectives))
+        study.set_user_attr("objectives", list(objectives))
+        study.set_user_attr("paretoken", settings)
+        st.enqueue_presets(study, space_obj, depth, presets, log)
+        study.set_user_attr("presets_enqueued", bool(presets))
+    else:
+        if [d.name.lower() for d in study.directions] != st.directions(objectives):
+            stored = study.user_attrs.get("objectives") or [d.name.lower() for d in study.directions]
+            raise ParetokenError(f"study: {study_name!r} has objectives {','.join(map(str, stored))}, not "
+                                 f"{','.join(objectives)}; pass --objectives as before or start a new --study")
+        stored = st.wait_for_settings(study)
+        if stored is None:  # made elsewhere (e.g. by hand): adopt it
+            study.set_user_attr("paretoken", settings)
+            study.set_user_attr("objectives", list(objectives))
+        else:
+            st.check_settings(study_name, stored, settings)
+        if st.wait_for_settings(study, key="presets_enqueued") is None:
+            # the creating process died while enqueueing: finish its job (each preset at most once)
+            st.enqueue_presets(study, space_obj, depth, presets, log)
+            study.set_user_attr("presets_enqueued", bool(presets))
+
+    c0 = st.counts(study)
+    log(f"study {study_name} in {redact(url)}: " + ("created" if created else
+        f"resumed with {c0.complete} complete, {c0.failed} failed, {c0.interrupted} interrupted, "
+        f"{c0.running} running, {c0.waiting} waiting")
+        + f"; space {space_obj.name}, objectives {','.join(objectives)}, sampler {sampler} (seed {seed}), "
+          f"target {n_trials} trials")
+
+    if backend == "ray":
+        gpus = gpus_per_trial if gpus_per_trial is not None else (1.0 if str(config.device).startswith("cuda")
+                                                                  else 0.0)
+        executor: Any = RayExecutor(workers, cpus_per_trial, gpus, ray_address, log)
+    else:
+        executor = LocalExecutor()
+    liveness = st.Liveness(study, heartbeat_s, grace_s, log)
+    beater = _Beater(liveness)
+    beater.start()
+    budgets = {"max_gflops": max_gflops, "min_top1": min_top1}
+    state = _LoopState(study, space_obj, depth, objectives, n_trials, budgets, config_dict, log)
+    try:
+        _loop(state, executor, liveness, beater, poll_s)
+    except KeyboardInterrupt:
+        state.abandon(liveness)
+        raise
+    finally:
+        beater.stop()
+        executor.close()
+
+    c = st.counts(study)
+    ref = st.reference_point(st.baseline(study), objectives)
+    fr = st.front_trials(study)
+    hv = st.hypervolume(fr, objectives, ref)
+    table = st.front_table(study, objectives)
+    log(f"done: {c.complete} complete, {c.failed} failed, {c.interrupted} interrupted and re-run; "
+        f"front {len(fr)}, hypervolume {_fmt(hv)}" + (f" (reference {ref})" if ref else ""))
+    if not table.empty:
+        import pandas as pd
+
+        with pd.option_context("display.width", 200, "display.max_colwidth", 70):
+            log("Pareto front:\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return SearchResult(study_name, url, c, table, hv, ref, state.ran, study)
+
+
+class _LoopState:
+    def __init__(self, study, space, depth, objectives, n_trials, budgets, config, log) -> None:
+        self.study, self.space, self.depth, self.objectives = study, space, depth, objectives
+        self.n_trials, self.budgets, self.config, self.log = n_trials, budgets, config, log
+        self.in_flight: dict[int, Any] = {}
+        self.ran = 0
+        self.reference: dict[str, float] | None = None
+
+    def launch(self, executor, liveness, beater) -> bool:
+        """Ask for one trial and submit it; False when the trial failed before reaching a worker."""
+        trial = self.study.ask()
+        beater.add(trial._trial_id)
+        liveness.beat([trial._trial_id])
+        try:
+            plan = _resolve_plan(trial, self.space, self.depth)
+            trial.set_user_attr("plan", plan.to_dict())
+            trial.set_user_attr("space", self.space.name)
+        except Exception as exc:  # noqa: BLE001 - a space or enqueued plan that cannot be built
+            from paretoken.search.worker import one_line
+
+            self.finish(trial, {"error": one_line(exc)}, beater)
+            return False
+        self.in_flight[trial.number] = trial
+        executor.submit(trial.number, plan.to_dict(), self.config)
+        return True
+
+    def finish(self, trial, result: dict[str, Any], beater) -> None:
+        """Write the worker's result into the study and print the progress line."""
+        import optuna
+        from optuna.trial import TrialState
+
+        beater.discard(trial._trial_id)
+        self.in_flight.pop(trial.number, None)
+        error = result.get("error")
+        metrics = result.get("metrics") or {}
+        try:
+            for key in ("worker_pid", "hostname", "device", "threads", "versions", "duration_s"):
+                if key in result:
+                    trial.set_user_attr(key, result[key])
+            for key, value in metrics.items():
+                trial.set_user_attr(key, value)
+            if error is None:
+                bad = nan_objectives(metrics, self.objectives)
+                if bad:
+                    error = f"objective {', '.join(bad)} is not a finite number (NaN or missing)"
+            if error is None:
+                if self.budgets["max_gflops"] is not None:
+                    trial.set_constraint("max_gflops", metrics["gflops"] - self.budgets["max_gflops"])
+                if self.budgets["min_top1"] is not None:
+                    trial.set_constraint("min_top1", self.budgets["min_top1"] - metrics["top1"])
+                self.study.tell(trial, [metrics[o] for o in self.objectives])
+            else:
+                trial.set_user_attr("error", error)
+                self.study.tell(trial, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self.log(f"trial {trial.number}: already failed as stale by another process; result dropped "
+                     "(its plan was enqueued again)")
+            return
+        self.ran += 1
+        self.progress(trial, metrics, error, result)
+
+    def progress(self, trial, metrics, error, result) -> None:
+        c = st.counts(self.study)
+        if self.reference is None:
+            self.reference = st.reference_point(st.baseline(self.study), self.objectives)
+        front = st.front_trials(self.study)
+        hv = st.hypervolume(front, self.objectives, self.reference)
+        preset = trial.user_attrs.get("preset")
+        what = ("FAIL  " + error) if error else "COMPLETE " + "  ".join(
+            f"{o} {_fmt(metrics.get(o))}" for o in self.objectives)
+        extra = f" [{preset}]" if preset else ""
+        if trial.user_attrs.get("retry_of") is not None:
+            extra += f" [re-run of trial {trial.user_attrs['retry_of']}]"
+        self.log(f"trial {trial.number:4d} {what}{extra} ({_fmt(result.get('duration_s'))} s, "
+                 f"pid {result.get('worker_pid', '?')}) | done {c.finished}/{self.n_trials}, failed {c.failed}, "
+                 f"front {len(front)}, hypervolume {_fmt(hv)}")
+
+    def abandon(self, liveness) -> None:
+        """On Ctrl-C: fail this process's running trials at once and enqueue their plans again."""
+        import optuna
+        from optuna.trial import TrialState
+
+        for trial in list(self.in_flight.values()):
+            try:
+                if self.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                    st.requeue(self.study, self.study._storage.get_trial(trial._trial_id))
+            except (optuna.exceptions.UpdateFinishedTrialError, KeyError):
+                pass
+        self.in_flight.clear()
+
+
+def _loop(state: _LoopState, executor, liveness: st.Liveness, beater: _Beater, poll_s: float) -> None:
+    last_sweep = -math.inf
+    while True:
+        if time.monotonic() - last_sweep >= liveness.interval:
+            liveness.sweep()
+            last_sweep = time.monotonic()
+        c = st.counts(state.study)
+        launched = c.finished + c.running
+        while executor.free() and launched < state.n_trials:
+            state.launch(executor, liveness, beater)
+            launched += 1
+        if not executor.busy():
+            if st.counts(state.study).finished >= state.n_trials:
+                return
+            time.sleep(poll_s)  # the rest of the target is running in other processes (or is stale)
+            continue
+        for number, result in executor.wait(poll_s):
+            trial = state.in_flight.get(number)
+            if trial is not None:
+                state.finish(trial, result, beater)

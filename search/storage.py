@@ -1,0 +1,111 @@
+"""Storage URLs of studies: SQLite (default), a journal file, PostgreSQL.
+
+  sqlite:///studies/NAME.db      the default (relative to the working directory)
+  journal:PATH                   an Optuna JournalStorage on a file (several processes on one host);
+                                 journal:///ABS/PATH and journal://REL/PATH work too
+  postgresql://USER@HOST/DB      PostgreSQL, passed to SQLAlchemy as is (a cluster)
+
+Any other ``scheme://`` URL SQLAlchemy knows is passed through as well. A storage
+that cannot be opened is one :class:`ParetokenError` line with the password hidden.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+from paretoken.errors import ParetokenError
+
+STUDIES_DIR = Path("studies")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_FORMS = "sqlite:///FILE.db, journal:FILE, postgresql://USER[:PASSWORD]@HOST[:PORT]/DB"
+
+
+def check_study_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name) or len(name) > 200:
+        raise ParetokenError(f"study: {name!r} is not a valid study name; valid: letters, digits, '_', '.', '-' "
+                             "(starting with a letter or digit)")
+    return name
+
+
+def default_storage(study: str) -> str:
+    """Where study ``study`` lives when no storage is given: ``sqlite:///studies/<study>.db``."""
+    return f"sqlite:///{STUDIES_DIR / (check_study_name(study) + '.db')}"
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for messages."""
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+
+
+def journal_path(url: str) -> Path | None:
+    """The file of a ``journal:`` URL, else None."""
+    if not url.startswith("journal:"):
+        return None
+    rest = url[len("journal:"):]
+    if rest.startswith("//"):
+        rest = rest[2:]  # journal:///abs -> /abs, journal://rel -> rel
+    if not rest:
+        raise ParetokenError(f"storage: {url!r} names no file; valid: journal:PATH")
+    return Path(rest)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    text = re.sub(r"\(Background on this error at: [^)]*\)", "", text).strip()
+    return (text[:240] or type(exc).__name__)
+
+
+def _postgres_driver(url: str) -> str:
+    """``postgresql://`` with the driver that is installed: SQLAlchemy 2.1 defaults to psycopg 3,
+    while the project's extra installs psycopg2-binary."""
+    scheme, rest = url.split("://", 1)
+    if scheme not in ("postgresql", "postgres"):
+        return url  # the user named a driver
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2://{rest}"
+    return f"postgresql://{rest}"
+
+
+def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
+                 stale_callback=None):
+    """An Optuna storage object for ``url``.
+
+    RDB storages (SQLite, PostgreSQL) get Optuna's heartbeat when ``heartbeat_interval`` is given,
+    with ``stale_callback(study, trial)`` called for each trial ``fail_stale_trials`` fails.
+    Unreachable or malformed storage: one-line :class:`ParetokenError`.
+    """
+    import optuna
+
+    if not isinstance(url, str) or not url.strip():
+        raise ParetokenError(f"storage: {url!r} is not a storage URL; valid: {_FORMS}")
+    journal = journal_path(url)
+    target = url
+    try:
+        if journal is not None:
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+            journal.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(journal)))
+        if "://" not in url:
+            raise ParetokenError(f"storage: {url!r} is not a storage URL; valid: {_FORMS}")
+        engine_kwargs = {}
+        if url.startswith("sqlite:"):
+            path = url.split(":///", 1)[1].split("?", 1)[0] if ":///" in url else ""
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            engine_kwargs = {"connect_args": {"timeout": 60}}
+        elif url.startswith(("postgresql", "postgres:")):
+            engine_kwargs = {"pool_pre_ping": True}
+            target = _postgres_driver(url)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # heartbeat arguments are "experimental"
+            return optuna.storages.RDBStorage(
+                target, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period, heartbeat_stale_trial_callback=stale_callback)
+    except ParetokenError:
+        raise
+    except Exception as exc:  # unreachable server, bad URL, unwritable file, missing driver
+        raise ParetokenError(f"storage: cannot open {redact(url)} ({_one_line(exc)})") from None

@@ -1,0 +1,415 @@
+"""The Optuna study behind a search: objectives, samplers, creation and resume, presets,
+stale trials, counts, hypervolume and the Pareto table.
+
+The study is the single source of truth. Its user attributes record how it was
+made (``paretoken``: space, objectives, budgets, measurement; ``objectives``);
+each trial's user attributes record its plan, metrics, device, versions, timings
+and worker, or its error.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import optuna
+
+from paretoken.errors import ParetokenError
+
+#: Objectives and whether each is maximised.
+DIRECTIONS: dict[str, str] = {
+    "top1": "maximize", "agreement": "maximize", "img_per_s": "maximize",
+    "gflops": "minimize", "latency_ms": "minimize", "kl": "minimize", "peak_mem_mb": "minimize",
+    "padding_pct": "minimize",
+}
+DEFAULT_OBJECTIVES = ("top1", "gflops")
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
+SPEED_OBJECTIVES = ("img_per_s", "latency_ms")
+#: The measurement settings that must match to add trials to an existing study.
+MEASUREMENT_KEYS = ("model", "checkpoint", "pretrained", "data", "images", "seed")
+UNCOMPRESSED = "uncompressed"
+HEARTBEAT_ATTR = "paretoken:heartbeat"
+NSGA2_POPULATION = 16
+
+
+def check_objectives(objectives: Iterable[str] | str) -> tuple[str, ...]:
+    if isinstance(objectives, str):
+        objectives = [o.strip() for o in objectives.split(",") if o.strip()]
+    objectives = tuple(objectives)
+    if not objectives:
+        raise ParetokenError(f"objectives: none given; valid: {', '.join(DIRECTIONS)}")
+    for name in objectives:
+        if name not in DIRECTIONS:
+            raise ParetokenError(f"objectives: {name!r} is unknown; valid: {', '.join(DIRECTIONS)}")
+    if len(set(objectives)) != len(objectives):
+        raise ParetokenError(f"objectives: {','.join(objectives)} names one twice")
+    return objectives
+
+
+def directions(objectives: Sequence[str]) -> list[str]:
+    return [DIRECTIONS[o] for o in objectives]
+
+
+# --------------------------------------------------------------------------- samplers
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """Wraps an Optuna sampler and reseeds its random states from (seed, trial number) before
+    each trial: one process is reproducible, and processes sharing a study with the same seed
+    do not propose the same plans (trial numbers are unique across processes)."""
+
+    def __init__(self, inner, seed: int) -> None:
+        self.inner, self.seed = inner, seed
+
+    def _reseed(self, number: int) -> None:
+        from optuna.samplers._lazy_random_state import LazyRandomState
+
+        derived = int(np.random.SeedSequence([self.seed, number]).generate_state(1)[0])
+        seen: set[int] = set()
+
+        def walk(obj, depth: int) -> None:
+            if id(obj) in seen or depth > 3:
+                return
+            seen.add(id(obj))
+            if isinstance(obj, LazyRandomState):
+                obj.rng.seed(derived)
+            elif isinstance(obj, np.random.RandomState):
+                obj.seed(derived)
+            elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("optuna"):
+                for value in vars(obj).values():
+                    walk(value, depth + 1)
+
+        walk(self.inner, 0)
+
+    def infer_relative_search_space(self, study, trial):
+        return self.inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self._reseed(trial.number)
+        self.inner.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
+
+    def __repr__(self) -> str:
+        return f"TrialSeededSampler({type(self.inner).__name__}, seed={self.seed})"
+
+
+def make_sampler(name: str, seed: int = 0):
+    """A seeded Optuna sampler: tpe (multivariate, grouped for conditional spaces), nsga2, gp, random."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # multivariate/group are "experimental"
+        if name == "tpe":
+            inner = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
+                                               n_startup_trials=10, warn_independent_sampling=False)
+        elif name == "nsga2":
+            inner = optuna.samplers.NSGAIISampler(seed=seed, population_size=NSGA2_POPULATION)
+        elif name == "gp":
+            inner = optuna.samplers.GPSampler(seed=seed, n_startup_trials=10, warn_independent_sampling=False)
+        elif name == "random":
+            inner = optuna.samplers.RandomSampler(seed=seed)
+        else:
+            raise ParetokenError(f"sampler: {name!r} is unknown; valid: {', '.join(SAMPLERS)}")
+    return TrialSeededSampler(inner, seed)
+
+
+# --------------------------------------------------------------------------- create / resume
+def study_settings(space: str, objectives: Sequence[str], max_gflops: float | None, min_top1: float | None,
+                   config: dict[str, Any], depth: int) -> dict[str, Any]:
+    return {"space": space, "objectives": list(objectives), "max_gflops": max_gflops, "min_top1": min_top1,
+            "measurement": {k: config.get(k) for k in MEASUREMENT_KEYS}, "depth": depth}
+
+
+def check_settings(study_name: str, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """One-line error when a study is resumed with settings that would mix incomparable trials."""
+    labels = {"space": "--space", "objectives": "--objectives", "max_gflops": "--max-gflops",
+              "min_top1": "--min-top1", "depth": "the model depth"}
+    def shown(value: Any) -> str:
+        return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else repr(value)
+
+    for key, flag in labels.items():
+        if key in stored and stored[key] != wanted[key]:
+            raise ParetokenError(f"study: {study_name!r} was created with {key} {shown(stored[key])}, not "
+                                 f"{shown(wanted[key])}; pass {flag} as before or start a new --study")
+    for key, value in (stored.get("measurement") or {}).items():
+        if wanted["measurement"].get(key) != value:
+            raise ParetokenError(f"study: {study_name!r} measures with {key} {value!r}, not "
+                                 f"{wanted['measurement'].get(key)!r}; pass the same --{key} or start a new --study")
+
+
+def wait_for_settings(study, timeout: float = 15.0, key: str = "paretoken") -> Any:
+    """Study user attr ``key`` that another process writes right after creating the study (None if never)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        settings = study.user_attrs.get(key)
+        if settings is not None or time.monotonic() > deadline:
+            return settings
+        time.sleep(0.2)
+
+
+def enqueue_presets(study, space, depth: int, presets: bool = True,
+                    log: Callable[[str], None] | None = None) -> list[str]:
+    """Enqueue the uncompressed model (the hypervolume's reference) and, with ``presets``, every
+    published schedule the space can express; each at most once per study.
+
+    They go in as the parameters that make the space produce them (``space.params_for``), so the
+    sampler learns from them like from any trial; each carries user attr ``preset``. A plan the
+    space cannot express (only ever the uncompressed one) goes in as a fixed plan (``enqueued_plan``).
+    """
+    from paretoken.compress.plan import Plan
+    from paretoken.compress.presets import PRESETS
+
+    done = {t.user_attrs.get("preset") for t in study.get_trials(deepcopy=False)}
+    wanted = [(UNCOMPRESSED, Plan())] + ([(n, p.plan) for n, p in PRESETS.items()] if presets else [])
+    names = []
+    for name, plan in wanted:
+        if name in done:
+            continue
+        params = space.params_for(plan, depth)
+        if params is None and name != UNCOMPRESSED:
+            continue
+        _enqueue(study, params, plan, {"preset": name})
+        names.append(name)
+    if log and names:
+        log(f"enqueued first: {', '.join(names)}")
+    return names
+
+
+def _enqueue(study, params, plan, attrs: dict[str, Any]) -> None:
+    if params is None:
+        study.enqueue_trial({}, user_attrs={**attrs, "enqueued_plan": plan.to_dict()})
+    else:
+        study.enqueue_trial(params, user_attrs=attrs)
+
+
+def enqueue_plan(study, plan, label: str | None = None) -> None:
+    """Enqueue a plan of your own in a search study (made by :func:`run_search`): it runs before
+    any sampled trial, as the space's parameters when the space can express it, else as a fixed plan."""
+    from paretoken.spaces import get_space
+
+    settings = study.user_attrs.get("paretoken")
+    if not settings:
+        raise ParetokenError(f"study: {study.study_name!r} was not made by paretoken search (no settings)")
+    params = get_space(settings["space"]).params_for(plan, settings["depth"])
+    _enqueue(study, params, plan, {"preset": label} if label else {})
+
+
+# --------------------------------------------------------------------------- liveness
+def requeue(study, trial) -> bool:
+    """Run an interrupted trial's plan again: enqueue its parameters (and fixed plan) as a new trial.
+
+    Trials that failed with an ``error`` of their own are not re-run.
+    """
+    if "error" in trial.user_attrs:
+        return False
+    attrs = {k: trial.user_attrs[k] for k in ("preset", "enqueued_plan") if k in trial.user_attrs}
+    attrs["retry_of"] = trial.number
+    study.enqueue_trial(dict(trial.params), user_attrs=attrs)
+    return True
+
+
+class Liveness:
+    """Heartbeats of the trials this process runs, and the sweep that fails trials nobody runs any more.
+
+    RDB storages (SQLite, PostgreSQL) use Optuna's heartbeat and ``fail_stale_trials`` (its stale-trial
+    callback re-enqueues the plan). Every storage also gets an explicit sweep: a RUNNING trial whose
+    last sign of life (start, or heartbeat system attr ``paretoken:heartbeat``) is older than the grace
+    period is failed and re-enqueued; this covers journal files, which have no heartbeat of their own,
+    and a process killed between creating a trial and its first heartbeat.
+    """
+
+    def __init__(self, study, interval: float, grace: float, log: Callable[[str], None]) -> None:
+        from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+
+        self.study, self.interval, self.grace, self.log = study, interval, grace, log
+        self.optuna_heartbeat = isinstance(study._storage, BaseHeartbeat) and is_heartbeat_enabled(study._storage)
+
+    def beat(self, trial_ids: Iterable[int]) -> None:
+        storage = self.study._storage
+        for trial_id in list(trial_ids):
+            try:
+                if self.optuna_heartbeat:
+                    storage.record_heartbeat(trial_id)
+                storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+            except (optuna.exceptions.UpdateFinishedTrialError, KeyError):
+                pass  # finished meanwhile
+
+    def sweep(self) -> int:
+        """Fail and re-enqueue stale RUNNING trials; returns how many the explicit sweep failed."""
+        from optuna.trial import TrialState
+
+        failed = 0
+        if self.optuna_heartbeat:  # its stale-trial callback re-enqueues (see stale_callback)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                optuna.storages.fail_stale_trials(self.study)
+        now = time.time()
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            seen = [trial.system_attrs.get(HEARTBEAT_ATTR)]
+            if trial.datetime_start is not None:
+                seen.append(_timestamp(trial.datetime_start))
+            last = max((s for s in seen if isinstance(s, (int, float))), default=None)
+            if last is None or now - last <= self.grace:
+                continue
+            try:
+                if not self.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another process failed it first and re-enqueues it
+            failed += 1
+            if requeue(self.study, trial):
+                self.log(f"trial {trial.number} was left RUNNING (no heartbeat for {now - last:.0f} s): "
+                         "marked FAIL, its plan runs again")
+        return failed
+
+
+def stale_callback(log: Callable[[str], None]):
+    """Optuna's heartbeat_stale_trial_callback: re-enqueue the stale trial's plan."""
+
+    def callback(study, trial) -> None:
+        if requeue(study, trial):
+            log(f"trial {trial.number} was left RUNNING (heartbeat stale): marked FAIL, its plan runs again")
+
+    return callback
+
+
+def _timestamp(when: datetime) -> float:
+    return when.timestamp() if when.tzinfo else time.mktime(when.timetuple()) + when.microsecond / 1e6
+
+
+# --------------------------------------------------------------------------- counts, front, hypervolume
+@dataclass
+class Counts:
+    complete: int = 0
+    failed: int = 0  # FAIL with an error of their own
+    interrupted: int = 0  # FAIL because their process died; their plans run again
+    running: int = 0
+    waiting: int = 0
+
+    @property
+    def finished(self) -> int:
+        """Trials that count towards ``n_trials``: COMPLETE plus FAIL with an error."""
+        return self.complete + self.failed
+
+
+def is_interrupted(trial) -> bool:
+    from optuna.trial import TrialState
+
+    return trial.state == TrialState.FAIL and "error" not in trial.user_attrs
+
+
+def counts(study) -> Counts:
+    from optuna.trial import TrialState
+
+    c = Counts()
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.COMPLETE:
+            c.complete += 1
+        elif t.state == TrialState.FAIL:
+            if is_interrupted(t):
+                c.interrupted += 1
+            else:
+                c.failed += 1
+        elif t.state == TrialState.RUNNING:
+            c.running += 1
+        elif t.state == TrialState.WAITING:
+            c.waiting += 1
+    return c
+
+
+def baseline(study) -> dict[str, float] | None:
+    """Metrics of the first COMPLETE trial of the uncompressed model (a plan without stages)."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        plan = t.user_attrs.get("plan")
+        if isinstance(plan, dict) and not plan.get("stages"):
+            return {k: v for k, v in t.user_attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return None
+
+
+def reference_point(base: dict[str, float] | None, objectives: Sequence[str],
+                    top1_margin: float = 10.0) -> dict[str, float] | None:
+    """The worst case per objective, from the uncompressed model: top1/agreement minus ``top1_margin``
+    points, its gflops/latency/memory/throughput as they are, kl 1 nat, padding 100 %."""
+    if base is None:
+        return None
+    ref = {}
+    for o in objectives:
+        if o in ("top1", "agreement"):
+            value = base.get(o, math.nan) - top1_margin
+        elif o == "kl":
+            value = 1.0
+        elif o == "padding_pct":
+            value = 100.0
+        else:
+            value = base.get(o, math.nan)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return None
+        ref[o] = float(value)
+    return ref
+
+
+def _losses(trials, objectives: Sequence[str]) -> np.ndarray:
+    rows = [[-v if DIRECTIONS[o] == "maximize" else v for o, v in zip(objectives, t.values)] for t in trials]
+    return np.asarray(rows, dtype=float).reshape(len(rows), len(objectives))
+
+
+def feasible(trial) -> bool:
+    return all(v <= 0.0 for v in trial.constraints.values())
+
+
+def front_trials(study) -> list:
+    """The non-dominated feasible COMPLETE trials (Optuna's ``best_trials``)."""
+    return list(study.best_trials)
+
+
+def hypervolume(trials, objectives: Sequence[str], reference: dict[str, float] | None) -> float:
+    """Exact hypervolume of ``trials`` (feasible, COMPLETE) against ``reference`` (objective units)."""
+    if reference is None:
+        return math.nan
+    trials = [t for t in trials if t.values is not None and feasible(t)]
+    if not trials:
+        return 0.0
+    from optuna._hypervolume import compute_hypervolume
+
+    points = _losses(trials, objectives)
+    ref = np.array([-reference[o] if DIRECTIONS[o] == "maximize" else reference[o] for o in objectives])
+    points = points[np.all(np.isfinite(points), axis=1) & np.all(points < ref, axis=1)]
+    if len(points) == 0:
+        return 0.0
+    return float(compute_hypervolume(points, ref))
+
+
+def front_table(study, objectives: Sequence[str]):
+    """The Pareto front as a DataFrame, best first objective first."""
+    import pandas as pd
+
+    from paretoken.results.query import plan_label
+
+    rows = []
+    for t in front_trials(study):
+        attrs = t.user_attrs
+        row = {"trial": t.number, "preset": attrs.get("preset") or ""}
+        for name in dict.fromkeys([*objectives, "top1", "agreement", "gflops", "img_per_s"]):
+            value = attrs.get(name)
+            row[name] = float(value) if isinstance(value, (int, float)) else math.nan
+        label = plan_label(attrs.get("plan"))
+        row["plan"] = label if len(label) <= 90 else label[:87] + "..."
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    first = objectives[0]
+    return df.sort_values(first, ascending=DIRECTIONS[first] == "minimize", kind="stable").reset_index(drop=True)

@@ -1,0 +1,217 @@
+"""run_search in process: a small local search, presets, budgets, failures recorded, Ray with 2 workers, CLI."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import optuna
+import pytest
+import safetensors.torch
+import torch
+
+import paretoken
+from paretoken.errors import ParetokenError
+from paretoken.evaluators import evaluate as ev
+from paretoken.evaluators.models import build_default_architecture
+from paretoken.search import enqueue_plan, run_search
+from paretoken.search.storage import default_storage, journal_path, open_storage
+
+METRICS = ("top1", "agreement", "kl", "gflops", "img_per_s", "latency_ms", "peak_mem_mb", "padding_pct")
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    """The default architecture with seeded random weights; tiny evaluation so a trial takes about a second."""
+    torch.manual_seed(0)
+    model = build_default_architecture()
+    path = tmp_path_factory.mktemp("ckpt") / "weights.safetensors"
+    safetensors.torch.save_file(model.state_dict(), str(path))
+    return ev.EvalConfig(checkpoint=str(path), images=16, batch_size=16, speed=False, flops_images=2)
+
+
+@pytest.fixture
+def lines():
+    out: list[str] = []
+    return out
+
+
+def _load(name, storage):
+    return optuna.load_study(study_name=name, storage=open_storage(storage))
+
+
+def test_local_search_stores_every_trial_and_resumes_without_repeating(config, tmp_path, monkeypatch, lines):
+    monkeypatch.chdir(tmp_path)
+    result = run_search("small", space="evit", n_trials=5, eval_config=config, seed=1, log=lines.append)
+    assert result.storage == default_storage("small") == "sqlite:///studies/small.db"
+    assert (tmp_path / "studies" / "small.db").is_file()
+    study = _load("small", result.storage)
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 5
+    # the uncompressed model and the family's presets ran first, with the exact preset plans
+    assert [t.user_attrs.get("preset") for t in trials[:3]] == ["uncompressed", "evit-0.7", "evit-0.5"]
+    assert trials[1].user_attrs["plan"] == paretoken.preset("evit-0.7").to_dict()
+    assert trials[0].user_attrs["plan"] == {"version": 1, "stages": []}
+    for t in trials:
+        attrs = t.user_attrs
+        paretoken.Plan.from_dict(attrs["plan"])
+        for metric in METRICS:
+            assert metric in attrs
+        assert t.values == [attrs["top1"], attrs["gflops"]]
+        assert attrs["device"].startswith("cpu") and attrs["duration_s"] > 0 and attrs["worker_pid"] > 0
+        assert attrs["versions"]["optuna"] == optuna.__version__ and "torch" in attrs["versions"]
+        assert attrs["space"] == "evit"
+    assert trials[2].user_attrs["gflops"] < trials[1].user_attrs["gflops"] < trials[0].user_attrs["gflops"]
+    assert study.user_attrs["objectives"] == ["top1", "gflops"] and study.metric_names == ["top1", "gflops"]
+    assert study.user_attrs["paretoken"]["space"] == "evit"
+    # progress: one line per trial with counts, front size and hypervolume; then the Pareto table
+    progress = [line for line in lines if line.startswith("trial ")]
+    assert len(progress) == 5 and "done 5/5, failed 0" in progress[-1] and "hypervolume" in progress[-1]
+    assert any(line.startswith("Pareto front:") for line in lines)
+    assert not result.front.empty and {"trial", "top1", "gflops", "plan"} <= set(result.front.columns)
+    assert result.reference == pytest.approx({"top1": trials[0].user_attrs["top1"] - 10,
+                                              "gflops": trials[0].user_attrs["gflops"]})
+    assert result.hypervolume > 0
+
+    # the same call with a larger target runs only the missing trials; presets are not enqueued again
+    lines.clear()
+    again = run_search("small", space="evit", n_trials=7, eval_config=config, seed=1, log=lines.append)
+    assert again.ran == 2
+    trials2 = _load("small", again.storage).get_trials()
+    assert len(trials2) == 7 and all(t.state.name == "COMPLETE" for t in trials2)
+    assert [t.values for t in trials2[:5]] == [t.values for t in trials]
+    presets = [t.user_attrs["preset"] for t in trials2 if t.user_attrs.get("preset")]
+    assert sorted(presets) == sorted(["uncompressed", "evit-0.7", "evit-0.5"])
+    assert any("resumed with 5 complete" in line for line in lines)
+    # a target already reached runs nothing
+    assert run_search("small", space="evit", n_trials=3, eval_config=config, log=lines.append).ran == 0
+
+
+def test_resuming_with_other_settings_is_a_one_line_error(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_search("s", space="tome", n_trials=0, eval_config=config, log=lambda _: None)
+    with pytest.raises(ParetokenError, match="created with space 'tome'.*--space"):
+        run_search("s", space="evit", n_trials=0, eval_config=config, log=lambda _: None)
+    with pytest.raises(ParetokenError, match="objectives top1,gflops"):
+        run_search("s", space="tome", objectives="top1,kl", n_trials=0, eval_config=config, log=lambda _: None)
+    other = ev.EvalConfig(**{**config.__dict__, "images": 32})
+    with pytest.raises(ParetokenError, match="images 16"):
+        run_search("s", space="tome", n_trials=0, eval_config=other, log=lambda _: None)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"space": "nope"}, "space: 'nope' is unknown"),
+    ({"objectives": "top1,flops"}, "objectives: 'flops' is unknown"),
+    ({"sampler": "cmaes"}, "sampler: 'cmaes' is unknown; valid: tpe, nsga2, gp, random"),
+    ({"backend": "dask"}, "backend: 'dask' is unknown"),
+    ({"workers": 2}, "local backend runs one trial at a time"),
+    ({"objectives": "top1,img_per_s"}, "needs speed measurement"),
+    ({"objectives": "top1,peak_mem_mb"}, "CUDA devices only"),
+    ({"storage": "postgresql://nobody:secret@127.0.0.1:1/none"}, "storage: cannot open postgresql://nobody:\\*\\*\\*@"),
+    ({"storage": "mysql:/x"}, "not a storage URL"),
+    ({"n_trials": -1}, "trials: -1 is invalid"),
+    ({"max_gflops": 0.0}, "max-gflops"),
+])
+def test_bad_input_is_a_one_line_error(config, tmp_path, monkeypatch, kwargs, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ParetokenError, match=message) as err:
+        run_search("bad", **{"n_trials": 1, "eval_config": config, "log": lambda _: None, **kwargs})
+    assert "\n" not in str(err.value) and "secret" not in str(err.value)
+
+
+def test_journal_url_forms():
+    assert str(journal_path("journal:studies/a.log")) == "studies/a.log"
+    assert str(journal_path("journal:///tmp/a.log")) == "/tmp/a.log"
+    assert journal_path("sqlite:///a.db") is None
+
+
+def test_failing_trials_are_recorded_and_the_search_goes_on(config, tmp_path, monkeypatch, lines):
+    """A bad plan (ParetokenError), a NaN metric and an out-of-memory error each make one FAIL trial
+    with its error; the other trials complete and the target counts the failures."""
+    monkeypatch.chdir(tmp_path)
+    run_search("fail", space="evit", n_trials=0, eval_config=config, presets=False, log=lines.append)
+    study = _load("fail", default_storage("fail"))
+    # layer 20 does not exist in this 12-block model: evaluate raises ParetokenError
+    enqueue_plan(study, paretoken.Plan((paretoken.Stage(20, "prune", keep=0.5),)), label="bad-layer")
+    enqueue_plan(study, paretoken.preset("evit-0.7"), label="nan")
+    enqueue_plan(study, paretoken.preset("evit-0.5"), label="oom")
+
+    real = ev.evaluate
+
+    def flaky(plan, cfg):  # test double around the real evaluator: NaN top1, then CUDA OOM
+        metrics = real(plan, cfg)
+        if plan == paretoken.preset("evit-0.7"):
+            metrics["top1"] = math.nan
+        if plan == paretoken.preset("evit-0.5"):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return metrics
+
+    monkeypatch.setattr(ev, "evaluate", flaky)
+    result = run_search("fail", space="evit", n_trials=6, eval_config=config, presets=False, log=lines.append)
+    trials = _load("fail", result.storage).get_trials()
+    by_label = {t.user_attrs.get("preset"): t for t in trials}
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "FAIL", "FAIL", "COMPLETE", "COMPLETE"]
+    assert by_label["uncompressed"].state.name == "COMPLETE"
+    bad = by_label["bad-layer"]
+    assert "layer 20 is out of range" in bad.user_attrs["error"] and bad.user_attrs["plan"]["stages"][0]["layer"] == 20
+    assert "top1" in by_label["nan"].user_attrs["error"] and "NaN" in by_label["nan"].user_attrs["error"]
+    assert by_label["oom"].user_attrs["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert result.counts.failed == 3 and result.counts.complete == 3
+    fail_lines = [line for line in lines if " FAIL " in line]
+    assert len(fail_lines) == 3 and "done 6/6, failed 3" in lines[[i for i, l in enumerate(lines)
+                                                                   if l.startswith("trial")][-1]]
+
+
+def test_budgets_are_optuna_constraints(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_search("budget", space="tome", n_trials=4, eval_config=config, max_gflops=0.12, min_top1=1.0,
+                        log=lambda _: None)
+    trials = _load("budget", result.storage).get_trials()
+    for t in trials:
+        assert t.constraints["max_gflops"] == pytest.approx(t.user_attrs["gflops"] - 0.12)
+        assert t.constraints["min_top1"] == pytest.approx(1.0 - t.user_attrs["top1"])
+    assert trials[0].constraints["max_gflops"] > 0  # uncompressed: over budget, kept out of the front
+    assert 0 not in set(result.front["trial"]) and (result.front["gflops"] <= 0.12).all()
+
+
+@pytest.mark.parametrize("sampler", ["nsga2", "gp", "random"])
+def test_other_samplers_run(config, tmp_path, monkeypatch, sampler):
+    monkeypatch.chdir(tmp_path)
+    result = run_search(f"s-{sampler}", space="mixed", sampler=sampler, n_trials=3, eval_config=config,
+                        presets=False, seed=3, log=lambda _: None)
+    assert result.counts.complete == 3
+
+
+def test_ray_backend_runs_trials_on_two_worker_processes(config, tmp_path, monkeypatch, lines):
+    monkeypatch.chdir(tmp_path)
+    result = run_search("ray", space="evit", n_trials=6, backend="ray", workers=2, cpus_per_trial=1,
+                        eval_config=config, log=lines.append)
+    trials = _load("ray", result.storage).get_trials()
+    assert len(trials) == 6 and all(t.state.name == "COMPLETE" for t in trials)
+    pids = {t.user_attrs["worker_pid"] for t in trials}
+    assert len(pids) >= 2 and os.getpid() not in pids
+    for t in trials:
+        assert {"plan", "top1", "gflops", "device", "duration_s", "versions"} <= set(t.user_attrs)
+    assert any(line.startswith("ray: 2 workers") for line in lines)
+
+
+def test_cli_search_and_spaces(config, tmp_path, monkeypatch, capsys):
+    from paretoken.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["spaces"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("tome", "evit", "dynamicvit", "asvit", "jmp", "slim", "mixed"))
+    assert main(["spaces", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert {e["name"] for e in listing} >= {"mixed"} and "evit-0.7" in next(e for e in listing
+                                                                            if e["name"] == "evit")["presets"]
+    argv = ["search", "--study", "cli", "--space", "dynamicvit", "--trials", "3", "--checkpoint", config.checkpoint,
+            "--images", "16", "--no-speed", "--storage", "journal:studies/cli.log", "--plot", "front.png"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "done 3/3" in out and "Pareto front:" in out and (tmp_path / "front.png").is_file()
+    assert (tmp_path / "studies" / "cli.log").is_file()
+    assert main(["search", "--study", "cli2", "--objectives", "top1,speed", "--checkpoint", config.checkpoint]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "objectives: 'speed' is unknown" in err
