@@ -86,13 +86,17 @@ def cmd_front(args: argparse.Namespace) -> int:
         out["plan"] = out["plan"].map(json.dumps)
         Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
         out.to_csv(args.csv, index=False)
-    counts = df["state"].value_counts().to_dict()
+    states = df["state"].where(~df["interrupted"], "INTERRUPTED") if "interrupted" in df else df["state"]
+    counts = states.value_counts().to_dict()
+    settings = df.attrs.get("user_attrs", {}).get("paretoken") or {}
+    study_budgets = {k: settings[k] for k in ("max_gflops", "min_top1") if settings.get(k) is not None}
     if args.json:
         columns = ["number", "state", "preset", "plan", "plan_str", *query.METRICS,
                    *[c for c in df.columns if c.startswith("constraint:")], "feasible", "device", "duration_s"]
         print(json.dumps({"study": args.study[0], "storage": query._redact(df.attrs["storage"]),
                           "objectives": list(args.objectives),
                           "budgets": {"max_gflops": args.max_gflops, "min_top1": args.min_top1},
+                          "study_budgets": study_budgets,
                           "trials": {k: int(v) for k, v in counts.items()},
                           "reference": reference, "hypervolume": _plain(hv),
                           "front": _records(fr, columns)}, allow_nan=False))
@@ -100,7 +104,10 @@ def cmd_front(args: argparse.Namespace) -> int:
     budgets = ", ".join(b for b in (f"gflops <= {args.max_gflops:g}" if args.max_gflops is not None else "",
                                     f"top1 >= {args.min_top1:g}" if args.min_top1 is not None else "") if b)
     print(f"study {args.study[0]} ({query._redact(df.attrs['storage'])}): {len(df)} trials, "
-          + ", ".join(f"{v} {k.lower()}" for k, v in counts.items()))
+          + ", ".join(f"{v} {k.lower()}" for k, v in counts.items())
+          + (f"; searched with {settings['space']} space" if settings.get("space") else "")
+          + ("; study budgets " + ", ".join(f"{k} {v:g}" for k, v in study_budgets.items())
+             + " (infeasible trials leave the front)" if study_budgets else ""))
     print(f"front on {', '.join(args.objectives)}" + (f" within {budgets}" if budgets else "")
           + f": {len(fr)} trials" + (f"; hypervolume {hv:.4g} (reference "
                                      + ", ".join(f"{k} {v:.4g}" for k, v in reference.items()) + ")"

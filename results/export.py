@@ -12,6 +12,7 @@ The file is a plan (``paretoken.load_plan`` reads it) whose ``meta`` says::
       eval: {images: 1000, seed: 0, batch_size: 100}
       metrics: {top1: ..., gflops: ..., ...}
       plan_str: prune_fuse(keep=0.7)@3,6,9
+      search: {space: mixed, objectives: [top1, gflops], max_gflops: null, min_top1: null}
       preset: evit-0.7                     # when the plan is a published schedule
       provenance: {study, trial, storage, device, duration_s, versions, exported_at, exported_with}
 
@@ -30,8 +31,9 @@ from typing import Any
 from paretoken.errors import ParetokenError
 from paretoken.results import query
 
-#: Evaluation settings looked up, in this order, in the trial's user attrs, a config dict in them
-#: (``eval``/``eval_config``/``config``), then the same in the study's user attrs.
+#: Evaluation settings looked up, in this order, in the trial's user attrs, the search's study
+#: record (``study.user_attrs["paretoken"]["measurement"]``, then ``["paretoken"]``), then the study's
+#: user attrs; in each, also inside a config dict (``eval``/``eval_config``/``config``).
 EVAL_KEYS = ("model", "checkpoint", "pretrained", "data", "images", "seed", "batch_size", "flops_images")
 _CONFIG_KEYS = ("eval", "eval_config", "config")
 _VERSION_PACKAGES = ("paretoken", "torch", "timm", "optuna", "ray", "fvcore", "python")
@@ -143,7 +145,10 @@ def choose_trial(df, trial: int | None = None, best: bool = False, max_gflops: f
 def export_meta(study, row, storage: str) -> dict[str, Any]:
     """The ``meta`` of an exported plan for ``row`` (a :func:`query.load` row) of ``study``."""
     trial = next(t for t in study.get_trials(deepcopy=False) if t.number == int(row["number"]))
-    sources = [trial.user_attrs, study.user_attrs]
+    settings = study.user_attrs.get("paretoken")  # the search's record: space, objectives, budgets, measurement
+    settings = settings if isinstance(settings, Mapping) else {}
+    measurement = settings.get("measurement") if isinstance(settings.get("measurement"), Mapping) else {}
+    sources = [trial.user_attrs, measurement, settings, study.user_attrs]
     model = _lookup(sources, "model") or "default"
     checkpoint = _lookup(sources, "checkpoint")
     pretrained = bool(_lookup(sources, "pretrained") or False)
@@ -164,6 +169,8 @@ def export_meta(study, row, storage: str) -> dict[str, Any]:
         "metrics": {m: float(row[m]) for m in query.METRICS if m in row and not math.isnan(float(row[m]))},
         "plan_str": row.get("plan_str"),
         "preset": row.get("preset") if isinstance(row.get("preset"), str) else None,
+        "search": {k: settings[k] for k in ("space", "objectives", "max_gflops", "min_top1") if k in settings}
+        or None,
         "provenance": {
             "study": study.study_name,
             "trial": int(row["number"]),

@@ -58,7 +58,8 @@ def _parts(df: pd.DataFrame, objectives, max_gflops, min_top1):
     done = df[(df["state"] == "COMPLETE") & df[x].notna() & df[y].notna()]
     fr = query.front(df, objectives, max_gflops, min_top1).sort_values(x)
     rest = done.drop(index=fr.index)
-    presets = done[done["preset"].notna()] if "preset" in done.columns else done.iloc[:0]
+    presets = done[done["preset"].notna() & (done["preset"] != query.UNCOMPRESSED)] \
+        if "preset" in done.columns else done.iloc[:0]
     base = done[done["plan"].map(lambda p: isinstance(p, Mapping) and not p.get("stages"))] \
         if "plan" in done.columns else done.iloc[:0]
     return objectives, x, y, done, fr, rest, presets, base

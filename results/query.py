@@ -65,37 +65,42 @@ def _sqlite_path(url: str) -> Path | None:
 
 
 def _journal_path(url: str) -> Path | None:
-    for prefix in ("journal:///", "journal://", "file://"):
-        if url.startswith(prefix):
-            return Path(url[len(prefix):])
-    if "://" not in url:
-        return Path(url)
-    return None
+    """The file of a ``journal:PATH`` URL (``journal:///ABS`` and ``journal://REL`` too), as the search reads it."""
+    if not url.startswith("journal:"):
+        return None
+    rest = url[len("journal:"):]
+    if rest.startswith("//"):
+        rest = rest[2:]
+    return Path(rest) if rest else None
 
 
 def open_storage(url: str):
-    """An Optuna storage for ``url``: ``sqlite:///FILE``, ``postgresql://...``, or a journal file
-    (``journal:///FILE`` or a plain path). Never creates anything: a missing file is an error."""
+    """An Optuna storage for ``url`` as the search writes them: ``sqlite:///FILE``, ``journal:FILE``,
+    ``postgresql://...``. Reading never creates anything: a missing SQLite or journal file is an error."""
     import optuna
 
-    if not isinstance(url, str) or not url:
-        raise ParetokenError(f"storage: {url!r} is not a storage URL; valid: sqlite:///FILE.db, "
-                             "postgresql://USER@HOST/DB, journal:///FILE")
-    sqlite = _sqlite_path(url)
-    journal = None if sqlite else _journal_path(url)
-    for path in (sqlite, journal):
-        if path is not None and not path.is_file():
-            near = sorted(p.stem for p in path.parent.glob("*.db")) if path.parent.is_dir() else []
-            hint = f"; studies beside it: {', '.join(near)}" if near else ""
-            raise ParetokenError(f"storage: {str(path)!r} does not exist (from {_redact(url)}){hint}")
+    forms = "sqlite:///FILE.db, journal:FILE, postgresql://USER@HOST/DB"
+    if not isinstance(url, str) or not url.strip() or ("://" not in url and not url.startswith("journal:")):
+        raise ParetokenError(f"storage: {url!r} is not a storage URL; valid: {forms}")
+    path = _sqlite_path(url) or _journal_path(url)
+    if url.startswith("journal:") and path is None:
+        raise ParetokenError(f"storage: {url!r} names no file; valid: journal:PATH")
+    if path is not None and not path.is_file():
+        near = sorted(p.stem for p in path.parent.glob("*.db")) if path.parent.is_dir() else []
+        hint = f"; studies beside it: {', '.join(near)}" if near else ""
+        raise ParetokenError(f"storage: {str(path)!r} does not exist (from {_redact(url)}){hint}")
+    try:  # the search's opener: same drivers and connection settings as the writer
+        from paretoken.search.storage import open_storage as search_open
+    except ImportError:
+        search_open = None
+    if search_open is not None:
+        return search_open(url)
     try:
-        if journal is not None:
+        if url.startswith("journal:"):
             from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-            return JournalStorage(JournalFileBackend(str(journal)))
-        return optuna.storages.RDBStorage(url, skip_compatibility_check=False)
-    except ParetokenError:
-        raise
+            return JournalStorage(JournalFileBackend(str(path)))
+        return optuna.storages.RDBStorage(url)
     except Exception as exc:  # unreachable server, bad URL, unreadable file: one line for the user
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise ParetokenError(f"storage: cannot open {_redact(url)} ({reason})") from None
@@ -167,7 +172,11 @@ def plan_label(plan: Mapping[str, Any] | Any) -> str:
                       for (op, fields), layers in sorted(groups.items(), key=lambda g: g[1][0]))
 
 
+UNCOMPRESSED = "uncompressed"  # the preset name the search gives the uncompressed model's trial
+
+
 def _preset_of(plan: Mapping[str, Any] | None) -> str | None:
+    """The preset whose plan equals ``plan`` (``uncompressed`` for no stages), or None."""
     from paretoken.compress.plan import Plan
     from paretoken.compress.presets import PRESETS
 
@@ -177,6 +186,8 @@ def _preset_of(plan: Mapping[str, Any] | None) -> str | None:
         parsed = Plan.from_dict(plan)
     except ParetokenError:
         return None
+    if not parsed.stages:
+        return UNCOMPRESSED
     for name, p in PRESETS.items():
         if p.plan == parsed:
             return name
@@ -192,17 +203,26 @@ def _float(value: Any) -> float:
 
 
 def trials_frame(study) -> pd.DataFrame:
-    """The table of :func:`load` for an already-open ``optuna.Study``."""
+    """The table of :func:`load` for an already-open ``optuna.Study``.
+
+    Presets: the trials' ``preset`` user attr (the search sets it on every trial it enqueued,
+    ``uncompressed`` for the baseline); in a study where no trial has one, the preset whose plan
+    equals the trial's.
+    """
     names = list(getattr(study, "metric_names", None) or study.user_attrs.get("objectives") or [])
+    trials = study.get_trials(deepcopy=False)
+    explicit = any(t.user_attrs.get("preset") for t in trials)
     rows = []
     constraint_keys: list[str] = []
-    for trial in study.get_trials(deepcopy=False):
+    for trial in trials:
         attrs = trial.user_attrs
         plan = attrs.get("plan")
+        if plan is None and isinstance(attrs.get("enqueued_plan"), Mapping):
+            plan = attrs["enqueued_plan"]
         row: dict[str, Any] = {
             "number": trial.number,
             "state": trial.state.name,
-            "preset": attrs.get("preset") or _preset_of(plan),
+            "preset": attrs.get("preset") if explicit else _preset_of(plan),
             "plan": plan,
             "plan_str": plan_label(plan),
         }
@@ -226,6 +246,11 @@ def trials_frame(study) -> pd.DataFrame:
             "duration_s": _float(duration),
             "worker_pid": attrs.get("worker_pid"),
             "error": attrs.get("error"),
+            # FAIL without an error of its own: its process died; the search runs the plan again
+            "interrupted": trial.state.name == "FAIL" and "error" not in attrs,
+            "retry_of": attrs.get("retry_of"),
+            "space": attrs.get("space"),
+            "versions": attrs.get("versions"),
             "datetime_start": trial.datetime_start,
             "datetime_complete": trial.datetime_complete,
             "values": tuple(values) if values else None,
@@ -233,13 +258,15 @@ def trials_frame(study) -> pd.DataFrame:
         rows.append(row)
     columns = (["number", "state", "preset", "plan", "plan_str", *METRICS]
                + [f"constraint:{k}" for k in constraint_keys]
-               + ["feasible", "device", "duration_s", "worker_pid", "error", "datetime_start", "datetime_complete",
-                  "values"])
+               + ["feasible", "device", "duration_s", "worker_pid", "error", "interrupted", "retry_of", "space",
+                  "versions", "datetime_start", "datetime_complete", "values"])
     df = pd.DataFrame(rows, columns=columns)
-    for text in ("preset", "plan_str", "device", "error", "worker_pid"):  # None stays None (not NaN)
-        df[text] = pd.Series([row.get(text) for row in rows], dtype=object, index=df.index)
+    for text in ("preset", "plan_str", "device", "error", "worker_pid", "retry_of", "space"):
+        df[text] = pd.Series([row.get(text) for row in rows], dtype=object, index=df.index)  # None, not NaN
     for metric in METRICS:
         df[metric] = df[metric].astype(float)
+    df["feasible"] = df["feasible"].astype(bool)
+    df["interrupted"] = df["interrupted"].astype(bool)
     df.attrs["study"] = study.study_name
     df.attrs["user_attrs"] = dict(study.user_attrs)
     df.attrs["objectives"] = names
@@ -282,9 +309,14 @@ def losses(df: pd.DataFrame, objectives: Sequence[str]) -> np.ndarray:
                             for o in objectives]) if len(df) else np.empty((0, len(objectives)))
 
 
-def budget(df: pd.DataFrame, max_gflops: float | None = None, min_top1: float | None = None) -> pd.DataFrame:
-    """The COMPLETE rows within the budgets (``gflops <= max_gflops``, ``top1 >= min_top1``)."""
+def budget(df: pd.DataFrame, max_gflops: float | None = None, min_top1: float | None = None,
+           feasible_only: bool = True) -> pd.DataFrame:
+    """The COMPLETE rows within the budgets (``gflops <= max_gflops``, ``top1 >= min_top1``) and,
+    with ``feasible_only``, within the study's own constraints (column ``feasible``), as the
+    search's front is."""
     keep = df["state"] == "COMPLETE" if "state" in df.columns else pd.Series(True, index=df.index)
+    if feasible_only and "feasible" in df.columns:
+        keep &= df["feasible"].astype(bool)
     if max_gflops is not None:
         keep &= df["gflops"] <= max_gflops
     if min_top1 is not None:
@@ -318,15 +350,16 @@ def non_dominated(points: np.ndarray) -> np.ndarray:
 
 
 def front(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJECTIVES, max_gflops: float | None = None,
-          min_top1: float | None = None) -> pd.DataFrame:
-    """The non-dominated COMPLETE rows of ``df`` on ``objectives`` within the budgets.
+          min_top1: float | None = None, feasible_only: bool = True) -> pd.DataFrame:
+    """The non-dominated COMPLETE rows of ``df`` on ``objectives`` within the budgets (and, with
+    ``feasible_only``, the study's constraints: infeasible trials stay in the table but leave the front).
 
     Directions: top1, agreement, img_per_s are maximised; gflops, latency_ms, kl, peak_mem_mb,
     padding_pct minimised. Rows missing an objective (NaN) are left out. The result is sorted by
     the first objective, best first.
     """
     objectives = _check_objectives(objectives, df)
-    rows = budget(df, max_gflops, min_top1)
+    rows = budget(df, max_gflops, min_top1, feasible_only)
     points = losses(rows, objectives)
     finite = np.all(np.isfinite(points), axis=1) if len(rows) else np.zeros(0, dtype=bool)
     rows, points = rows[finite], points[finite]
@@ -336,21 +369,28 @@ def front(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJECTIVES
 
 def reference_point(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJECTIVES,
                     top1_margin: float = 10.0) -> dict[str, float]:
-    """A fixed reference point for hypervolume.
+    """A fixed reference point for hypervolume, the search's convention.
 
-    With an uncompressed trial (a plan with no stages) in ``df``: its top1/agreement minus
-    ``top1_margin`` points and its gflops/latency/... as they are (the search benchmark's
-    convention); objectives it cannot fix come from the worst COMPLETE value in ``df``.
+    From the first COMPLETE trial of the uncompressed model (a plan with no stages): top1/agreement
+    minus ``top1_margin`` points, kl 1 nat, padding 100 %, every other objective (gflops,
+    img_per_s, latency_ms, ...) at its value. Without that trial, or where it lacks an objective,
+    the worst COMPLETE value in ``df``.
     """
     objectives = _check_objectives(objectives, df)
-    done = budget(df)
+    done = budget(df, feasible_only=False)
     base = done[done["plan"].map(lambda p: isinstance(p, Mapping) and not p.get("stages"))] \
         if "plan" in done.columns else done.iloc[:0]
+    first = base.sort_values("number").iloc[0] if len(base) else None
     ref: dict[str, float] = {}
     for o in objectives:
-        value = base[o].dropna().median() if len(base) and o in ("top1", "agreement", "gflops") else math.nan
-        if o in ("top1", "agreement") and not math.isnan(value):
-            value -= top1_margin
+        if o == "kl":
+            value = 1.0
+        elif o == "padding_pct":
+            value = 100.0
+        else:
+            value = float(first[o]) if first is not None and o in first else math.nan
+            if o in ("top1", "agreement"):
+                value -= top1_margin
         if math.isnan(value):
             column = done[o].dropna()
             if column.empty:
@@ -408,7 +448,8 @@ def hypervolume(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJE
 
 def hypervolume_history(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJECTIVES,
                         reference: Mapping[str, float] | Sequence[float] | None = None) -> pd.DataFrame:
-    """Hypervolume after each trial, in trial-number order: columns number, state, hypervolume."""
+    """Hypervolume after each trial (COMPLETE and feasible ones count), in trial-number order:
+    columns number, state, hypervolume."""
     objectives = _check_objectives(objectives, df)
     if reference is None:
         reference = reference_point(df, objectives)
@@ -416,6 +457,8 @@ def hypervolume_history(df: pd.DataFrame, objectives: Sequence[str] | str = DEFA
     ordered = df.sort_values("number")
     points = losses(ordered, objectives)
     complete = (ordered["state"] == "COMPLETE").to_numpy()
+    if "feasible" in ordered.columns:
+        complete = complete & ordered["feasible"].astype(bool).to_numpy()
     values, current, seen = [], 0.0, []
     for point, ok in zip(points, complete):
         if ok and np.all(np.isfinite(point)) and np.all(point <= ref):

@@ -48,16 +48,20 @@ def measured(tmp_path_factory):
     storage = f"sqlite:///{root / 'studies.db'}"
     study = optuna.create_study(study_name="real", storage=storage, directions=["maximize", "minimize"])
     study.set_metric_names(["top1", "gflops"])
-    for key, value in {"model": "default", "checkpoint": str(checkpoint), "data": "fashion-mnist",
-                       "images": config.images, "seed": config.seed, "batch_size": config.batch_size}.items():
-        study.set_user_attr(key, value)
-    env = ev.environment("cpu")
+    # the study record paretoken.search writes: space, objectives, budgets, measurement
+    study.set_user_attr("objectives", ["top1", "gflops"])
+    study.set_user_attr("paretoken", {
+        "space": "mixed", "objectives": ["top1", "gflops"], "max_gflops": None, "min_top1": None, "depth": 12,
+        "measurement": {"model": "default", "checkpoint": str(checkpoint), "pretrained": False, "data": None,
+                        "images": config.images, "seed": config.seed}})
+    env = dict(ev.environment("cpu"))
+    device, threads = env.pop("device"), env.pop("threads")
     for name, plan in PLANS.items():
         metrics = ev.evaluate(plan, config)
-        attrs = {"plan": plan.to_dict(), **{k: v for k, v in metrics.items() if v == v}, "device": env["device"],
-                 "duration_s": 0.5, "versions": {k: env[k] for k in ("torch", "timm", "optuna")}}
-        if name in paretoken.PRESETS:
-            attrs["preset"] = name
+        attrs = {"plan": plan.to_dict(), **{k: v for k, v in metrics.items() if v == v}, "device": device,
+                 "threads": threads, "duration_s": 0.5, "versions": env, "worker_pid": 1, "space": "mixed"}
+        if name in paretoken.PRESETS or name == "none":
+            attrs["preset"] = name if name != "none" else "uncompressed"
         study.add_trial(optuna.trial.create_trial(values=[metrics["top1"], metrics["gflops"]], user_attrs=attrs))
     study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL,
                                               user_attrs={"plan": PLANS["tome-r8"].to_dict(), "error": "boom"}))
@@ -77,8 +81,8 @@ REBUILD = textwrap.dedent("""
         def run(p):
             paretoken.apply(model, p)
             with torch.no_grad():
-                return torch.cat([model(images[i:i + meta["eval"]["batch_size"]]).float()
-                                  for i in range(0, len(images), meta["eval"]["batch_size"])])
+                batch = meta["eval"].get("batch_size", 100)
+                return torch.cat([model(images[i:i + batch]).float() for i in range(0, len(images), batch)])
         base = run(paretoken.Plan())
         out = run(plan)
         torch.save(out, path + ".logits.pt")
@@ -100,7 +104,9 @@ def test_exported_plans_rebuild_the_same_model_in_a_fresh_process(measured, tmp_
         meta, stored = plan.meta, df.loc[number]
         assert meta["model"] == "default" and meta["checkpoint"] == str(measured["checkpoint"])
         assert meta["input_size"] == [1, 28, 28] and meta["data"] == "fashion-mnist"
-        assert meta["eval"] == {"images": 64, "seed": 0, "batch_size": 32}
+        assert meta["eval"] == {"images": 64, "seed": 0}
+        assert meta["search"] == {"space": "mixed", "objectives": ["top1", "gflops"], "max_gflops": None,
+                                  "min_top1": None}
         assert meta["metrics"]["top1"] == stored["top1"] and meta["metrics"]["gflops"] == stored["gflops"]
         assert meta["provenance"]["study"] == "real" and meta["provenance"]["trial"] == number
         assert meta["provenance"]["versions"]["torch"] == ev.environment()["torch"]

@@ -54,11 +54,11 @@ def keep_plan(keep: float) -> paretoken.Plan:
 
 
 POINTS = [
-    (paretoken.Plan(), 80.0, 4.0),
+    (paretoken.Plan(), 80.0, 4.0, "uncompressed"),
     (paretoken.preset("evit-0.7"), 79.5, 3.0, "evit-0.7"),
     (keep_plan(0.6), 78.0, 2.5),
     (keep_plan(0.55), 75.0, 2.6),  # dominated by keep 0.6
-    (paretoken.preset("tome-r13"), 77.0, 2.0),  # a preset without the user attr: found by its plan
+    (paretoken.preset("tome-r13"), 77.0, 2.0, "tome-r13"),
     (keep_plan(0.3), 60.0, 1.0),
 ]
 
@@ -84,12 +84,27 @@ def test_load_one_row_per_trial_with_every_column(storage):
     assert first["device"] == "cpu (x86_64)" and first["duration_s"] == 1.5 and first["worker_pid"] == 1234
     assert df.loc[1, "plan_str"] == "prune_fuse(keep=0.7)@3,6,9"
     assert paretoken.Plan.from_dict(df.loc[1, "plan"]) == paretoken.preset("evit-0.7")
-    assert list(df["preset"][:5]) == [None, "evit-0.7", None, None, "tome-r13"]
+    assert list(df["preset"]) == ["uncompressed", "evit-0.7", None, None, "tome-r13", None, None]
     assert df["constraint:max_gflops"].tolist()[:2] == [1.0, 0.0]
     assert df["feasible"].tolist()[:3] == [False, True, True]
     failed = df.iloc[-1]
     assert failed["error"] == "RuntimeError: out of memory" and math.isnan(failed["top1"])
     assert df.attrs["study"] == "s" and df.attrs["storage"] == storage
+
+
+def test_presets_found_by_plan_where_no_trial_names_one(storage):
+    make_study(storage, "bare", [p[:3] for p in POINTS], failed=0)
+    df = query.load("bare", storage)
+    assert list(df["preset"]) == ["uncompressed", "evit-0.7", None, None, "tome-r13", None]
+
+
+def test_infeasible_trials_leave_the_front_but_stay_in_the_table(storage):
+    make_study(storage, "budget", POINTS, failed=0, max_gflops=2.5)
+    df = query.load("budget", storage)
+    assert len(df) == len(POINTS) and df["feasible"].tolist() == [False, False, True, False, True, True]
+    assert query.front(df)["number"].tolist() == [2, 4, 5]
+    assert query.front(df, feasible_only=False)["number"].tolist() == [0, 1, 2, 4, 5]
+    assert query.best(df)["number"] == 2
 
 
 def test_metrics_missing_from_user_attrs_come_from_the_values(storage):
@@ -134,7 +149,8 @@ def test_journal_file_storage(tmp_path):
 
     path = tmp_path / "journal.log"
     make_study(JournalStorage(JournalFileBackend(str(path))), "j", POINTS[:3], failed=0)
-    assert len(query.load("j", str(path))) == 3
+    assert len(query.load("j", f"journal:{path}")) == 3
+    assert len(query.load("j", f"journal://{path}")) == 3  # journal:///ABS
 
 
 # --------------------------------------------------------------------------- front
@@ -263,3 +279,17 @@ def test_non_dominated_keeps_duplicates():
     for perm in itertools.permutations(range(4)):
         assert query.non_dominated(points[list(perm)]).tolist() == [
             [True, True, False, True][i] for i in perm]
+
+
+def test_front_and_hypervolume_agree_with_the_search(storage):
+    """The search prints Optuna's best_trials and its own hypervolume; `paretoken front` must agree."""
+    st = pytest.importorskip("paretoken.search.study")
+    if not all(hasattr(st, n) for n in ("baseline", "reference_point", "hypervolume")):
+        pytest.skip("paretoken.search.study lacks baseline/reference_point/hypervolume")
+    study = make_study(storage, "agree", POINTS, failed=1, max_gflops=3.0)
+    df = query.load("agree", storage)
+    assert set(query.front(df)["number"]) == {t.number for t in study.best_trials}
+    objectives = ("top1", "gflops")
+    reference = st.reference_point(st.baseline(study), objectives)
+    assert query.reference_point(df, objectives) == reference
+    assert query.hypervolume(df, objectives) == pytest.approx(st.hypervolume(study.trials, objectives, reference))
