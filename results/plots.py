@@ -156,8 +156,19 @@ def _label_points(ax, fig, xs, ys, names, others) -> None:
     order = np.argsort(xs)
     scale = fig.dpi / 72.0
 
-    def free(x0, y0, x1, y1) -> bool:
+    own = to_px(np.column_stack([xs, ys]))
+
+    def box_distance(points: np.ndarray, x0, y0, x1, y1) -> np.ndarray:
+        dx = np.maximum(np.maximum(x0 - points[:, 0], 0), points[:, 0] - x1)
+        dy = np.maximum(np.maximum(y0 - points[:, 1], 0), points[:, 1] - y1)
+        return np.hypot(dx, dy)
+
+    def free(x0, y0, x1, y1, i) -> bool:
         if x0 < frame.x0 or x1 > frame.x1 or y0 < frame.y0 or y1 > frame.y1:
+            return False
+        # the label must sit nearer its own point than any other named point, so it cannot be misread
+        dist = box_distance(own, x0, y0, x1, y1)
+        if len(dist) > 1 and np.min(np.delete(dist, i)) <= dist[i] + 8 * scale:
             return False
         if any(x0 < bx1 and bx0 < x1 and y0 < by1 and by0 < y1 for bx0, by0, bx1, by1 in boxes):
             return False
@@ -175,7 +186,7 @@ def _label_points(ax, fig, xs, ys, names, others) -> None:
             d = dist * scale
             for dx, dy in ((d, d * 0.3), (d, -d * 0.3 - h), (-d - w, d * 0.3), (-d - w, -d * 0.3 - h),
                            (-w / 2, d), (-w / 2, -d - h), (d, -h / 2), (-d - w, -h / 2)):
-                if free(px + dx, py + dy, px + dx + w, py + dy + h):
+                if free(px + dx, py + dy, px + dx + w, py + dy + h, i):
                     choice = (dx, dy, dist)
                     break
             if choice:
