@@ -144,58 +144,62 @@ def _along(xs: np.ndarray, ys: np.ndarray, per_segment: int = 12) -> np.ndarray:
 def _label_points(ax, fig, xs, ys, names, others) -> None:
     """Name each (x, y) point with a label placed where it overlaps no other label nor marker.
 
-    Greedy in display space: for each point, try offsets around it, nearest first; a label pushed
-    away from its point gets a thin leader line.
+    Greedy in display space, points left to right: offsets around the point, nearest first, where
+    the label also sits nearer its own point than any other named point; failing that, the nearest
+    free place farther out, tied to its point by a thin leader line.
     """
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     to_px = ax.transData.transform
-    markers = to_px(np.vstack([others, np.column_stack([xs, ys])])) if len(others) else to_px(np.column_stack([xs, ys]))
+    own = to_px(np.column_stack([xs, ys]))
+    markers = np.vstack([to_px(others), own]) if len(others) else own
     frame = ax.get_window_extent()
     boxes: list[tuple[float, float, float, float]] = []
-    order = np.argsort(xs)
     scale = fig.dpi / 72.0
-
-    own = to_px(np.column_stack([xs, ys]))
 
     def box_distance(points: np.ndarray, x0, y0, x1, y1) -> np.ndarray:
         dx = np.maximum(np.maximum(x0 - points[:, 0], 0), points[:, 0] - x1)
         dy = np.maximum(np.maximum(y0 - points[:, 1], 0), points[:, 1] - y1)
         return np.hypot(dx, dy)
 
-    def free(x0, y0, x1, y1, i) -> bool:
+    def free(x0, y0, x1, y1, i, strict: bool) -> bool:
         if x0 < frame.x0 or x1 > frame.x1 or y0 < frame.y0 or y1 > frame.y1:
             return False
-        # the label must sit nearer its own point than any other named point, so it cannot be misread
-        dist = box_distance(own, x0, y0, x1, y1)
-        if len(dist) > 1 and np.min(np.delete(dist, i)) <= dist[i] + 8 * scale:
-            return False
+        if strict:  # nearer its own point than any other named point, so it cannot be misread
+            dist = box_distance(own, x0, y0, x1, y1)
+            if len(dist) > 1 and np.min(np.delete(dist, i)) <= dist[i] + 8 * scale:
+                return False
         if any(x0 < bx1 and bx0 < x1 and y0 < by1 and by0 < y1 for bx0, by0, bx1, by1 in boxes):
             return False
-        inside = (markers[:, 0] > x0 - 4) & (markers[:, 0] < x1 + 4) & (markers[:, 1] > y0 - 4) & (markers[:, 1] < y1 + 4)
-        return not inside.any()
+        return not ((markers[:, 0] > x0 - 4) & (markers[:, 0] < x1 + 4)
+                    & (markers[:, 1] > y0 - 4) & (markers[:, 1] < y1 + 4)).any()
 
-    for i in order:
+    def candidates(w: float, h: float, distances):
+        for dist in distances:
+            d = dist * scale
+            for dx, dy in ((d, d * 0.3), (d, -d * 0.3 - h), (-d - w, d * 0.3), (-d - w, -d * 0.3 - h),
+                           (-w / 2, d), (-w / 2, -d - h), (d, -h / 2), (-d - w, -h / 2)):
+                yield dx, dy, dist
+
+    for i in np.argsort(xs):
         text = ax.text(0, 0, names[i], fontsize=8)
         bbox = text.get_window_extent(renderer)
         text.remove()
         w, h = bbox.width, bbox.height
-        px, py = to_px((xs[i], ys[i]))
-        choice = None
-        for dist in (7, 16, 28, 42, 58):
-            d = dist * scale
-            for dx, dy in ((d, d * 0.3), (d, -d * 0.3 - h), (-d - w, d * 0.3), (-d - w, -d * 0.3 - h),
-                           (-w / 2, d), (-w / 2, -d - h), (d, -h / 2), (-d - w, -h / 2)):
-                if free(px + dx, py + dy, px + dx + w, py + dy + h, i):
-                    choice = (dx, dy, dist)
-                    break
+        px, py = own[i]
+        choice, leader = None, False
+        for strict, distances in ((True, (7, 16, 28)), (False, (28, 42, 58, 80, 110, 150))):
+            choice = next(((dx, dy) for dx, dy, dist in candidates(w, h, distances)
+                           if free(px + dx, py + dy, px + dx + w, py + dy + h, i, strict)), None)
             if choice:
+                leader = not strict
                 break
-        dx, dy, dist = choice or (7 * scale, 2 * scale, 7)
+        dx, dy = choice or (7 * scale, 2 * scale)
         boxes.append((px + dx, py + dy, px + dx + w, py + dy + h))
         ax.annotate(names[i], (xs[i], ys[i]), xytext=(dx / scale, dy / scale), textcoords="offset points",
                     fontsize=8, color=PRESET_COLOR, zorder=5,
-                    arrowprops=dict(arrowstyle="-", color=PRESET_COLOR, lw=0.5, alpha=0.6) if dist > 16 else None)
+                    arrowprops=dict(arrowstyle="-", color=PRESET_COLOR, lw=0.6, alpha=0.7, shrinkA=0, shrinkB=4)
+                    if leader else None)
 
 
 def _hover(rows: pd.DataFrame, x: str, y: str) -> list[str]:
