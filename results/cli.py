@@ -81,9 +81,14 @@ def cmd_front(args: argparse.Namespace) -> int:
         from paretoken.results.plots import plot_front
 
         plot_front(df, args.objectives, args.plot, args.max_gflops, args.min_top1)
+    if args.history:
+        from paretoken.results.plots import plot_hypervolume_history
+
+        plot_hypervolume_history(df, args.objectives, args.history, reference)
     if args.csv:
         out = fr.drop(columns=["values"]).copy()
         out["plan"] = out["plan"].map(json.dumps)
+        out["versions"] = out["versions"].map(lambda v: json.dumps(v) if v is not None else "")
         Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
         out.to_csv(args.csv, index=False)
     states = df["state"].where(~df["interrupted"], "INTERRUPTED") if "interrupted" in df else df["state"]
@@ -114,7 +119,7 @@ def cmd_front(args: argparse.Namespace) -> int:
                                      if reference else ""))
     if len(fr):
         print(_table(fr, TABLE_COLUMNS))
-    for what, path in (("csv", args.csv), ("plot", args.plot)):
+    for what, path in (("csv", args.csv), ("plot", args.plot), ("hypervolume history", args.history)):
         if path:
             print(f"{what} written to {path}")
     return 0
@@ -182,6 +187,7 @@ def add_results_parsers(sub) -> None:
     out.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     out.add_argument("--csv", metavar="FILE", help="also write the front (or the comparison) as CSV")
     p.add_argument("--plot", metavar="FILE", help="draw the front: FILE.png (matplotlib) or FILE.html (plotly)")
+    p.add_argument("--history", metavar="FILE", help="draw the hypervolume after each trial: FILE.png or FILE.html")
     p.set_defaults(func=cmd_front)
 
     p = sub.add_parser("export", help="write a trial's plan with model, weights, metrics and provenance",

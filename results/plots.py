@@ -256,7 +256,7 @@ def plot_hypervolume_history(df: pd.DataFrame, objectives: Sequence[str] | str =
     if history.empty:
         raise ParetokenError("plot: the study has no trials")
     ref = reference if isinstance(reference, Mapping) else dict(zip(objectives, reference))
-    ref_text = ", ".join(f"{k} {v:g}" for k, v in ref.items())
+    ref_text = ", ".join(f"{k} {v:.4g}" for k, v in ref.items())
     heading = title or (f"{'study ' + df.attrs['study'] + ': ' if df.attrs.get('study') else ''}hypervolume "
                         f"of {' x '.join(objectives)} (reference {ref_text})")
     failed = history[history["state"] == "FAIL"]

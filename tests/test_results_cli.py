@@ -45,8 +45,10 @@ def test_front_json_csv_and_plot(storage, tmp_path, capsys):
     assert data["hypervolume"] == pytest.approx(query.hypervolume(query.load("s", storage)))
 
     csv, png = tmp_path / "front.csv", tmp_path / "front.png"
+    history = tmp_path / "hv.html"
     assert main(["front", "--study", "s", "--storage", storage, "--min-top1", "78", "--csv", str(csv),
-                 "--plot", str(png)]) == 0
+                 "--plot", str(png), "--history", str(history)]) == 0
+    assert "hypervolume" in history.read_text()
     table = pd.read_csv(csv)
     assert table["number"].tolist() == [0, 1, 2]
     assert json.loads(table.loc[1, "plan"]) == paretoken.preset("evit-0.7").to_dict()
