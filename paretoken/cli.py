@@ -9,6 +9,8 @@ import sys
 import warnings
 
 from paretoken.errors import ParetokenError
+from paretoken.results.cli import add_results_parsers
+from paretoken.search.cli import add_search_parser, add_spaces_parser
 
 
 def _plan_args(parser: argparse.ArgumentParser) -> None:
@@ -157,15 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="slim.yaml", help="plan file to write [slim.yaml]")
     p.set_defaults(func=cmd_slim)
 
-    try:
-        from paretoken.search.cli import add_search_parser, add_spaces_parser
-    except ImportError:
-        pass
-    else:
-        add_search_parser(sub)
-        add_spaces_parser(sub)
-    from paretoken.results.cli import add_results_parsers
-
+    add_search_parser(sub)
+    add_spaces_parser(sub)
     add_results_parsers(sub)
     return parser
 

@@ -18,7 +18,7 @@ def test_console_script_and_help_on_every_subcommand():
     assert exe, "the console script `paretoken` is not installed"
     top = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert top.returncode == 0
-    commands = ["presets", "flops", "eval"]
+    commands = ["presets", "flops", "eval", "slim", "search", "spaces", "front", "export", "finetune"]
     for name in commands:
         assert name in top.stdout
         sub = run(name, "--help")
