@@ -10,13 +10,16 @@ that cannot be opened is one :class:`ParetokenError` line with the password hidd
 """
 from __future__ import annotations
 
+import random
 import re
+import time
 import warnings
 from pathlib import Path
 
 from paretoken.errors import ParetokenError
 
 STUDIES_DIR = Path("studies")
+JOURNAL_LOCK_GRACE_S = 5
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _FORMS = "sqlite:///FILE.db, journal:FILE, postgresql://USER[:PASSWORD]@HOST[:PORT]/DB"
 
@@ -85,10 +88,13 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     target = url
     try:
         if journal is not None:
-            from optuna.storages.journal import JournalFileBackend, JournalStorage
+            from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock, JournalStorage
 
             journal.parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(str(journal)))
+            # the lock is held for one append (milliseconds); one older than JOURNAL_LOCK_GRACE_S was left by a
+            # killed process and is broken (Optuna's default waits 30 s)
+            lock = JournalFileSymlinkLock(str(journal), grace_period=JOURNAL_LOCK_GRACE_S)
+            return JournalStorage(JournalFileBackend(str(journal), lock_obj=lock))
         if "://" not in url:
             raise ParetokenError(f"storage: {url!r} is not a storage URL; valid: {_FORMS}")
         engine_kwargs = {}
@@ -100,11 +106,20 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         elif url.startswith(("postgresql", "postgres:")):
             engine_kwargs = {"pool_pre_ping": True}
             target = _postgres_driver(url)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # heartbeat arguments are "experimental"
-            return optuna.storages.RDBStorage(
-                target, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period, heartbeat_stale_trial_callback=stale_callback)
+        for attempt in range(5):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # heartbeat arguments are "experimental"
+                    return optuna.storages.RDBStorage(
+                        target, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                        grace_period=grace_period, heartbeat_stale_trial_callback=stale_callback)
+            except Exception as exc:  # noqa: BLE001
+                # two processes creating Optuna's tables in an empty database at once: the loser sees
+                # "already exists" / a unique violation; the tables exist now, so try again
+                text = str(exc).lower()
+                if attempt == 4 or not any(k in text for k in ("already exists", "duplicate key", "unique")):
+                    raise
+                time.sleep(0.5 + random.random())
     except ParetokenError:
         raise
     except Exception as exc:  # unreachable server, bad URL, unwritable file, missing driver

@@ -1,0 +1,109 @@
+"""SIGKILL a running `paretoken search`, run the same command again: nothing finished is lost or repeated,
+the trial left RUNNING is marked FAIL and its plan runs again (SQLite with Optuna's heartbeat; a journal
+file with the explicit sweep)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import safetensors.torch
+import torch
+
+from paretoken.evaluators.models import build_default_architecture
+from paretoken.search.storage import open_storage
+
+TRIALS = 9
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "weights.safetensors"
+    safetensors.torch.save_file(build_default_architecture().state_dict(), str(path))
+    return str(path)
+
+
+def search_command(study, storage, checkpoint, trials):
+    return [sys.executable, "-m", "paretoken.cli", "search", "--study", study, "--storage", storage,
+            "--space", "evit", "--trials", str(trials), "--checkpoint", checkpoint, "--images", "16",
+            "--batch-size", "16", "--no-speed", "--heartbeat", "1", "--seed", "0"]
+
+
+def load(study, storage):
+    return optuna.load_study(study_name=study, storage=open_storage(storage))
+
+
+def wait_until(predicate, timeout, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"search exited early ({proc.returncode}): {proc.stdout.read()}")
+        try:
+            if predicate():
+                return
+        except KeyError:  # the study does not exist yet
+            pass
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+def snapshot(trial):
+    return (trial.number, trial.state.name, trial.values, trial.params, trial.user_attrs.get("plan"),
+            trial.datetime_complete)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_sigkill_then_the_same_command_resumes(kind, checkpoint, tmp_path):
+    storage = f"sqlite:///{tmp_path}/k.db" if kind == "sqlite" else f"journal:{tmp_path}/k.log"
+    cmd = search_command("k", storage, checkpoint, TRIALS)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def mid_trial():
+            trials = load("k", storage).get_trials(deepcopy=False)
+            states = [t.state.name for t in trials]
+            return states.count("COMPLETE") >= 3 and "RUNNING" in states
+
+        wait_until(mid_trial, 120, proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+
+    before = load("k", storage).get_trials()
+    finished = {t.number: snapshot(t) for t in before if t.state.is_finished()}
+    killed = [t for t in before if t.state.name == "RUNNING"]
+    assert len(finished) >= 3 and len(killed) == 1 and len(finished) < TRIALS
+
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    after = load("k", storage).get_trials()
+    by_number = {t.number: t for t in after}
+    # nothing finished before the kill is lost or changed
+    for number, snap in finished.items():
+        assert snapshot(by_number[number]) == snap
+    # the trial left RUNNING is FAIL (interrupted: no error of its own) and its plan ran again
+    lost = by_number[killed[0].number]
+    assert lost.state.name == "FAIL" and "error" not in lost.user_attrs
+    reruns = [t for t in after if t.user_attrs.get("retry_of") == lost.number]
+    assert len(reruns) == 1 and reruns[0].state.name == "COMPLETE"
+    # its parameters are fixed in the re-run (all of them, or those sampled before the kill)
+    assert lost.params.items() <= reruns[0].params.items()
+    if "plan" in lost.user_attrs:
+        assert reruns[0].user_attrs["plan"] == lost.user_attrs["plan"]
+    assert f"[re-run of trial {lost.number}]" in out.stdout
+    # the target counts finished trials; nothing finished was repeated; presets ran once each
+    done = [t for t in after if t.state.name == "COMPLETE" or (t.state.name == "FAIL" and "error" in t.user_attrs)]
+    assert len(done) == TRIALS and all(t.state.name == "COMPLETE" for t in done)
+    assert all(by_number[t.user_attrs["retry_of"]].number == lost.number for t in after if "retry_of" in t.user_attrs)
+    presets = [t.user_attrs["preset"] for t in done if t.user_attrs.get("preset")]
+    assert sorted(presets) == ["evit-0.5", "evit-0.7", "uncompressed"]
+    assert not [t for t in after if t.state.name in ("RUNNING", "WAITING")]
+    assert f"resumed with {sum(1 for s in finished.values() if s[1] == 'COMPLETE')} complete" in out.stdout
