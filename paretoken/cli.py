@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.getLogger("fvcore").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="fvcore")
+    # fvcore's import calls torch.jit.script, which torch >= 2.10 deprecates: not the user's concern.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     try:
         return args.func(args)
     except ParetokenError as err:
