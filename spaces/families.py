@@ -2,12 +2,15 @@
 
 Grids (chosen so every published preset of :mod:`paretoken.compress.presets` lies on them):
 
-  keep       0.25 .. 0.95 step 0.05   fraction of the block's current patch tokens kept (prune, prune_fuse)
-  slim keep  0.50 .. 1.00 step 0.05   1.00 means no stage in that block
-  r          0 .. 24 (tome), 1 .. 24 (mixed merge)   patch tokens merged away in a block
-  threshold  0.10 .. 2.00 step 0.05   relative to uniform attention (1.0 = average token)
-  mass       0.50 .. 1.00 step 0.05   score mass held by JMP's critical tokens
+  keep       0.40 .. 0.95 step 0.05   fraction of the block's current patch tokens kept (prune, prune_fuse)
+  slim keep  0.60 .. 1.00 step 0.05   1.00 means no stage in that block
+  r          0 .. 20 (tome; ramp ends 0 .. 24), 1 .. 20 (mixed merge)   patch tokens merged away in a block
+  threshold  0.10 .. 1.20 step 0.05   relative to uniform attention (1.0 = average token)
+  mass       0.70 .. 1.00 step 0.05   score mass held by JMP's critical tokens
   sim        0.00 .. 1.00 step 0.05   cosine at or above which JMP merges instead of pruning
+
+Stages compound (a keep ratio applies to the tokens that are left), so the ranges stop short of the
+extremes where a plan with several stages would keep almost nothing.
 """
 from __future__ import annotations
 
@@ -17,13 +20,13 @@ from typing import Any
 from paretoken.compress.plan import Plan, Stage
 from paretoken.spaces.base import Param, Space, check_depth, stages_by_layer, suggest_grid
 
-KEEP = (0.25, 0.95, 0.05)
-SLIM_KEEP = (0.5, 1.0, 0.05)
-THRESHOLD = (0.1, 2.0, 0.05)
-MASS = (0.5, 1.0, 0.05)
+KEEP = (0.4, 0.95, 0.05)
+SLIM_KEEP = (0.6, 1.0, 0.05)
+THRESHOLD = (0.1, 1.2, 0.05)
+MASS = (0.7, 1.0, 0.05)
 SIM = (0.0, 1.0, 0.05)
-R_MAX = 24
-R_RAMP_MAX = 32
+R_MAX = 20
+R_RAMP_MAX = 24
 SCORES = ("cls_attn", "head_weighted")
 MIXED_OPS = ("prune", "prune_fuse", "merge", "joint", "threshold")
 
