@@ -42,6 +42,8 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
                                                  "[/usr/share/datasets/fashion-mnist]")
     g.add_argument("--images", type=_positive_int, default=500, help="evaluation images per trial [500]")
     g.add_argument("--batch-size", type=_positive_int, default=100, help="images per timed batch [100]")
+    g.add_argument("--flops-images", type=_positive_int, default=16,
+                   help="images whose GFLOPs are averaged for plans with per-image token counts [16]")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda where present) [auto]")
     g.add_argument("--no-speed", action="store_true",
                    help="skip throughput/latency timing (img_per_s, latency_ms are then not recorded)")
@@ -105,6 +107,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else (2 if args.backend == "ray" else 1)
     config = EvalConfig(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
                         images=args.images, batch_size=min(args.batch_size, args.images),
+                        flops_images=max(1, min(args.flops_images, args.images)),
                         device=_device(args.device), speed=not args.no_speed)
     result = run_search(args.study, storage=args.storage, space=args.space, objectives=args.objectives,
                         sampler=args.sampler, n_trials=args.trials, backend=args.backend, workers=workers,

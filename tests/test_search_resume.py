@@ -17,7 +17,7 @@ import torch
 from paretoken.evaluators.models import build_default_architecture
 from paretoken.search.storage import open_storage
 
-TRIALS = 9
+TRIALS = 7
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +107,30 @@ def test_sigkill_then_the_same_command_resumes(kind, checkpoint, tmp_path):
     assert sorted(presets) == ["evit-0.5", "evit-0.7", "uncompressed"]
     assert not [t for t in after if t.state.name in ("RUNNING", "WAITING")]
     assert f"resumed with {sum(1 for s in finished.values() if s[1] == 'COMPLETE')} complete" in out.stdout
+
+
+def test_ctrl_c_fails_the_running_trial_and_enqueues_its_plan_at_once(checkpoint, tmp_path):
+    storage = f"sqlite:///{tmp_path}/c.db"
+    cmd = search_command("c", storage, checkpoint, 50)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def mid_trial():
+            states = [t.state.name for t in load("c", storage).get_trials(deepcopy=False)]
+            return states.count("COMPLETE") >= 2 and "RUNNING" in states
+
+        wait_until(mid_trial, 120, proc)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out
+    assert "paretoken: interrupted" in out and "Traceback" not in out
+    trials = load("c", storage).get_trials()
+    assert not [t for t in trials if t.state.name == "RUNNING"]
+    interrupted = [t for t in trials if t.state.name == "FAIL" and "error" not in t.user_attrs]
+    assert len(interrupted) == 1
+    waiting = [t for t in trials if t.state.name == "WAITING" and t.user_attrs.get("retry_of") == interrupted[0].number]
+    assert len(waiting) == 1
+    assert interrupted[0].params.items() <= waiting[0].system_attrs["fixed_params"].items()

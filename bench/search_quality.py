@@ -1,0 +1,128 @@
+"""Search quality on the default model: hypervolume after N trials per sampler and seed, beside the presets alone.
+
+    python bench/search_quality.py                       # 60 trials x {tpe, nsga2, gp, random} x 3 seeds
+    python bench/search_quality.py --trials 30 --seeds 1 --images 200   # a quicker look
+
+Every study starts with the uncompressed model and the presets its space can express (the
+``mixed`` space: 8 presets), so "presets alone" is the hypervolume of those first trials, and the
+target is a searched front that dominates every preset point. Reference point (fixed): top1 of the
+uncompressed model minus 10 points, its full GFLOPs. Studies go to bench/results/search_quality/
+(SQLite, one per run, resumable); figures and numbers to bench/results/search_quality.{json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from paretoken.evaluators.evaluate import EvalConfig, environment
+from paretoken.search import run_search
+from paretoken.search import study as st
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _dominated_presets(study, objectives) -> tuple[int, int]:
+    """(presets dominated by a searched trial, presets) among COMPLETE feasible trials."""
+    done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE" and t.values]
+    presets = [t for t in done if t.user_attrs.get("preset") not in (None, st.UNCOMPRESSED)]
+    searched = [t for t in done if not t.user_attrs.get("preset")]
+    sign = np.array([-1.0 if st.DIRECTIONS[o] == "maximize" else 1.0 for o in objectives])
+    found = np.array([np.array(t.values) * sign for t in searched]).reshape(-1, len(objectives))
+    count = 0
+    for p in presets:
+        point = np.array(p.values) * sign
+        if len(found) and np.any(np.all(found <= point, axis=1) & np.any(found < point, axis=1)):
+            count += 1
+    return count, len(presets)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=60)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--samplers", default="tpe,nsga2,gp,random")
+    parser.add_argument("--space", default="mixed")
+    parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--checkpoint")
+    args = parser.parse_args()
+
+    objectives = ("top1", "gflops")
+    config = EvalConfig(model=args.model, checkpoint=args.checkpoint, images=args.images,
+                        batch_size=min(100, args.images), speed=False)
+    studies = RESULTS / "search_quality"
+    rows = []
+    for sampler in args.samplers.split(","):
+        for seed in range(args.seeds):
+            name = f"{args.space}-{sampler}-s{seed}-n{args.trials}-i{args.images}"
+            start = time.perf_counter()
+            result = run_search(name, storage=f"sqlite:///{studies / name}.db", space=args.space,
+                                objectives=objectives, sampler=sampler, n_trials=args.trials, eval_config=config,
+                                seed=seed, log=lambda line: None)
+            study = result.study
+            done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+            preset_trials = [t for t in done if t.user_attrs.get("preset")]
+            hv_presets = st.hypervolume(preset_trials, objectives, result.reference)
+            dominated, n_presets = _dominated_presets(study, objectives)
+            history = []
+            for k in range(1, len(done) + 1):
+                history.append(st.hypervolume(done[:k], objectives, result.reference))
+            rows.append({"sampler": sampler, "seed": seed, "trials": len(done), "failed": result.counts.failed,
+                         "hypervolume": result.hypervolume, "hypervolume_presets": hv_presets,
+                         "presets_dominated": dominated, "presets": n_presets, "reference": result.reference,
+                         "seconds": time.perf_counter() - start, "history": history})
+            print(f"{sampler:7s} seed {seed}: HV {result.hypervolume:.4f} (presets alone {hv_presets:.4f}); "
+                  f"{dominated}/{n_presets} presets dominated; {len(done)} trials in "
+                  f"{rows[-1]['seconds']:.0f} s", flush=True)
+
+    summary = {}
+    for sampler in args.samplers.split(","):
+        hvs = [r["hypervolume"] for r in rows if r["sampler"] == sampler]
+        summary[sampler] = {"mean": statistics.fmean(hvs), "std": statistics.pstdev(hvs) if len(hvs) > 1 else 0.0,
+                            "presets_alone": statistics.fmean(r["hypervolume_presets"] for r in rows
+                                                              if r["sampler"] == sampler),
+                            "all_presets_dominated": all(r["presets_dominated"] == r["presets"] for r in rows
+                                                         if r["sampler"] == sampler)}
+        s = summary[sampler]
+        print(f"{sampler:7s} HV {s['mean']:.4f} ± {s['std']:.4f} vs presets alone {s['presets_alone']:.4f}; "
+              f"every preset dominated in every seed: {s['all_presets_dominated']}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "search_quality.json"
+    out.write_text(json.dumps({"command": "python bench/search_quality.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        "objectives": objectives, "space": args.space, "images": args.images, "environment": environment(),
+        "summary": summary, "runs": rows}, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v)
+        else str(v)) + "\n")
+    print(f"saved {out}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for sampler in args.samplers.split(","):
+        runs = [r["history"] for r in rows if r["sampler"] == sampler]
+        length = min(len(h) for h in runs)
+        mean = np.mean([h[:length] for h in runs], axis=0)
+        ax.plot(range(1, length + 1), mean, label=sampler)
+    presets_hv = statistics.fmean(r["hypervolume_presets"] for r in rows)
+    ax.axhline(presets_hv, color="black", linestyle="--", label="presets alone")
+    ax.set_xlabel("trials (presets first)")
+    ax.set_ylabel("hypervolume (top1 %, GFLOPs)")
+    ax.set_title(f"{args.space} space, default model, {args.images} images, mean of {args.seeds} seeds")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "search_quality.png", dpi=120)
+    print(f"saved {RESULTS / 'search_quality.png'}")
+
+
+if __name__ == "__main__":
+    main()
