@@ -109,10 +109,15 @@ class RayExecutor:
                         import torch
 
                         num_gpus = torch.cuda.device_count()
-                    ray.init(num_cpus=max(1, math.ceil(workers * cpus)), num_gpus=num_gpus, **kwargs)
+                    # address="local": always a fresh local Ray, never a cluster left in /tmp/ray by `ray start`
+                    ray.init(address="local", num_cpus=max(1, math.ceil(workers * cpus)), num_gpus=num_gpus,
+                             **kwargs)
             except Exception as exc:  # noqa: BLE001 - unreachable cluster, bad address
-                where = f"the Ray cluster at {address!r}" if address else "a local Ray"
-                raise ParetokenError(f"ray: cannot start {where} ({' '.join(str(exc).split())[:200]})") from None
+                where = f"connect to the Ray cluster at {address!r}" if address else "start a local Ray"
+                hint = ("; a cluster with token authentication needs RAY_AUTH_MODE=token in this environment "
+                        "(and its token in RAY_AUTH_TOKEN or ~/.ray/auth_token)"
+                        if address and not os.environ.get("RAY_AUTH_MODE") else "")
+                raise ParetokenError(f"ray: cannot {where} ({' '.join(str(exc).split())[:200]}){hint}") from None
             self.started = True
         self.options = {"num_cpus": cpus, "num_gpus": gpus, "max_restarts": 0}
         self.threads = max(1, int(cpus))
@@ -514,11 +519,12 @@ def _loop(state: _LoopState, executor, liveness: st.Liveness, beater: _Beater, p
         if time.monotonic() - last_sweep >= liveness.interval:
             liveness.sweep()
             last_sweep = time.monotonic()
-        c = st.counts(state.study)
-        launched = c.finished + c.running
-        while executor.free() and launched < state.n_trials:
-            state.launch(executor, liveness, beater)
-            launched += 1
+        if executor.free():  # (counting reads every trial: only when a worker could take one)
+            c = st.counts(state.study)
+            launched = c.finished + c.running
+            while executor.free() and launched < state.n_trials:
+                state.launch(executor, liveness, beater)
+                launched += 1
         if not executor.busy():
             if st.counts(state.study).finished >= state.n_trials:
                 return
