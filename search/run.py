@@ -461,8 +461,8 @@ class _LoopState:
             for key in ("worker_pid", "hostname", "device", "threads", "versions", "duration_s"):
                 if key in result:
                     trial.set_user_attr(key, result[key])
-            for key, value in metrics.items():
-                trial.set_user_attr(key, value)
+            for key, value in metrics.items():  # NaN (not measured) is stored as null: valid JSON for dashboards
+                trial.set_user_attr(key, value if isinstance(value, (int, float)) and math.isfinite(value) else None)
             if error is None:
                 bad = nan_objectives(metrics, self.objectives)
                 if bad:

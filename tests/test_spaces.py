@@ -156,3 +156,16 @@ def test_plans_of_each_family_apply_to_a_timm_vit():
                 assert (counts[:, 1:] <= counts[:, :-1]).all()  # tokens never grow
         paretoken.apply(model, Plan())
         assert torch.equal(model(images), base)
+
+
+def test_a_plan_of_each_family_applies_to_a_timm_model_by_name():
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        for name in sorted(FAMILY_OPS):
+            _, plan = _samples(get_space(name), 1, seed=2)[0]
+            paretoken.apply(model, plan)
+            assert torch.isfinite(model(images)).all(), (name, plan.describe())
