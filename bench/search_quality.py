@@ -49,13 +49,15 @@ def main() -> None:
     parser.add_argument("--samplers", default="tpe,nsga2,gp,random")
     parser.add_argument("--space", default="mixed")
     parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--flops-images", type=int, default=16, help="images averaged for per-image plans' GFLOPs")
     parser.add_argument("--model", default="default")
     parser.add_argument("--checkpoint")
     args = parser.parse_args()
 
     objectives = ("top1", "gflops")
     config = EvalConfig(model=args.model, checkpoint=args.checkpoint, images=args.images,
-                        batch_size=min(100, args.images), speed=False)
+                        batch_size=min(100, args.images), speed=False,
+                        flops_images=args.flops_images)
     studies = RESULTS / "search_quality"
     rows = []
     for sampler in args.samplers.split(","):

@@ -26,12 +26,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--flops-images", type=int, default=16, help="images averaged for per-image plans' GFLOPs")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--space", default="mixed")
     args = parser.parse_args()
     cpus = os.cpu_count() or 1
     gpu = args.device.startswith("cuda")
-    config = EvalConfig(images=args.images, batch_size=min(100, args.images), speed=False, device=args.device)
+    config = EvalConfig(images=args.images, batch_size=min(100, args.images), speed=False,
+                        flops_images=args.flops_images, device=args.device)
     setups = [("local", 1, float(cpus)), ("ray", 1, float(cpus)), ("ray", 2, max(1.0, cpus / 2))]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,7 +61,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "search_scaling.json"
     out.write_text(json.dumps({"command": "python bench/search_scaling.py " + " ".join(
-        f"--{k} {v}" for k, v in vars(args).items()), "environment": environment(args.device), "rows": rows},
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()), "environment": environment(args.device), "rows": rows},
         indent=2) + "\n")
     print(f"saved {out}")
 

@@ -6,16 +6,23 @@ its blocks' and their attentions' classes are swapped for subclasses whose
 forward threads the token state (sizes, padding) through the blocks. Weights
 are untouched; attention stays on ``scaled_dot_product_attention`` with the
 sizes as an additive float mask.
+
+Learned stages (:mod:`~paretoken.compress.learn`) add modules to their block:
+``token_predictor`` for ``score: predictor`` stages (weights travel in the
+checkpoint as ``blocks.<i>.token_predictor.*``) and, while fine-tuning,
+``token_threshold`` for ``threshold`` stages. In training mode those stages
+mask instead of dropping (see :mod:`~paretoken.compress.learn`).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
-from paretoken.compress import reducers, scores
+from paretoken.compress import learn, reducers, scores
 from paretoken.compress.plan import Plan, Stage
 from paretoken.errors import ParetokenError
 
@@ -23,8 +30,13 @@ from paretoken.errors import ParetokenError
 class TokenState:
     """Per-forward token bookkeeping shared by a patched model's blocks.
 
-    size: (B, N) patches per token, 0 for padding. counts: one (B,) tensor per
-    block, the valid tokens (prefix included) each image has after the block.
+    size: (B, N) patches per token (times the keep factor of learned stages in
+    training), 0 for padding. counts: one (B,) tensor per block, the valid
+    tokens (prefix included) each image has after the block. soft: True once a
+    learned stage has masked tokens in this forward (attention then weights keys
+    by size, differentiably). kept: per learned stage of this forward,
+    (stage, kept, before): the (B,) fractions of the input patch tokens alive
+    after it (with gradients) and before it.
     """
 
     def __init__(self, prefix: int) -> None:
@@ -32,15 +44,28 @@ class TokenState:
         self.size: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
         self.counts: list[torch.Tensor] = []
+        self.soft = False
+        self.patches = 0
+        self.kept: list[tuple[Stage, torch.Tensor, torch.Tensor]] = []
 
     def start(self, x: torch.Tensor) -> None:
         self.size = torch.ones(x.shape[:2], device=x.device)
         self.bias = None
         self.counts = []
+        self.soft = False
+        self.patches = x.shape[1] - self.prefix
+        self.kept = []
 
     def update(self, size: torch.Tensor, dtype: torch.dtype) -> None:
         self.size = size
-        self.bias = reducers.attention_bias(size, dtype)
+        self.bias = reducers.attention_bias(size.detach(), dtype)
+
+    def mask(self, stage: Stage, keep: torch.Tensor, dtype: torch.dtype) -> None:
+        """Multiply the sizes by a learned stage's keep factor (B, N) and record the kept fractions."""
+        before = learn.effective_tokens(self.size, self.prefix).detach() / self.patches
+        self.update(self.size * keep, dtype)
+        self.soft = True
+        self.kept.append((stage, learn.effective_tokens(self.size, self.prefix) / self.patches, before))
 
 
 def _needs(stage: Stage | None) -> frozenset[str]:
@@ -71,7 +96,9 @@ class PlanAttention(Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused_attn:
+        if self._pt_state.soft:
+            out = learn.masked_attention(q, k, v, self.scale, self._pt_state.size, self.attn_drop)
+        elif self.fused_attn:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0)
         else:
@@ -99,8 +126,9 @@ class PlanAttention(Attention):
         return self.proj_drop(self.proj(out))
 
 
-def reduce_tokens(stage: Stage, x: torch.Tensor, size: torch.Tensor, info: dict[str, Any], prefix: int):
-    """Apply one stage to the token state; returns (x, size)."""
+def reduce_tokens(stage: Stage, x: torch.Tensor, size: torch.Tensor, info: dict[str, Any], prefix: int,
+                  threshold: float | None = None):
+    """Apply one stage to the token state; returns (x, size). ``threshold`` overrides the stage's."""
     score, keys = info.get("score"), info.get("keys")
     if stage.op in ("prune", "slim"):
         return reducers.prune(x, size, score, prefix, keep=stage.keep, r=stage.r)
@@ -111,7 +139,8 @@ def reduce_tokens(stage: Stage, x: torch.Tensor, size: torch.Tensor, info: dict[
     if stage.op == "joint":
         return reducers.joint_merge_prune(x, size, score, keys, prefix, mass=stage.mass, sim=stage.sim)
     if stage.op == "threshold":
-        return reducers.threshold_prune(x, size, score, prefix, threshold=stage.threshold)
+        return reducers.threshold_prune(x, size, score, prefix,
+                                        threshold=stage.threshold if threshold is None else threshold)
     raise AssertionError(stage.op)  # Stage validation makes this unreachable
 
 
@@ -125,10 +154,31 @@ class PlanBlock(Block):
         state = self._pt_state
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         if self._pt_stage is not None:
-            x, size = reduce_tokens(self._pt_stage, x, state.size, self.attn._pt_info, state.prefix)
-            state.update(size, x.dtype)
+            x = self._reduce(self._pt_stage, x, state)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         state.counts.append((state.size > 0).sum(dim=1))
+        return x
+
+    def _reduce(self, stage: Stage, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        info, prefix = self.attn._pt_info, state.prefix
+        learned_threshold = getattr(self, "token_threshold", None)
+        if stage.score == "predictor":
+            if self.training:
+                log_probs = self.token_predictor(x[:, prefix:], state.size[:, prefix:].clamp(max=1.0))
+                state.mask(stage, learn.gumbel_keep(log_probs, prefix), x.dtype)
+                return x
+            info = {**info, "score": learn.predictor_score(self.token_predictor, x, state.size, prefix)}
+        elif learned_threshold is not None:
+            if self.training:
+                keep = learn.soft_threshold_keep(info["score"], state.size, prefix, learned_threshold.value,
+                                                 learned_threshold.temperature)
+                state.mask(stage, keep, x.dtype)
+                return x
+            x, size = reduce_tokens(stage, x, state.size, info, prefix, threshold=learned_threshold.current())
+            state.update(size, x.dtype)
+            return x
+        x, size = reduce_tokens(stage, x, state.size, info, prefix)
+        state.update(size, x.dtype)
         return x
 
 
@@ -172,10 +222,35 @@ def _check_model(model: torch.nn.Module) -> None:
                                  "valid: timm's standard Block with Attention")
 
 
-def apply(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
+def _attach_predictor(model: torch.nn.Module, layer: int, init: bool) -> None:
+    """Give block ``layer`` its ``token_predictor``: kept if present, else loaded from the weights
+    the checkpoint carried (``model._pt_predictor_state``), else fresh when ``init``."""
+    block = model.blocks[layer]
+    if isinstance(getattr(block, "token_predictor", None), learn.TokenPredictor):
+        return
+    predictor = learn.TokenPredictor(model.embed_dim).to(next(model.parameters()).device)
+    prefix = f"blocks.{layer}.token_predictor."
+    saved = {k[len(prefix):]: v for k, v in getattr(model, "_pt_predictor_state", {}).items() if k.startswith(prefix)}
+    if saved:
+        try:
+            predictor.load_state_dict(saved)
+        except RuntimeError as err:
+            reason = " ".join(str(err).split())[:160]
+            raise ParetokenError(f"stage at layer {layer}: the checkpoint's {prefix}* weights do not fit this "
+                                 f"model ({reason}); valid: predictors trained on this model") from None
+    elif not init:
+        raise ParetokenError(f"stage at layer {layer}: score 'predictor' needs trained predictor weights "
+                             f"({prefix}* in the checkpoint); train them with `paretoken finetune --plan PLAN`, "
+                             "or use a training-free score: cls_attn, head_weighted")
+    block.token_predictor = predictor
+
+
+def apply(model: torch.nn.Module, plan: Plan, init_predictors: bool = False) -> torch.nn.Module:
     """Patch ``model`` in place to run ``plan``; returns it. Applying again replaces the plan.
 
-    An empty plan leaves the logits bit-for-bit unchanged.
+    An empty plan leaves the logits bit-for-bit unchanged. ``score: predictor`` stages need
+    predictor weights from the checkpoint (or from an earlier apply); ``init_predictors``
+    creates untrained ones instead, for fine-tuning.
     """
     if not isinstance(plan, Plan):
         raise ParetokenError(f"plan: expected a paretoken Plan, got {type(plan).__name__}")
@@ -183,8 +258,7 @@ def apply(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
     plan.check_depth(len(model.blocks))
     for stage in plan.stages:
         if stage.score == "predictor":
-            raise ParetokenError(f"stage at layer {stage.layer}: score 'predictor' needs predictors trained by "
-                                 "`paretoken finetune`; valid training-free scores: cls_attn, head_weighted")
+            _attach_predictor(model, stage.layer, init_predictors)
     state = TokenState(prefix=model.num_prefix_tokens)
     if not isinstance(model, PlanModel):
         model.__class__ = _patched_class(type(model))
@@ -196,7 +270,44 @@ def apply(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
         blk._pt_stage = by_layer.get(i)
         blk.attn._pt_needs = _needs(by_layer.get(i))
         blk.attn._pt_info = {}
+        if hasattr(blk, "token_threshold"):
+            del blk.token_threshold
+        if hasattr(blk, "token_predictor") and (blk._pt_stage is None or blk._pt_stage.score != "predictor"):
+            del blk.token_predictor
     return model
+
+
+def learn_thresholds(model: torch.nn.Module, temperature: float = 0.1) -> dict[int, learn.LearnableThreshold]:
+    """Make every ``threshold`` stage of the applied plan learnable; returns {layer: module}.
+
+    Each block gets a ``token_threshold`` initialised from its stage. Training mode then uses the
+    differentiable mask, eval mode the hard rule with the learned value; applying a plan again
+    removes them (write the learned values into the plan with :func:`learned_plan` first).
+    """
+    plan = applied_plan(model)
+    if plan is None:
+        raise ParetokenError("model: no plan applied; call paretoken.apply(model, plan) first")
+    device = next(model.parameters()).device
+    learned = {}
+    for stage in plan.stages:
+        if stage.op == "threshold":
+            module = learn.LearnableThreshold(stage.threshold, temperature).to(device)
+            model.blocks[stage.layer].token_threshold = learned[stage.layer] = module
+    return learned
+
+
+def learned_plan(model: torch.nn.Module) -> Plan:
+    """The applied plan with each learnable threshold replaced by its current value."""
+    plan = applied_plan(model)
+    if plan is None:
+        raise ParetokenError("model: no plan applied; call paretoken.apply(model, plan) first")
+    stages = []
+    for stage in plan.stages:
+        module = getattr(model.blocks[stage.layer], "token_threshold", None)
+        if module is not None:
+            stage = dataclasses.replace(stage, threshold=round(module.current(), 6))
+        stages.append(stage)
+    return Plan(tuple(stages), plan.version, meta=plan.meta)
 
 
 def token_counts(model: torch.nn.Module) -> torch.Tensor:

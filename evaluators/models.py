@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from paretoken.evaluators.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 DEFAULT_MODEL = "default"
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "default_fmnist.safetensors"
 _WRAPPER_KEYS = ("state_dict_ema", "state_dict", "model")
+_PREDICTOR_KEY = re.compile(r"blocks\.\d+\.token_predictor\.")
 
 
 def build_default_architecture() -> VisionTransformer:
@@ -114,7 +116,12 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path) -> torch.nn.Module
 
 
 def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> torch.nn.Module:
-    """Strict load with a one-line error naming the first offending key."""
+    """Strict load with a one-line error naming the first offending key.
+
+    Learned predictor weights (``blocks.<i>.token_predictor.*``, written by ``paretoken finetune``)
+    are set aside on ``model._pt_predictor_state`` for :func:`paretoken.apply` to attach.
+    """
+    predictors = {k: state.pop(k) for k in list(state) if _PREDICTOR_KEY.match(k)}
     expected = model.state_dict()
     for key, tensor in expected.items():
         if key not in state:
@@ -133,6 +140,7 @@ def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str
             f"checkpoint: {path} has unexpected key {extra[0]!r} ({len(extra)} extra keys); pass a checkpoint for {_arch(model)}"
         )
     model.load_state_dict(state, strict=True)
+    model._pt_predictor_state = predictors
     return model
 
 

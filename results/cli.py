@@ -164,7 +164,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                             data=args.data, epochs=args.epochs, train_images=args.train_images,
                             eval_images=args.eval_images, batch_size=args.batch_size, lr=args.lr,
                             alpha=args.alpha, temperature=args.temperature, seed=args.seed, device=args.device,
-                            max_steps=args.max_steps)
+                            max_steps=args.max_steps, learn_thresholds=not args.fixed_thresholds,
+                            budget=args.budget, budget_weight=args.budget_weight, learned_lr=args.learned_lr)
     report = finetune(args.plan, config, out=args.out, log=None if args.json else sys.stdout)
     if args.json:
         print(json.dumps(report, allow_nan=True))
@@ -202,8 +203,10 @@ def add_results_parsers(sub) -> None:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("finetune", help="fine-tune a compressed model by distillation from the uncompressed one",
-                       description="Cross-entropy + KL distillation from the uncompressed model; writes a "
-                                   "checkpoint that `paretoken eval --checkpoint FILE --plan PLAN` measures.")
+                       description="Cross-entropy + KL distillation from the uncompressed model; threshold stages "
+                                   "learn their thresholds under a token budget (AS-ViT), score: predictor stages "
+                                   "train DynamicViT predictors. Writes a checkpoint and plan that "
+                                   "`paretoken eval --checkpoint FILE --plan FILE.yaml` measures.")
     p.add_argument("--plan", required=True, metavar="FILE", help="plan file (an export works)")
     p.add_argument("--model", help="timm model name or 'default' [the plan's meta, else default]")
     p.add_argument("--checkpoint", metavar="FILE", help="starting weights [the plan's meta, else packaged/timm]")
@@ -217,6 +220,15 @@ def add_results_parsers(sub) -> None:
     p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate, cosine schedule [5e-5]")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term; (1-alpha) on CE [0.5]")
     p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature [1]")
+    p.add_argument("--fixed-thresholds", action="store_true",
+                   help="keep threshold stages' thresholds as the plan gives them (default: learn them, AS-ViT)")
+    p.add_argument("--budget", type=float, default=None, metavar="F",
+                   help="fraction of patch tokens threshold stages keep on average, 0 < F <= 1 "
+                        "[what the plan's thresholds keep before fine-tuning]")
+    p.add_argument("--budget-weight", type=float, default=2.0,
+                   help="weight of the token budget / predictor ratio loss [2]")
+    p.add_argument("--learned-lr", type=float, default=1e-3,
+                   help="learning rate of thresholds and DynamicViT predictors [1e-3]")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
     p.add_argument("--seed", type=int, default=0, help="[0]")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [cpu]")

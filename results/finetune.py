@@ -9,16 +9,24 @@ AdamW with a linear warm-up then cosine decay. Training images come from the dat
 split (the Fashion-MNIST train set, or the ImageFolder images that the ``eval`` split does not
 take), so the before/after top-1 on the ``eval`` split is measured on images never trained on.
 
+Learned stages (:mod:`paretoken.compress.learn`) train with the weights:
+
+- ``threshold`` stages learn their thresholds (AS-ViT): a differentiable mask in training, the
+  hard rule at inference, and a budget loss ``budget_weight * (mean kept fraction - budget)^2``
+  whose budget (the fraction of patch tokens kept, averaged over the threshold stages) defaults
+  to what the plan's thresholds keep before fine-tuning; the learned values go into the output plan;
+- ``score: predictor`` stages train DynamicViT predictors (Gumbel-softmax decisions, attention
+  masking, ratio loss ``budget_weight * (kept fraction - target)^2`` with the stage's keep as
+  target); their weights go into the output checkpoint.
+
 The output is a weights file (``.safetensors``) plus the plan written beside it, whose ``meta``
 names the new checkpoint, so ``paretoken eval --checkpoint OUT --plan OUT.yaml`` measures it.
-
-Not done here: learning AS-ViT thresholds (thresholds stay as the plan gives them; the weights
-adapt to them) and training DynamicViT predictors (plans with ``score: predictor`` are refused).
 """
 from __future__ import annotations
 
 import datetime as _dt
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,8 +35,10 @@ from typing import Any, TextIO
 import torch
 import torch.nn.functional as F
 
-from paretoken.compress import Plan, apply, load_plan
+from paretoken.compress import Plan, Stage, apply, learn, learn_thresholds, learned_plan, load_plan, token_counts
 from paretoken.errors import ParetokenError
+
+_LEARNED_KEY = re.compile(r"\.token_(predictor|threshold)\.")
 
 
 @dataclass(frozen=True)
@@ -48,12 +58,16 @@ class FinetuneConfig:
     warmup: float = 0.05  # fraction of the steps
     alpha: float = 0.5
     temperature: float = 1.0
+    learn_thresholds: bool = True
+    budget: float | None = None  # kept fraction for threshold stages; None: what the plan keeps before
+    budget_weight: float = 2.0
+    learned_lr: float = 1e-3  # learning rate of predictors and thresholds
     seed: int = 0
     device: str = "cpu"
     max_steps: int | None = None
 
     def check(self) -> None:
-        for name, low in (("epochs", 0.0), ("lr", 0.0), ("temperature", 0.0)):
+        for name, low in (("epochs", 0.0), ("lr", 0.0), ("temperature", 0.0), ("learned_lr", 0.0)):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > low):
                 raise ParetokenError(f"finetune: {name} {value!r} is invalid; valid: a number > {low:g}")
@@ -66,6 +80,10 @@ class FinetuneConfig:
                 raise ParetokenError(f"finetune: {name} {value!r} is invalid; valid: an integer >= 1")
         if not 0.0 <= self.alpha <= 1.0:
             raise ParetokenError(f"finetune: alpha {self.alpha!r} is out of range; valid: 0 <= alpha <= 1")
+        if self.budget is not None and not 0.0 < self.budget <= 1.0:
+            raise ParetokenError(f"finetune: budget {self.budget!r} is out of range; valid: 0 < budget <= 1")
+        if not (math.isfinite(self.budget_weight) and self.budget_weight >= 0.0):
+            raise ParetokenError(f"finetune: budget_weight {self.budget_weight!r} is invalid; valid: a number >= 0")
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float,
@@ -78,6 +96,34 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torc
     kl = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
                   reduction="batchmean") * (t * t)
     return (1.0 - alpha) * ce + alpha * kl
+
+
+def learned_stage_loss(kept: list[tuple[Stage, torch.Tensor, torch.Tensor]], patches: int,
+                       budget: float | None) -> torch.Tensor | None:
+    """Token-count loss of one training forward's learned stages (``TokenState.kept``), or None.
+
+    Predictor stages: DynamicViT's ratio loss towards the stage's keep (of the tokens alive before
+    it). Threshold stages: the budget loss on their kept fractions averaged per image.
+    """
+    terms, threshold_kept = [], []
+    for stage, after, before in kept:
+        if stage.score == "predictor":
+            target = before * stage.keep if stage.keep is not None else (before - stage.r / patches).clamp(min=0.0)
+            terms.append(learn.ratio_loss(after, target))
+        else:
+            threshold_kept.append(after)
+    if threshold_kept and budget is not None:
+        terms.append(learn.budget_loss(torch.stack(threshold_kept).mean(dim=0), budget))
+    return sum(terms) if terms else None
+
+
+@torch.no_grad()
+def threshold_kept_fraction(model: torch.nn.Module, images: torch.Tensor, layers: list[int]) -> float:
+    """Mean fraction of the patch tokens alive after the blocks ``layers``, hard rule, on ``images``."""
+    model.eval()
+    model(images)
+    counts = token_counts(model)[:, layers].float() - model.num_prefix_tokens
+    return float(counts.mean() / model.patch_embed.num_patches)
 
 
 @torch.no_grad()
@@ -123,10 +169,6 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ParetokenError(f"finetune: --out {str(out)!r} must end in .safetensors")
-    for stage in plan.stages:
-        if stage.score == "predictor":
-            raise ParetokenError(f"stage at layer {stage.layer}: score 'predictor' needs DynamicViT predictor "
-                                 "training, which finetune does not do yet; valid: cls_attn, head_weighted")
     model_name, checkpoint, data = _resolve(plan, config)
     device = _resolve_device(config.device)
     torch.manual_seed(config.seed)
@@ -134,7 +176,8 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
     teacher = create_model(model_name, checkpoint=checkpoint, pretrained=config.pretrained).to(device).eval()
     student = create_model(model_name, checkpoint=checkpoint, pretrained=config.pretrained).to(device)
     apply(teacher, Plan())
-    apply(student, Plan(plan.stages))
+    apply(student, Plan(plan.stages), init_predictors=True)
+    thresholds = learn_thresholds(student) if config.learn_thresholds else {}
     for p in teacher.parameters():
         p.requires_grad_(False)
 
@@ -143,21 +186,34 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
     base_logits = _predict(teacher, eval_x, config.batch_size, device)
     base_pred = base_logits.argmax(1)
 
-    def measure() -> dict[str, float]:
-        logits = _predict(student, eval_x, config.batch_size, device)
-        pred = logits.argmax(1)
+    def measure() -> dict[str, Any]:
+        student.eval()
+        preds, counts = [], []
+        with torch.no_grad():
+            for i in range(0, len(eval_x), config.batch_size):
+                preds.append(student(eval_x[i:i + config.batch_size].to(device)).argmax(1).cpu())
+                counts.append(token_counts(student).float().cpu())
+        pred = torch.cat(preds)
         return {"top1": 100.0 * (pred == eval_y).float().mean().item(),
-                "agreement": 100.0 * (pred == base_pred).float().mean().item()}
+                "agreement": 100.0 * (pred == base_pred).float().mean().item(),
+                "mean_tokens": round(torch.cat(counts).mean().item(), 2),
+                "thresholds": {layer: round(m.current(), 6) for layer, m in thresholds.items()}}
 
     before = measure()
+    budget = config.budget
+    if thresholds and budget is None:
+        budget = threshold_kept_fraction(student, train_x[:256].to(device), sorted(thresholds))
     uncompressed_top1 = 100.0 * (base_pred == eval_y).float().mean().item()
     steps_per_epoch = math.ceil(len(train_x) / config.batch_size)
     total = max(1, math.ceil(config.epochs * steps_per_epoch))
     if config.max_steps is not None:
         total = min(total, config.max_steps)
     warmup = int(config.warmup * total)
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    learned = [p for n, p in student.named_parameters() if _LEARNED_KEY.search(n)]
+    weights = [p for n, p in student.named_parameters() if p.requires_grad and not _LEARNED_KEY.search(n)]
+    optimizer = torch.optim.AdamW([{"params": weights}, {"params": learned, "lr": config.learned_lr,
+                                                         "weight_decay": 0.0}],
+                                  lr=config.lr, weight_decay=config.weight_decay)
 
     def lr_at(step: int) -> float:
         if step < warmup:
@@ -166,11 +222,15 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    predictor_layers = [s.layer for s in plan.stages if s.score == "predictor"]
     _say(log, f"fine-tuning {model_name} with plan {plan.describe()}\n"
               f"  {len(train_x)} training images, {total} steps of {config.batch_size}, lr {config.lr:g}, "
               f"alpha {config.alpha:g}, T {config.temperature:g} on {device}\n"
               f"  before: top1 {before['top1']:.2f} (uncompressed {uncompressed_top1:.2f}), "
-              f"agreement {before['agreement']:.2f}")
+              f"agreement {before['agreement']:.2f}, mean tokens/block {before['mean_tokens']:.1f}"
+         + (f"\n  learning thresholds {before['thresholds']} to keep {budget:.3f} of the patch tokens"
+            if thresholds else "")
+         + (f"\n  training predictors at layers {predictor_layers}" if predictor_layers else ""))
     generator = torch.Generator().manual_seed(config.seed)
     losses: list[tuple[int, float]] = []
     log_every = max(1, total // 20)
@@ -189,6 +249,9 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
                     t_logits = teacher(x)
                 s_logits = student(x)
             loss = distillation_loss(s_logits.float(), t_logits.float(), y, config.alpha, config.temperature)
+            token_loss = learned_stage_loss(student._pt_state.kept, student._pt_state.patches, budget)
+            if token_loss is not None:
+                loss = loss + config.budget_weight * token_loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"finetune: the loss became {loss.item()} at step {step}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
@@ -203,14 +266,17 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
             step += 1
     after = measure()
     _say(log, f"  after:  top1 {after['top1']:.2f} ({after['top1'] - before['top1']:+.2f}), "
-              f"agreement {after['agreement']:.2f}")
+              f"agreement {after['agreement']:.2f}, mean tokens/block {after['mean_tokens']:.1f}"
+              + (f", thresholds {after['thresholds']}" if thresholds else ""))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}, str(out))
+    save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()
+               if ".token_threshold." not in k}, str(out))
     report = {
         "model": model_name, "checkpoint_in": checkpoint, "data": data or "fashion-mnist",
         "uncompressed_top1": uncompressed_top1, "before": before, "after": after, "steps": step,
         "train_images": len(train_x), "eval_images": len(eval_x), "seconds": time.perf_counter() - started,
+        "budget": budget, "predictor_layers": predictor_layers,
         "loss": [loss for _, loss in losses],
     }
     meta = dict(plan.meta or {})
@@ -228,7 +294,7 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
     })
     if "metrics" in meta:  # the trial's metrics were measured on the old weights
         meta["metrics_before_finetune"] = meta.pop("metrics")
-    plan_out = Plan(plan.stages, plan.version, meta=meta).save(out.with_suffix(".yaml"))
+    plan_out = Plan(learned_plan(student).stages, plan.version, meta=meta).save(out.with_suffix(".yaml"))
     report.update({"checkpoint": str(out), "plan": str(plan_out)})
     _say(log, f"saved {out} and {plan_out}\n  measure it: paretoken eval --model {model_name} "
               f"--checkpoint {out} --plan {plan_out}" + (f" --data {data}" if data else ""))

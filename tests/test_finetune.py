@@ -65,10 +65,46 @@ def test_distillation_lowers_the_loss_and_the_result_evaluates(checkpoint, tmp_p
     assert measured["top1"] == pytest.approx(report["after"]["top1"])
 
 
+def test_thresholds_learn_towards_the_budget(checkpoint, tmp_path):
+    plan = paretoken.Plan((paretoken.Stage(2, "threshold", threshold=0.5),
+                           paretoken.Stage(6, "threshold", threshold=0.5)))
+    out = tmp_path / "asvit.safetensors"
+    config = FinetuneConfig(checkpoint=str(checkpoint), train_images=256, eval_images=64, batch_size=64,
+                            epochs=2, lr=1e-4, budget=0.3, budget_weight=20.0, learned_lr=0.1)
+    report = finetune(plan, config, out=out)
+    assert report["budget"] == 0.3
+    before, after = report["before"]["thresholds"], report["after"]["thresholds"]
+    assert set(before) == {2, 6} and all(after[k] > before[k] for k in before)  # fewer tokens to meet the budget
+    assert report["after"]["mean_tokens"] < report["before"]["mean_tokens"]
+    written = paretoken.load_plan(out.with_suffix(".yaml"))
+    assert [s.threshold for s in written.stages] == [pytest.approx(after[2]), pytest.approx(after[6])]
+    assert not any("token_threshold" in k for k in safetensors.torch.load_file(str(out)))
+
+
+def test_predictors_train_and_travel_with_the_checkpoint(checkpoint, tmp_path):
+    plan_file = paretoken.Plan((paretoken.Stage(3, "prune", keep=0.6, score="predictor"),
+                                paretoken.Stage(7, "prune_fuse", keep=0.6, score="predictor"))).save(tmp_path / "p.yaml")
+    out = tmp_path / "dyn.safetensors"
+    report = finetune(plan_file, FinetuneConfig(checkpoint=str(checkpoint), train_images=256, eval_images=64,
+                                                batch_size=64, epochs=1), out=out)
+    assert report["predictor_layers"] == [3, 7]
+    saved = safetensors.torch.load_file(str(out))
+    assert any(k.startswith("blocks.3.token_predictor.") for k in saved)
+    assert any(k.startswith("blocks.7.token_predictor.") for k in saved)
+    proc = subprocess.run([sys.executable, "-m", "paretoken.cli", "eval", "--checkpoint", str(out), "--plan",
+                           str(out.with_suffix(".yaml")), "--images", "64", "--json"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["metrics"]["top1"] == pytest.approx(report["after"]["top1"])
+    # without the trained weights the plan is refused with one line
+    proc = subprocess.run([sys.executable, "-m", "paretoken.cli", "eval", "--checkpoint", str(checkpoint), "--plan",
+                           str(plan_file), "--images", "8"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "token_predictor" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_bad_finetune_requests(checkpoint, tmp_path):
-    plan = paretoken.Plan((paretoken.Stage(3, "prune", keep=0.5, score="predictor"),))
-    with pytest.raises(ParetokenError, match="predictor"):
-        finetune(plan, FinetuneConfig(checkpoint=str(checkpoint)), out=tmp_path / "x.safetensors")
+    with pytest.raises(ParetokenError, match="budget"):
+        finetune(paretoken.Plan(), FinetuneConfig(budget=1.5), out=tmp_path / "x.safetensors")
     with pytest.raises(ParetokenError, match="must end in .safetensors"):
         finetune(paretoken.Plan(), FinetuneConfig(checkpoint=str(checkpoint)), out=tmp_path / "x.pt")
     with pytest.raises(ParetokenError, match="alpha"):
