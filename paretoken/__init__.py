@@ -7,9 +7,20 @@ The public face::
     model = paretoken.apply(model, plan)            # any timm VisionTransformer
     gflops = paretoken.count_flops(model, images)   # fvcore, per image
 """
-from paretoken.compress import Plan, Stage, apply, load_plan, token_counts
-from paretoken.compress.presets import PRESETS, preset
+import importlib
+
+from paretoken.compress.plan import Plan, Stage, load_plan
 from paretoken.errors import ParetokenError
+
+#: Loaded on first use, so that importing paretoken (and `paretoken --help`) needs no torch.
+_LAZY = {"apply": "paretoken.compress.patch", "token_counts": "paretoken.compress.patch",
+         "PRESETS": "paretoken.compress.presets", "preset": "paretoken.compress.presets"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'paretoken' has no attribute {name!r}")
 
 
 def count_flops(model, images, max_images: int = 32) -> float:

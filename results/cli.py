@@ -7,7 +7,6 @@ import math
 import sys
 from pathlib import Path
 
-from paretoken.errors import ParetokenError
 
 TABLE_COLUMNS = ("number", "preset", "top1", "agreement", "kl", "gflops", "img_per_s", "latency_ms", "plan_str")
 

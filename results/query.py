@@ -27,18 +27,13 @@ import numpy as np
 import pandas as pd
 
 from paretoken.errors import ParetokenError
+from paretoken.search.study import DEFAULT_OBJECTIVES, DIRECTIONS, check_objectives
 
 #: Metric columns, in the evaluators' order (kept here so reading a study never imports torch).
 METRICS = ("top1", "agreement", "kl", "gflops", "img_per_s", "latency_ms", "peak_mem_mb", "padding_pct")
 
 #: Whether each objective is maximised (True) or minimised (False).
-MAXIMIZE: dict[str, bool] = {
-    "top1": True, "agreement": True, "img_per_s": True,
-    "kl": False, "gflops": False, "latency_ms": False, "peak_mem_mb": False, "padding_pct": False,
-    "duration_s": False,
-}
-
-DEFAULT_OBJECTIVES = ("top1", "gflops")
+MAXIMIZE: dict[str, bool] = {name: way == "maximize" for name, way in DIRECTIONS.items()} | {"duration_s": False}
 STUDIES_DIR = Path("studies")
 
 
@@ -286,19 +281,11 @@ def load(study: str, storage: str | None = None) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- fronts
-def _check_objectives(objectives: Iterable[str], df: pd.DataFrame | None = None) -> tuple[str, ...]:
-    if isinstance(objectives, str):
-        objectives = tuple(o.strip() for o in objectives.split(",") if o.strip())
-    objectives = tuple(objectives)
-    if not objectives:
-        raise ParetokenError(f"objectives: none given; valid: {', '.join(MAXIMIZE)}")
+def _check_objectives(objectives: Iterable[str] | str, df: pd.DataFrame | None = None) -> tuple[str, ...]:
+    objectives = check_objectives(objectives, valid=MAXIMIZE)
     for name in objectives:
-        if name not in MAXIMIZE:
-            raise ParetokenError(f"objectives: {name!r} is unknown; valid: {', '.join(MAXIMIZE)}")
         if df is not None and name not in df.columns:
             raise ParetokenError(f"objectives: {name!r} is not a column of this table")
-    if len(set(objectives)) != len(objectives):
-        raise ParetokenError(f"objectives: {','.join(objectives)} names one twice")
     return objectives
 
 

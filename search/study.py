@@ -36,15 +36,16 @@ HEARTBEAT_ATTR = "paretoken:heartbeat"
 NSGA2_POPULATION = 16
 
 
-def check_objectives(objectives: Iterable[str] | str) -> tuple[str, ...]:
+def check_objectives(objectives: Iterable[str] | str, valid: Iterable[str] = DIRECTIONS) -> tuple[str, ...]:
+    """Parse "a,b" or a sequence into distinct objective names from ``valid``; one-line error otherwise."""
     if isinstance(objectives, str):
         objectives = [o.strip() for o in objectives.split(",") if o.strip()]
-    objectives = tuple(objectives)
+    objectives, valid = tuple(objectives), tuple(valid)
     if not objectives:
-        raise ParetokenError(f"objectives: none given; valid: {', '.join(DIRECTIONS)}")
+        raise ParetokenError(f"objectives: none given; valid: {', '.join(valid)}")
     for name in objectives:
-        if name not in DIRECTIONS:
-            raise ParetokenError(f"objectives: {name!r} is unknown; valid: {', '.join(DIRECTIONS)}")
+        if name not in valid:
+            raise ParetokenError(f"objectives: {name!r} is unknown; valid: {', '.join(valid)}")
     if len(set(objectives)) != len(objectives):
         raise ParetokenError(f"objectives: {','.join(objectives)} names one twice")
     return objectives

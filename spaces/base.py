@@ -74,8 +74,6 @@ class Space:
         The answer is checked by sampling with those parameters: every parameter is used,
         lies inside its distribution, and the plan comes out equal.
         """
-        import optuna
-
         depth = check_depth(depth)
         try:
             plan.check_depth(depth)

@@ -96,16 +96,29 @@ class TomeSpace(Space):
 
 # --------------------------------------------------------------------------- located stages
 class LocatedSpace(Space):
-    """A stage of one op in each block whose ``at_<l>`` is True, with per-block amounts."""
+    """A stage of one op in each block whose ``at_<l>`` is True, with per-block amounts.
+
+    ``amounts`` maps each amount field of the op to its (low, high, step) grid and a help line;
+    the parameter of field ``f`` at block ``l`` is ``f_<l>``.
+    """
 
     op: str = ""
     score: str = ""
+    amounts: dict[str, tuple[tuple[float, float, float], str]] = {}
 
-    def amount(self, trial, layer: int) -> dict[str, Any]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.params = (_AT, *(Param(f"{name}_<l>", _grid(grid), text, "at_<l>")
+                             for name, (grid, text) in cls.amounts.items()))
 
-    def amount_params(self, stage: Stage) -> dict[str, Any] | None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def amount(self, trial, layer: int) -> dict[str, Any]:
+        return {name: suggest_grid(trial, f"{name}_{layer}", *grid) for name, (grid, _) in self.amounts.items()}
+
+    def amount_params(self, stage: Stage) -> dict[str, Any] | None:
+        values = {name: getattr(stage, name) for name in self.amounts}
+        if not all(_on_grid(values[name], grid) for name, (grid, _) in self.amounts.items()):
+            return None
+        return {f"{name}_{stage.layer}": value for name, value in values.items()}
 
     def sample(self, trial, depth: int = 12) -> Plan:
         depth = check_depth(depth)
@@ -132,30 +145,26 @@ class LocatedSpace(Space):
         return params
 
 
-class KeepSpace(LocatedSpace):
-    def amount(self, trial, layer: int) -> dict[str, Any]:
-        return {"keep": suggest_grid(trial, f"keep_{layer}", *KEEP)}
-
-    def amount_params(self, stage: Stage) -> dict[str, Any] | None:
-        return {f"keep_{stage.layer}": stage.keep} if _on_grid(stage.keep, KEEP) else None
+_KEEP_AMOUNT = {"keep": (KEEP, "fraction of the block's patch tokens kept")}
 
 
-class EvitSpace(KeepSpace):
+class EvitSpace(LocatedSpace):
     name = "evit"
     op = "prune_fuse"
     score = "cls_attn"
     description = ("EViT: keep the top tokens by class attention and fuse the rest into one token, "
                    "at chosen blocks with a keep ratio each")
-    params = (_AT, Param("keep_<l>", _grid(KEEP), "fraction of the block's patch tokens kept", "at_<l>"))
+    amounts = _KEEP_AMOUNT
 
 
-class DynamicVitSpace(KeepSpace):
+class DynamicVitSpace(LocatedSpace):
     name = "dynamicvit"
     op = "prune"
     score = "cls_attn"
     description = ("DynamicViT (inference form, class-attention scores standing in for the learned predictors): "
-                   "drop all but the top tokens at chosen blocks with a keep ratio each")
-    params = (_AT, Param("keep_<l>", _grid(KEEP), "fraction of the block's patch tokens kept", "at_<l>"))
+                   "drop all but the top tokens at chosen blocks with a keep ratio each; "
+                   "`paretoken finetune` on a plan with score: predictor trains the predictors")
+    amounts = _KEEP_AMOUNT
 
 
 class AsVitSpace(LocatedSpace):
@@ -164,14 +173,7 @@ class AsVitSpace(LocatedSpace):
     score = "head_weighted"
     description = ("AS-ViT: keep the tokens whose head-weighted class attention exceeds a threshold "
                    "(a per-image count), at chosen blocks with a threshold each")
-    params = (_AT, Param("threshold_<l>", _grid(THRESHOLD), "score threshold relative to uniform attention",
-                         "at_<l>"))
-
-    def amount(self, trial, layer: int) -> dict[str, Any]:
-        return {"threshold": suggest_grid(trial, f"threshold_{layer}", *THRESHOLD)}
-
-    def amount_params(self, stage: Stage) -> dict[str, Any] | None:
-        return {f"threshold_{stage.layer}": stage.threshold} if _on_grid(stage.threshold, THRESHOLD) else None
+    amounts = {"threshold": (THRESHOLD, "score threshold relative to uniform attention")}
 
 
 class JmpSpace(LocatedSpace):
@@ -180,18 +182,8 @@ class JmpSpace(LocatedSpace):
     score = "cls_attn"
     description = ("JMP: critical tokens hold a mass of the class attention; each other token merges into its "
                    "most similar critical token above a similarity or is pruned, at chosen blocks")
-    params = (_AT,
-              Param("mass_<l>", _grid(MASS), "score mass held by the critical tokens", "at_<l>"),
-              Param("sim_<l>", _grid(SIM), "cosine at or above which a token merges instead of being pruned",
-                    "at_<l>"))
-
-    def amount(self, trial, layer: int) -> dict[str, Any]:
-        return {"mass": suggest_grid(trial, f"mass_{layer}", *MASS), "sim": suggest_grid(trial, f"sim_{layer}", *SIM)}
-
-    def amount_params(self, stage: Stage) -> dict[str, Any] | None:
-        if not (_on_grid(stage.mass, MASS) and _on_grid(stage.sim, SIM)):
-            return None
-        return {f"mass_{stage.layer}": stage.mass, f"sim_{stage.layer}": stage.sim}
+    amounts = {"mass": (MASS, "score mass held by the critical tokens"),
+               "sim": (SIM, "cosine at or above which a token merges instead of being pruned")}
 
 
 # --------------------------------------------------------------------------- Patch Slimming

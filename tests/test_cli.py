@@ -5,7 +5,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 
 
 def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

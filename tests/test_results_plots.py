@@ -7,7 +7,6 @@ import re
 
 import matplotlib.image
 import numpy as np
-import optuna
 import pytest
 
 from paretoken.errors import ParetokenError

@@ -11,21 +11,10 @@ import time
 
 import optuna
 import pytest
-import safetensors.torch
-import torch
 
-from paretoken.evaluators.models import build_default_architecture
 from paretoken.search.storage import open_storage
 
 TRIALS = 7
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "weights.safetensors"
-    safetensors.torch.save_file(build_default_architecture().state_dict(), str(path))
-    return str(path)
 
 
 def search_command(study, storage, checkpoint, trials):
