@@ -5,7 +5,7 @@ points after fine-tuning. For each plan this prints GFLOPs (and % of the uncompr
 uncompressed top-1, top-1 before and after fine-tuning, the loss against the uncompressed model, and
 whether the target is met; the table goes to bench/results/finetune.json and .md.
 
-    python bench/finetune.py                                  # evit-0.5, tome-r13: 1 epoch on 60k images
+    python bench/finetune.py          # evit-0.5, tome-r13, asvit (learned thresholds), DynamicViT predictors
     python bench/finetune.py --plans evit-0.5 --train-images 5000 --epochs 1     # a quick look
     python bench/finetune.py --plans my_plan.yaml --device cuda --epochs 5
 """
@@ -26,6 +26,7 @@ from paretoken.evaluators.models import create_model
 from paretoken.results.finetune import FinetuneConfig, finetune
 
 RESULTS = Path(__file__).parent / "results"
+PLANS = Path(__file__).parent / "plans"
 TARGET_GFLOPS_FRACTION = 0.65
 TARGET_DROP = 0.5
 
@@ -35,15 +36,17 @@ def _plan(name: str) -> paretoken.Plan:
 
 
 def _gflops(plan: paretoken.Plan, model_name: str, checkpoint: str | None, data: str | None) -> float:
+    """GFLOPs per image on 16 evaluation images (untrained predictors where the checkpoint has none)."""
     model = create_model(model_name, checkpoint=checkpoint)
     images, _ = load_split(data, model, "eval", n=16, seed=0)
-    paretoken.apply(model, plan)
+    paretoken.apply(model, plan, init_predictors=True)
     return paretoken.count_flops(model, images, max_images=16)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plans", nargs="+", default=["evit-0.5", "tome-r13"], help="preset names or plan files")
+    parser.add_argument("--plans", nargs="+", help="preset names or plan files",
+                        default=["evit-0.5", "tome-r13", "asvit", str(PLANS / "dynamicvit-predictor-0.7.yaml")])
     parser.add_argument("--model", default="default")
     parser.add_argument("--checkpoint")
     parser.add_argument("--data")
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.plans:
         plan = _plan(name)
         label = Path(name).stem if Path(name).is_file() else name
-        gflops = _gflops(plan, args.model, args.checkpoint, args.data)
+        gflops_before = _gflops(plan, args.model, args.checkpoint, args.data)
         config = FinetuneConfig(model=args.model, checkpoint=args.checkpoint, data=args.data, epochs=args.epochs,
                                 train_images=args.train_images, eval_images=args.eval_images,
                                 batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, device=args.device)
@@ -71,8 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         report = finetune(plan, config, out=args.out_dir / f"finetune-{label}.safetensors",
                           log=sys.stdout)
         drop = report["uncompressed_top1"] - report["after"]["top1"]
+        tuned = paretoken.load_plan(report["plan"])  # learned thresholds change the plan's GFLOPs
+        gflops = _gflops(tuned, args.model, report["checkpoint"], args.data)
         rows.append({
-            "plan": label, "describe": plan.describe(), "gflops": gflops, "gflops_pct": 100 * gflops / full,
+            "plan": label, "describe": tuned.describe(), "gflops_before": gflops_before,
+            "gflops": gflops, "gflops_pct": 100 * gflops / full,
             "uncompressed_top1": report["uncompressed_top1"], "before_top1": report["before"]["top1"],
             "after_top1": report["after"]["top1"], "drop_after": drop,
             "before_agreement": report["before"]["agreement"], "after_agreement": report["after"]["agreement"],
@@ -81,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             "target_met": gflops <= TARGET_GFLOPS_FRACTION * full and drop <= TARGET_DROP,
         })
 
-    header = ("| plan | GFLOPs | % of full | top-1 full | before | after | drop after | agreement before -> after "
-              "| steps | target |\n|---|---|---|---|---|---|---|---|---|---|")
+    header = ("| plan | GFLOPs before -> after | % of full | top-1 full | before | after | drop after "
+              "| agreement before -> after | steps | target |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [header] + [
-        f"| {r['plan']} | {r['gflops']:.4f} | {r['gflops_pct']:.0f}% | {r['uncompressed_top1']:.2f} | "
+        f"| {r['plan']} | {r['gflops_before']:.4f} -> {r['gflops']:.4f} | {r['gflops_pct']:.0f}% | {r['uncompressed_top1']:.2f} | "
         f"{r['before_top1']:.2f} | {r['after_top1']:.2f} | {r['drop_after']:+.2f} | "
         f"{r['before_agreement']:.1f} -> {r['after_agreement']:.1f} | {r['steps']} | "
         f"{'met' if r['target_met'] else 'NOT met'} |" for r in rows]
