@@ -26,6 +26,7 @@ def main() -> None:
         print(f"{name:15s} {seconds:6.2f} s" + ("  (includes building the cached baseline)" if len(rows) == 1 else ""),
               flush=True)
     out = Path(__file__).parent / "results" / "eval_time.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": "python bench/eval_time.py", "images": config.images,
                                "environment": environment(), "rows": rows}, indent=2) + "\n")
     print(f"saved {out}")

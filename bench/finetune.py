@@ -5,7 +5,7 @@ points after fine-tuning. For each plan this prints GFLOPs (and % of the uncompr
 uncompressed top-1, top-1 before and after fine-tuning, the loss against the uncompressed model, and
 whether the target is met; the table goes to bench/results/finetune.json and .md.
 
-    python bench/finetune.py          # evit-0.5, tome-r13, asvit (learned thresholds), DynamicViT predictors
+    python bench/finetune.py          # evit-0.7, tome-r13, asvit (learned thresholds), DynamicViT predictors
     python bench/finetune.py --plans evit-0.5 --train-images 5000 --epochs 1     # a quick look
     python bench/finetune.py --plans my_plan.yaml --device cuda --epochs 5
 """
@@ -46,7 +46,7 @@ def _gflops(plan: paretoken.Plan, model_name: str, checkpoint: str | None, data:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plans", nargs="+", help="preset names or plan files",
-                        default=["evit-0.5", "tome-r13", "asvit", str(PLANS / "dynamicvit-predictor-0.7.yaml")])
+                        default=["evit-0.7", "tome-r13", "asvit", str(PLANS / "dynamicvit-predictor-0.7.yaml")])
     parser.add_argument("--model", default="default")
     parser.add_argument("--checkpoint")
     parser.add_argument("--data")

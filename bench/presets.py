@@ -31,6 +31,7 @@ def main() -> None:
         print(f"| {rows[-1]['plan']} | {metrics['top1']:.2f} | {metrics['agreement']:.2f} | {metrics['gflops']:.4f} "
               f"| {metrics['img_per_s']:.0f} | {speedup:.2f}x | {metrics['padding_pct']:.1f} |", flush=True)
     out = Path(__file__).parent / "results" / "presets.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": f"python bench/presets.py --images {args.images}", "config": vars(config),
                                "environment": environment(), "rows": rows}, indent=2) + "\n")
     print(f"saved {out}")

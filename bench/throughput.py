@@ -56,6 +56,7 @@ def main() -> None:
               f"efficiency {row['efficiency']:5.2f}", flush=True)
 
     out = Path(__file__).parent / "results" / f"throughput_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": f"python bench/throughput.py --device {args.device} --batch-size {batch_size}",
         "model": args.model, "batch_size": batch_size, "amp": device.type == "cuda",
