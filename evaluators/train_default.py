@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bfloat16 autocast and explicit (non-flash) attention for training steps; "
                         "test accuracy is always measured in fp32")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (timing runs)")
+    p.add_argument("--train-images", type=int, default=None,
+                   help="train on the first N train images and test on the first N test images (quick runs)")
     p.add_argument("--data", type=Path, default=FASHION_MNIST_DIR)
     p.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS)
     return p.parse_args(argv)
@@ -101,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     model = build_default_architecture()
     train_x, train_y = load_fashion_mnist("train", args.data)
     test_x, test_y = load_fashion_mnist("test", args.data)
+    if args.train_images is not None:
+        train_x, train_y = train_x[:args.train_images], train_y[:args.train_images]
+        test_x, test_y = test_x[:args.train_images], test_y[:args.train_images]
     train_x, test_x = fashion_mnist_to_model(train_x, model), fashion_mnist_to_model(test_x, model)
     train_y, test_y = torch.from_numpy(train_y), torch.from_numpy(test_y)
 
@@ -150,11 +155,19 @@ def main(argv: list[str] | None = None) -> None:
                         "train_s": round(train_s, 1), "epoch_s": round(time.time() - epoch_start, 1)})
         print(f"EPOCH {epoch}/{args.epochs} loss {loss_sum / steps_per_epoch:.4f} test_top1 {top1:.2f}% "
               f"train {train_s:.0f} s total {time.time() - start:.0f} s", flush=True)
-        save(model, args, history, n_params, time.time() - start, command)
+        save(model, args, history, n_params, time.time() - start, command, default_gflops(model, test_x[:1]))
+
+
+def default_gflops(model: torch.nn.Module, image: torch.Tensor) -> float:
+    """fvcore GFLOPs per image (4 decimals) of the uncompressed model on one image (1, C, H, W)."""
+    from paretoken.evaluators.flops import count_flops
+
+    model.eval()
+    return round(count_flops(model, image), 4)
 
 
 def save(model: torch.nn.Module, args: argparse.Namespace, history: list[dict], n_params: int,
-         wall_s: float, command: str) -> None:
+         wall_s: float, command: str, gflops: float) -> None:
     """Write the weights (safetensors, fp32) and the JSON model card beside them."""
     args.out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -166,7 +179,7 @@ def save(model: torch.nn.Module, args: argparse.Namespace, history: list[dict], 
         "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist): train 60,000, test 10,000",
         "test_top1": history[-1]["test_top1"],
         "params": n_params,
-        "gflops": None,
+        "gflops": gflops,
         "epochs": args.epochs,
         "epochs_completed": len(history),
         "batch_size": args.batch_size,

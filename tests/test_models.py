@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -166,3 +169,16 @@ def test_pretrained_missing_from_hf_cache(tmp_path, monkeypatch) -> None:
         create_model(TINY, pretrained=True)
     message = _one_line_error(excinfo)
     assert "local Hugging Face cache" in message and str(tmp_path / "empty") in message and "--checkpoint" in message
+
+
+def test_training_script_writes_weights_and_card_that_load(tmp_path):
+    out = tmp_path / "tiny.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "paretoken.evaluators.train_default", "--epochs", "1",
+                           "--train-images", "256", "--batch-size", "64", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["epochs_completed"] == 1 and len(card["history"]) == 1
+    assert 0.0 <= card["test_top1"] <= 100.0 and card["gflops"] == pytest.approx(0.1774, abs=1e-3)
+    model = create_model("default", checkpoint=out)
+    assert sum(p.numel() for p in model.parameters()) == card["params"]
