@@ -17,13 +17,15 @@ search is resumed by running the same command again:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from paretoken.errors import ParetokenError
 from paretoken.search import study as st
@@ -208,6 +210,20 @@ class _Beater(threading.Thread):
 
 
 # --------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block has finished, then raise KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 def model_depth(config) -> int:
     """Number of blocks of the evaluated model, built on the meta device (no weights loaded)."""
     import torch
@@ -432,7 +448,9 @@ class _LoopState:
 
     def launch(self, executor, liveness, beater) -> bool:
         """Ask for one trial and submit it; False when the trial failed before reaching a worker."""
-        trial = self.study.ask()
+        with _sigint_deferred():  # a trial never exists in the study without being tracked for Ctrl-C
+            trial = self.study.ask()
+            self.in_flight[trial.number] = trial
         beater.add(trial._trial_id)
         liveness.beat([trial._trial_id])
         try:
@@ -444,7 +462,6 @@ class _LoopState:
 
             self.finish(trial, {"error": one_line(exc)}, beater)
             return False
-        self.in_flight[trial.number] = trial
         executor.submit(trial.number, plan.to_dict(), self.config)
         return True
 
