@@ -43,6 +43,27 @@ def _gflops(plan: paretoken.Plan, model_name: str, checkpoint: str | None, data:
     return paretoken.count_flops(model, images, max_images=16)
 
 
+def write_table(rows: list[dict], full: float, args: argparse.Namespace) -> str:
+    """Write bench/results/finetune.{md,json} for the rows so far; returns the Markdown table."""
+    header = ("| plan | GFLOPs before -> after | % of full | top-1 full | before | after | drop after "
+              "| agreement before -> after | steps | target |\n|---|---|---|---|---|---|---|---|---|---|")
+    lines = [header] + [
+        f"| {r['plan']} | {r['gflops_before']:.4f} -> {r['gflops']:.4f} | {r['gflops_pct']:.0f}% | {r['uncompressed_top1']:.2f} | "
+        f"{r['before_top1']:.2f} | {r['after_top1']:.2f} | {r['drop_after']:+.2f} | "
+        f"{r['before_agreement']:.1f} -> {r['after_agreement']:.1f} | {r['steps']} | "
+        f"{'met' if r['target_met'] else 'NOT met'} |" for r in rows]
+    env = environment(args.device)
+    note = (f"\n{args.model} model, {rows[0]['train_images'] if rows else 0} training images x {args.epochs:g} epochs, "
+            f"top-1 on {args.eval_images} held-out images; target: <= {TARGET_GFLOPS_FRACTION:.0%} of the "
+            f"uncompressed GFLOPs ({full:.4f}) and <= {TARGET_DROP} points lost. {env['device']}, "
+            f"{env['threads']} threads, torch {env['torch']}.")
+    table = "\n".join(lines) + "\n" + note
+    (args.out_dir / "finetune.md").write_text(table + "\n")
+    (args.out_dir / "finetune.json").write_text(json.dumps({"rows": rows, "full_gflops": full, "args": {
+        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "environment": env}, indent=2))
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plans", nargs="+", help="preset names or plan files",
@@ -86,24 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": time.perf_counter() - started,
             "target_met": gflops <= TARGET_GFLOPS_FRACTION * full and drop <= TARGET_DROP,
         })
-
-    header = ("| plan | GFLOPs before -> after | % of full | top-1 full | before | after | drop after "
-              "| agreement before -> after | steps | target |\n|---|---|---|---|---|---|---|---|---|---|")
-    lines = [header] + [
-        f"| {r['plan']} | {r['gflops_before']:.4f} -> {r['gflops']:.4f} | {r['gflops_pct']:.0f}% | {r['uncompressed_top1']:.2f} | "
-        f"{r['before_top1']:.2f} | {r['after_top1']:.2f} | {r['drop_after']:+.2f} | "
-        f"{r['before_agreement']:.1f} -> {r['after_agreement']:.1f} | {r['steps']} | "
-        f"{'met' if r['target_met'] else 'NOT met'} |" for r in rows]
-    env = environment(args.device)
-    note = (f"\n{args.model} model, {rows[0]['train_images'] if rows else 0} training images x {args.epochs:g} epochs, "
-            f"top-1 on {args.eval_images} held-out images; target: <= {TARGET_GFLOPS_FRACTION:.0%} of the "
-            f"uncompressed GFLOPs ({full:.4f}) and <= {TARGET_DROP} points lost. {env['device']}, "
-            f"{env['threads']} threads, torch {env['torch']}.")
-    table = "\n".join(lines) + "\n" + note
+        table = write_table(rows, full, args)  # after every plan, so a stopped run keeps what it measured
     print("\n" + table)
-    (args.out_dir / "finetune.md").write_text(table + "\n")
-    (args.out_dir / "finetune.json").write_text(json.dumps({"rows": rows, "full_gflops": full, "args": {
-        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "environment": env}, indent=2))
+
     return 0
 
 
