@@ -162,22 +162,19 @@ class PlanBlock(Block):
     def _reduce(self, stage: Stage, x: torch.Tensor, state: TokenState) -> torch.Tensor:
         info, prefix = self.attn._pt_info, state.prefix
         learned_threshold = getattr(self, "token_threshold", None)
-        if stage.score == "predictor":
-            if self.training:
-                log_probs = self.token_predictor(x[:, prefix:], state.size[:, prefix:].clamp(max=1.0))
-                state.mask(stage, learn.gumbel_keep(log_probs, prefix), x.dtype)
-                return x
-            info = {**info, "score": learn.predictor_score(self.token_predictor, x, state.size, prefix)}
-        elif learned_threshold is not None:
-            if self.training:
-                keep = learn.soft_threshold_keep(info["score"], state.size, prefix, learned_threshold.value,
-                                                 learned_threshold.temperature)
-                state.mask(stage, keep, x.dtype)
-                return x
-            x, size = reduce_tokens(stage, x, state.size, info, prefix, threshold=learned_threshold.current())
-            state.update(size, x.dtype)
+        if self.training and stage.score == "predictor":
+            log_probs = self.token_predictor(x[:, prefix:], state.size[:, prefix:].clamp(max=1.0))
+            state.mask(stage, learn.gumbel_keep(log_probs, prefix), x.dtype)
             return x
-        x, size = reduce_tokens(stage, x, state.size, info, prefix)
+        if self.training and learned_threshold is not None:
+            keep = learn.soft_threshold_keep(info["score"], state.size, prefix, learned_threshold.value,
+                                             learned_threshold.temperature)
+            state.mask(stage, keep, x.dtype)
+            return x
+        if stage.score == "predictor":
+            info = {**info, "score": learn.predictor_score(self.token_predictor, x, state.size, prefix)}
+        threshold = learned_threshold.current() if learned_threshold is not None else None
+        x, size = reduce_tokens(stage, x, state.size, info, prefix, threshold=threshold)
         state.update(size, x.dtype)
         return x
 
@@ -277,6 +274,13 @@ def apply(model: torch.nn.Module, plan: Plan, init_predictors: bool = False) -> 
     return model
 
 
+def _require_plan(model: torch.nn.Module) -> Plan:
+    plan = applied_plan(model)
+    if plan is None:
+        raise ParetokenError("model: no plan applied; call paretoken.apply(model, plan) first")
+    return plan
+
+
 def learn_thresholds(model: torch.nn.Module, temperature: float = 0.1) -> dict[int, learn.LearnableThreshold]:
     """Make every ``threshold`` stage of the applied plan learnable; returns {layer: module}.
 
@@ -284,9 +288,7 @@ def learn_thresholds(model: torch.nn.Module, temperature: float = 0.1) -> dict[i
     differentiable mask, eval mode the hard rule with the learned value; applying a plan again
     removes them (write the learned values into the plan with :func:`learned_plan` first).
     """
-    plan = applied_plan(model)
-    if plan is None:
-        raise ParetokenError("model: no plan applied; call paretoken.apply(model, plan) first")
+    plan = _require_plan(model)
     device = next(model.parameters()).device
     learned = {}
     for stage in plan.stages:
@@ -298,9 +300,7 @@ def learn_thresholds(model: torch.nn.Module, temperature: float = 0.1) -> dict[i
 
 def learned_plan(model: torch.nn.Module) -> Plan:
     """The applied plan with each learnable threshold replaced by its current value."""
-    plan = applied_plan(model)
-    if plan is None:
-        raise ParetokenError("model: no plan applied; call paretoken.apply(model, plan) first")
+    plan = _require_plan(model)
     stages = []
     for stage in plan.stages:
         module = getattr(model.blocks[stage.layer], "token_threshold", None)

@@ -127,10 +127,14 @@ def threshold_kept_fraction(model: torch.nn.Module, images: torch.Tensor, layers
 
 
 @torch.no_grad()
-def _predict(model, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+def _predict(model, images: torch.Tensor, batch_size: int, device: torch.device) -> tuple[torch.Tensor, float]:
+    """Logits (N, classes) of a patched model on ``images``, and its mean valid tokens per block."""
     model.eval()
-    return torch.cat([model(images[i:i + batch_size].to(device)).float().cpu()
-                      for i in range(0, len(images), batch_size)])
+    logits, counts = [], []
+    for i in range(0, len(images), batch_size):
+        logits.append(model(images[i:i + batch_size].to(device)).float().cpu())
+        counts.append(token_counts(model).float().cpu())
+    return torch.cat(logits), torch.cat(counts).mean().item()
 
 
 def _resolve(plan: Plan, config: FinetuneConfig) -> tuple[str, str | None, str | None]:
@@ -183,20 +187,14 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
 
     train_x, train_y = load_split(data, student, "calib", n=config.train_images, seed=config.seed)
     eval_x, eval_y = load_split(data, student, "eval", n=config.eval_images, seed=config.seed)
-    base_logits = _predict(teacher, eval_x, config.batch_size, device)
-    base_pred = base_logits.argmax(1)
+    base_pred = _predict(teacher, eval_x, config.batch_size, device)[0].argmax(1)
 
     def measure() -> dict[str, Any]:
-        student.eval()
-        preds, counts = [], []
-        with torch.no_grad():
-            for i in range(0, len(eval_x), config.batch_size):
-                preds.append(student(eval_x[i:i + config.batch_size].to(device)).argmax(1).cpu())
-                counts.append(token_counts(student).float().cpu())
-        pred = torch.cat(preds)
+        logits, mean_tokens = _predict(student, eval_x, config.batch_size, device)
+        pred = logits.argmax(1)
         return {"top1": 100.0 * (pred == eval_y).float().mean().item(),
                 "agreement": 100.0 * (pred == base_pred).float().mean().item(),
-                "mean_tokens": round(torch.cat(counts).mean().item(), 2),
+                "mean_tokens": round(mean_tokens, 2),
                 "thresholds": {layer: round(m.current(), 6) for layer, m in thresholds.items()}}
 
     before = measure()
