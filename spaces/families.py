@@ -216,11 +216,20 @@ class SlimSpace(Space):
 
 # --------------------------------------------------------------------------- mixed
 class MixedSpace(Space):
+    """A ToMe ramp as the base schedule, and blocks that override it with an op of their own.
+
+    The base makes the published ToMe schedules two-parameter points with near neighbours
+    (``r_first``, ``r_last``), so a sampler can walk along the schedule that the presets show to
+    be strong; the overrides let any block prune, fuse, merge, join or threshold instead.
+    """
+
     name = "mixed"
-    description = ("Each chosen block picks its own op (prune, prune_fuse, merge, joint, threshold), "
-                   "its amount and, where it applies, its score")
+    description = ("A ToMe ramp (r_first to r_last) as the base; each overriding block picks its own op "
+                   "(prune, prune_fuse, merge, joint, threshold), its amount and, where it applies, its score")
     params = (
-        _AT,
+        Param("r_first", f"int 0..{R_RAMP_MAX}", "base ToMe ramp: r in block 0"),
+        Param("r_last", f"int 0..{R_RAMP_MAX}", "base ToMe ramp: r in the last block (rounded linear in between)"),
+        Param("at_<l>", "categorical False/True, l = 0..depth-1", "block l overrides the base with its own op"),
         Param("op_<l>", "categorical " + "/".join(MIXED_OPS), "the block's op", "at_<l>"),
         Param("keep_<l>", _grid(KEEP), "fraction of patch tokens kept", "op_<l> in prune, prune_fuse"),
         Param("r_<l>", f"int 1..{R_MAX}", "tokens merged away", "op_<l> = merge"),
@@ -232,54 +241,75 @@ class MixedSpace(Space):
 
     def sample(self, trial, depth: int = 12) -> Plan:
         depth = check_depth(depth)
+        base = TomeSpace.ramp(trial.suggest_int("r_first", 0, R_RAMP_MAX), trial.suggest_int("r_last", 0, R_RAMP_MAX),
+                              depth)
         stages = []
         for layer in range(depth):
-            if not trial.suggest_categorical(f"at_{layer}", (False, True)):
-                continue
-            op = trial.suggest_categorical(f"op_{layer}", MIXED_OPS)
-            if op == "merge":
-                stages.append(Stage(layer, op, r=trial.suggest_int(f"r_{layer}", 1, R_MAX)))
-                continue
-            if op in ("prune", "prune_fuse"):
-                amount = {"keep": suggest_grid(trial, f"keep_{layer}", *KEEP)}
-            elif op == "joint":
-                amount = {"mass": suggest_grid(trial, f"mass_{layer}", *MASS),
-                          "sim": suggest_grid(trial, f"sim_{layer}", *SIM)}
-            else:
-                amount = {"threshold": suggest_grid(trial, f"threshold_{layer}", *THRESHOLD)}
-            score = trial.suggest_categorical(f"score_{layer}", SCORES)
-            stages.append(Stage(layer, op, score=score, **amount))
+            if trial.suggest_categorical(f"at_{layer}", (False, True)):
+                stages.append(self._override(trial, layer))
+            elif base[layer] > 0:
+                stages.append(Stage(layer, "merge", r=base[layer]))
         return Plan(tuple(stages))
 
+    @staticmethod
+    def _override(trial, layer: int) -> Stage:
+        op = trial.suggest_categorical(f"op_{layer}", MIXED_OPS)
+        if op == "merge":
+            return Stage(layer, op, r=trial.suggest_int(f"r_{layer}", 1, R_MAX))
+        if op in ("prune", "prune_fuse"):
+            amount = {"keep": suggest_grid(trial, f"keep_{layer}", *KEEP)}
+        elif op == "joint":
+            amount = {"mass": suggest_grid(trial, f"mass_{layer}", *MASS),
+                      "sim": suggest_grid(trial, f"sim_{layer}", *SIM)}
+        else:
+            amount = {"threshold": suggest_grid(trial, f"threshold_{layer}", *THRESHOLD)}
+        return Stage(layer, op, score=trial.suggest_categorical(f"score_{layer}", SCORES), **amount)
+
     def _params_for(self, plan: Plan, depth: int) -> dict[str, Any] | None:
+        """The base ramp that leaves the fewest blocks to override (every (r_first, r_last) is tried)."""
         by = stages_by_layer(plan)
-        params: dict[str, Any] = {}
-        for layer in range(depth):
-            stage = by.get(layer)
-            params[f"at_{layer}"] = stage is not None
-            if stage is None:
-                continue
-            if stage.op not in MIXED_OPS:
+        overrides = {layer: self._override_params(stage) for layer, stage in by.items()}
+        best: tuple[int, dict[str, Any]] | None = None
+        for first in range(R_RAMP_MAX + 1):
+            for last in range(R_RAMP_MAX + 1):
+                base = TomeSpace.ramp(first, last, depth)
+                params: dict[str, Any] | None = {"r_first": first, "r_last": last}
+                count = 0
+                for layer in range(depth):
+                    stage = by.get(layer)
+                    on_base = stage == Stage(layer, "merge", r=base[layer]) if base[layer] else stage is None
+                    params[f"at_{layer}"] = not on_base
+                    if not on_base:
+                        if overrides.get(layer) is None:
+                            params = None
+                            break
+                        params.update(overrides[layer])
+                        count += 1
+                if params is not None and (best is None or count < best[0]):
+                    best = (count, params)
+        return None if best is None else best[1]
+
+    @staticmethod
+    def _override_params(stage: Stage) -> dict[str, Any] | None:
+        """The parameters of one overriding block, or None when off the space's ops or grids."""
+        layer = stage.layer
+        if stage.op not in MIXED_OPS:
+            return None
+        params: dict[str, Any] = {f"op_{layer}": stage.op}
+        if stage.op == "merge":
+            return {**params, f"r_{layer}": stage.r} if stage.r is not None and 1 <= stage.r <= R_MAX else None
+        if stage.score not in SCORES:
+            return None
+        if stage.op in ("prune", "prune_fuse"):
+            if not _on_grid(stage.keep, KEEP):
                 return None
-            params[f"op_{layer}"] = stage.op
-            if stage.op == "merge":
-                if stage.r is None or not 1 <= stage.r <= R_MAX:
-                    return None
-                params[f"r_{layer}"] = stage.r
-                continue
-            if stage.score not in SCORES:
+            params[f"keep_{layer}"] = stage.keep
+        elif stage.op == "joint":
+            if not (_on_grid(stage.mass, MASS) and _on_grid(stage.sim, SIM)):
                 return None
-            if stage.op in ("prune", "prune_fuse"):
-                if not _on_grid(stage.keep, KEEP):
-                    return None
-                params[f"keep_{layer}"] = stage.keep
-            elif stage.op == "joint":
-                if not (_on_grid(stage.mass, MASS) and _on_grid(stage.sim, SIM)):
-                    return None
-                params[f"mass_{layer}"], params[f"sim_{layer}"] = stage.mass, stage.sim
-            else:
-                if not _on_grid(stage.threshold, THRESHOLD):
-                    return None
-                params[f"threshold_{layer}"] = stage.threshold
-            params[f"score_{layer}"] = stage.score
-        return params
+            params[f"mass_{layer}"], params[f"sim_{layer}"] = stage.mass, stage.sim
+        else:
+            if not _on_grid(stage.threshold, THRESHOLD):
+                return None
+            params[f"threshold_{layer}"] = stage.threshold
+        return {**params, f"score_{layer}": stage.score}

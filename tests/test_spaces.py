@@ -115,6 +115,24 @@ def test_tome_schedules():
     assert tome.params_for(plan, 12) == per_layer
 
 
+def test_mixed_space_overrides_a_tome_ramp():
+    mixed = get_space("mixed")
+    params = {"r_first": 13, "r_last": 13, **{f"at_{i}": False for i in range(12)},
+              "at_3": True, "op_3": "prune_fuse", "keep_3": 0.7, "score_3": "head_weighted",
+              "at_11": True, "op_11": "merge", "r_11": 2}
+    plan = mixed.sample(optuna.trial.FixedTrial(params), 12)
+    assert [(s.layer, s.op, s.r or s.keep) for s in plan.stages] == (
+        [(i, "merge", 13) for i in (0, 1, 2)] + [(3, "prune_fuse", 0.7)]
+        + [(i, "merge", 13) for i in range(4, 11)] + [(11, "merge", 2)])
+    assert plan.stages[3].score == "head_weighted"
+    # a ToMe schedule is a pure base ramp (two parameters), so a sampler finds its neighbours
+    assert mixed.params_for(paretoken.preset("tome-r13"), 12) == {
+        "r_first": 13, "r_last": 13, **{f"at_{i}": False for i in range(12)}}
+    assert mixed.params_for(plan, 12) == params  # the base that leaves the fewest overrides
+    assert mixed.params_for(paretoken.preset("evit-0.7"), 12)["r_first"] == 0
+    assert mixed.sample(optuna.trial.FixedTrial(mixed.params_for(plan, 12)), 12) == plan
+
+
 def test_bad_depth_is_one_line_error():
     with pytest.raises(ParetokenError, match="depth"):
         get_space("evit").sample(optuna.trial.FixedTrial({}), 0)
