@@ -175,7 +175,8 @@ def save(model: torch.nn.Module, args: argparse.Namespace, history: list[dict], 
     card = {
         "model": "paretoken_default",
         "architecture": "timm VisionTransformer(img_size=28, patch_size=2, in_chans=1, num_classes=10, "
-                        "embed_dim=64, depth=12, num_heads=4, mlp_ratio=4.0, global_pool='token')",
+                        "embed_dim=64, depth=12, num_heads=4, mlp_ratio=4.0, global_pool='token', "
+                        "embed_layer=ConvStemPatchEmbed: conv3x3 1->32, GELU, conv3x3/2 32->64)",
         "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist): train 60,000, test 10,000",
         "test_top1": history[-1]["test_top1"],
         "params": n_params,
