@@ -15,7 +15,7 @@ extremes where a plan with several stages would keep almost nothing.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 from paretoken.compress.plan import Plan, Stage
 from paretoken.spaces.base import Param, Space, check_depth, stages_by_layer, suggest_grid
@@ -45,6 +45,21 @@ def _on_grid(value: float | None, values: tuple[float, float, float]) -> bool:
 
 
 _AT = Param("at_<l>", "categorical False/True, l = 0..depth-1", "block l has a stage")
+
+Amounts = dict[str, tuple[tuple[float, float, float], str]]  # amount field -> ((low, high, step), help)
+
+
+def _suggest_amount(trial, layer: int, amounts: Amounts) -> dict[str, Any]:
+    """Each amount field ``f`` of a stage at block ``layer``, asked as parameter ``f_<layer>`` on its grid."""
+    return {name: suggest_grid(trial, f"{name}_{layer}", *grid) for name, (grid, _) in amounts.items()}
+
+
+def _amount_params(stage: Stage, amounts: Amounts) -> dict[str, Any] | None:
+    """The inverse of :func:`_suggest_amount`, or None when a field is off its grid."""
+    values = {name: getattr(stage, name) for name in amounts}
+    if not all(_on_grid(values[name], grid) for name, (grid, _) in amounts.items()):
+        return None
+    return {f"{name}_{stage.layer}": value for name, value in values.items()}
 
 
 # --------------------------------------------------------------------------- ToMe
@@ -104,28 +119,19 @@ class LocatedSpace(Space):
 
     op: str = ""
     score: str = ""
-    amounts: dict[str, tuple[tuple[float, float, float], str]] = {}
+    amounts: Amounts = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.params = (_AT, *(Param(f"{name}_<l>", _grid(grid), text, "at_<l>")
                              for name, (grid, text) in cls.amounts.items()))
 
-    def amount(self, trial, layer: int) -> dict[str, Any]:
-        return {name: suggest_grid(trial, f"{name}_{layer}", *grid) for name, (grid, _) in self.amounts.items()}
-
-    def amount_params(self, stage: Stage) -> dict[str, Any] | None:
-        values = {name: getattr(stage, name) for name in self.amounts}
-        if not all(_on_grid(values[name], grid) for name, (grid, _) in self.amounts.items()):
-            return None
-        return {f"{name}_{stage.layer}": value for name, value in values.items()}
-
     def sample(self, trial, depth: int = 12) -> Plan:
         depth = check_depth(depth)
         stages = []
         for layer in range(depth):
             if trial.suggest_categorical(f"at_{layer}", (False, True)):
-                stages.append(Stage(layer, self.op, score=self.score, **self.amount(trial, layer)))
+                stages.append(Stage(layer, self.op, score=self.score, **_suggest_amount(trial, layer, self.amounts)))
         return Plan(tuple(stages))
 
     def _params_for(self, plan: Plan, depth: int) -> dict[str, Any] | None:
@@ -138,7 +144,7 @@ class LocatedSpace(Space):
                 continue
             if stage.op != self.op or stage.score != self.score:
                 return None
-            amount = self.amount_params(stage)
+            amount = _amount_params(stage, self.amounts)
             if amount is None:
                 return None
             params.update(amount)
@@ -184,6 +190,9 @@ class JmpSpace(LocatedSpace):
                    "most similar critical token above a similarity or is pruned, at chosen blocks")
     amounts = {"mass": (MASS, "score mass held by the critical tokens"),
                "sim": (SIM, "cosine at or above which a token merges instead of being pruned")}
+
+
+MIXED_AMOUNTS: dict[str, Amounts] = {cls.op: cls.amounts for cls in (DynamicVitSpace, EvitSpace, JmpSpace, AsVitSpace)}
 
 
 # --------------------------------------------------------------------------- Patch Slimming
@@ -256,60 +265,45 @@ class MixedSpace(Space):
         op = trial.suggest_categorical(f"op_{layer}", MIXED_OPS)
         if op == "merge":
             return Stage(layer, op, r=trial.suggest_int(f"r_{layer}", 1, R_MAX))
-        if op in ("prune", "prune_fuse"):
-            amount = {"keep": suggest_grid(trial, f"keep_{layer}", *KEEP)}
-        elif op == "joint":
-            amount = {"mass": suggest_grid(trial, f"mass_{layer}", *MASS),
-                      "sim": suggest_grid(trial, f"sim_{layer}", *SIM)}
-        else:
-            amount = {"threshold": suggest_grid(trial, f"threshold_{layer}", *THRESHOLD)}
+        amount = _suggest_amount(trial, layer, MIXED_AMOUNTS[op])
         return Stage(layer, op, score=trial.suggest_categorical(f"score_{layer}", SCORES), **amount)
 
     def _params_for(self, plan: Plan, depth: int) -> dict[str, Any] | None:
         """The base ramp that leaves the fewest blocks to override (every (r_first, r_last) is tried)."""
         by = stages_by_layer(plan)
         overrides = {layer: self._override_params(stage) for layer, stage in by.items()}
-        best: tuple[int, dict[str, Any]] | None = None
-        for first in range(R_RAMP_MAX + 1):
-            for last in range(R_RAMP_MAX + 1):
-                base = TomeSpace.ramp(first, last, depth)
-                params: dict[str, Any] | None = {"r_first": first, "r_last": last}
-                count = 0
-                for layer in range(depth):
-                    stage = by.get(layer)
-                    on_base = stage == Stage(layer, "merge", r=base[layer]) if base[layer] else stage is None
-                    params[f"at_{layer}"] = not on_base
-                    if not on_base:
-                        if overrides.get(layer) is None:
-                            params = None
-                            break
-                        params.update(overrides[layer])
-                        count += 1
-                if params is not None and (best is None or count < best[0]):
-                    best = (count, params)
-        return None if best is None else best[1]
+        fits = (self._fit_base(by, overrides, first, last, depth)
+                for first in range(R_RAMP_MAX + 1) for last in range(R_RAMP_MAX + 1))
+        return min((fit for fit in fits if fit is not None), key=lambda fit: fit[0], default=(0, None))[1]
+
+    @staticmethod
+    def _fit_base(by: Mapping[int, Stage], overrides: Mapping[int, dict[str, Any] | None], first: int, last: int,
+                  depth: int) -> tuple[int, dict[str, Any]] | None:
+        """(blocks overridden, parameters) of the plan on base ramp first..last; None when a block
+        the base does not make cannot be an override."""
+        base = TomeSpace.ramp(first, last, depth)
+        params: dict[str, Any] = {"r_first": first, "r_last": last}
+        count = 0
+        for layer in range(depth):
+            overridden = by.get(layer) != (Stage(layer, "merge", r=base[layer]) if base[layer] else None)
+            params[f"at_{layer}"] = overridden
+            if overridden:
+                if overrides.get(layer) is None:
+                    return None
+                params.update(overrides[layer])
+                count += 1
+        return count, params
 
     @staticmethod
     def _override_params(stage: Stage) -> dict[str, Any] | None:
         """The parameters of one overriding block, or None when off the space's ops or grids."""
         layer = stage.layer
-        if stage.op not in MIXED_OPS:
-            return None
-        params: dict[str, Any] = {f"op_{layer}": stage.op}
         if stage.op == "merge":
-            return {**params, f"r_{layer}": stage.r} if stage.r is not None and 1 <= stage.r <= R_MAX else None
-        if stage.score not in SCORES:
+            return {f"op_{layer}": "merge", f"r_{layer}": stage.r} if stage.r is not None and 1 <= stage.r <= R_MAX \
+                else None
+        if stage.op not in MIXED_AMOUNTS or stage.score not in SCORES:
             return None
-        if stage.op in ("prune", "prune_fuse"):
-            if not _on_grid(stage.keep, KEEP):
-                return None
-            params[f"keep_{layer}"] = stage.keep
-        elif stage.op == "joint":
-            if not (_on_grid(stage.mass, MASS) and _on_grid(stage.sim, SIM)):
-                return None
-            params[f"mass_{layer}"], params[f"sim_{layer}"] = stage.mass, stage.sim
-        else:
-            if not _on_grid(stage.threshold, THRESHOLD):
-                return None
-            params[f"threshold_{layer}"] = stage.threshold
-        return {**params, f"score_{layer}": stage.score}
+        amount = _amount_params(stage, MIXED_AMOUNTS[stage.op])
+        if amount is None:
+            return None
+        return {f"op_{layer}": stage.op, **amount, f"score_{layer}": stage.score}
