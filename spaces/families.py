@@ -29,6 +29,7 @@ R_MAX = 20
 R_RAMP_MAX = 24
 SCORES = ("cls_attn", "head_weighted")
 MIXED_OPS = ("prune", "prune_fuse", "merge", "joint", "threshold")
+MAX_OVERRIDES = 4  # blocks of a mixed plan off its ToMe ramp; every preset needs at most 3
 
 
 def _grid(values: tuple[float, float, float]) -> str:
@@ -225,21 +226,27 @@ class SlimSpace(Space):
 
 # --------------------------------------------------------------------------- mixed
 class MixedSpace(Space):
-    """A ToMe ramp as the base schedule, and blocks that override it with an op of their own.
+    """A ToMe ramp as the base schedule, and up to :data:`MAX_OVERRIDES` blocks that override it
+    with an op of their own.
 
     The base makes the published ToMe schedules two-parameter points with near neighbours
     (``r_first``, ``r_last``), so a sampler can walk along the schedule that the presets show to
-    be strong; the overrides let any block prune, fuse, merge, join or threshold instead.
+    be strong; the overrides let chosen blocks prune, fuse, merge, join or threshold instead.
+    The number of overriding blocks is a parameter of its own (not a True/False per block, which
+    makes a random plan override half the blocks and a pure ramp a 1-in-4096 draw).
     """
 
     name = "mixed"
-    description = ("A ToMe ramp (r_first to r_last) as the base; each overriding block picks its own op "
-                   "(prune, prune_fuse, merge, joint, threshold), its amount and, where it applies, its score")
+    description = ("A ToMe ramp (r_first to r_last) as the base; up to "
+                   f"{MAX_OVERRIDES} blocks override it, each with its own op "
+                   "(prune, prune_fuse, merge, joint, threshold), amount and, where it applies, score")
     params = (
         Param("r_first", f"int 0..{R_RAMP_MAX}", "base ToMe ramp: r in block 0"),
         Param("r_last", f"int 0..{R_RAMP_MAX}", "base ToMe ramp: r in the last block (rounded linear in between)"),
-        Param("at_<l>", "categorical False/True, l = 0..depth-1", "block l overrides the base with its own op"),
-        Param("op_<l>", "categorical " + "/".join(MIXED_OPS), "the block's op", "at_<l>"),
+        Param("overrides", f"int 0..{MAX_OVERRIDES} (at most depth)", "how many blocks override the base"),
+        Param("override_<k>", "int 0..depth-1, k = 0..overrides-1", "the k-th overriding block (a repeat adds none)",
+              "overrides"),
+        Param("op_<l>", "categorical " + "/".join(MIXED_OPS), "block l's op", "override_<k> = l"),
         Param("keep_<l>", _grid(KEEP), "fraction of patch tokens kept", "op_<l> in prune, prune_fuse"),
         Param("r_<l>", f"int 1..{R_MAX}", "tokens merged away", "op_<l> = merge"),
         Param("mass_<l>", _grid(MASS), "JMP critical score mass", "op_<l> = joint"),
@@ -252,9 +259,11 @@ class MixedSpace(Space):
         depth = check_depth(depth)
         base = TomeSpace.ramp(trial.suggest_int("r_first", 0, R_RAMP_MAX), trial.suggest_int("r_last", 0, R_RAMP_MAX),
                               depth)
+        count = trial.suggest_int("overrides", 0, min(MAX_OVERRIDES, depth))
+        overridden = {trial.suggest_int(f"override_{k}", 0, depth - 1) for k in range(count)}
         stages = []
         for layer in range(depth):
-            if trial.suggest_categorical(f"at_{layer}", (False, True)):
+            if layer in overridden:
                 stages.append(self._override(trial, layer))
             elif base[layer] > 0:
                 stages.append(Stage(layer, "merge", r=base[layer]))
@@ -280,19 +289,17 @@ class MixedSpace(Space):
     def _fit_base(by: Mapping[int, Stage], overrides: Mapping[int, dict[str, Any] | None], first: int, last: int,
                   depth: int) -> tuple[int, dict[str, Any]] | None:
         """(blocks overridden, parameters) of the plan on base ramp first..last; None when a block
-        the base does not make cannot be an override."""
+        the base does not make cannot be an override, or more than the allowed blocks differ."""
         base = TomeSpace.ramp(first, last, depth)
-        params: dict[str, Any] = {"r_first": first, "r_last": last}
-        count = 0
-        for layer in range(depth):
-            overridden = by.get(layer) != (Stage(layer, "merge", r=base[layer]) if base[layer] else None)
-            params[f"at_{layer}"] = overridden
-            if overridden:
-                if overrides.get(layer) is None:
-                    return None
-                params.update(overrides[layer])
-                count += 1
-        return count, params
+        layers = [layer for layer in range(depth)
+                  if by.get(layer) != (Stage(layer, "merge", r=base[layer]) if base[layer] else None)]
+        if len(layers) > min(MAX_OVERRIDES, depth) or any(overrides.get(layer) is None for layer in layers):
+            return None
+        params: dict[str, Any] = {"r_first": first, "r_last": last, "overrides": len(layers)}
+        for k, layer in enumerate(layers):
+            params[f"override_{k}"] = layer
+            params.update(overrides[layer])
+        return len(layers), params
 
     @staticmethod
     def _override_params(stage: Stage) -> dict[str, Any] | None:

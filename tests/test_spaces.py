@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import paretoken
-from paretoken.compress.plan import OP_SCORES, Plan
+from paretoken.compress.plan import OP_SCORES, Plan, Stage
 from paretoken.errors import ParetokenError
 from paretoken.evaluators.models import build_default_architecture
 from paretoken.spaces import SPACES, get_space
@@ -117,20 +117,24 @@ def test_tome_schedules():
 
 def test_mixed_space_overrides_a_tome_ramp():
     mixed = get_space("mixed")
-    params = {"r_first": 13, "r_last": 13, **{f"at_{i}": False for i in range(12)},
-              "at_3": True, "op_3": "prune_fuse", "keep_3": 0.7, "score_3": "head_weighted",
-              "at_11": True, "op_11": "merge", "r_11": 2}
+    params = {"r_first": 13, "r_last": 13, "overrides": 2,
+              "override_0": 3, "op_3": "prune_fuse", "keep_3": 0.7, "score_3": "head_weighted",
+              "override_1": 11, "op_11": "merge", "r_11": 2}
     plan = mixed.sample(optuna.trial.FixedTrial(params), 12)
     assert [(s.layer, s.op, s.r or s.keep) for s in plan.stages] == (
         [(i, "merge", 13) for i in (0, 1, 2)] + [(3, "prune_fuse", 0.7)]
         + [(i, "merge", 13) for i in range(4, 11)] + [(11, "merge", 2)])
     assert plan.stages[3].score == "head_weighted"
     # a ToMe schedule is a pure base ramp (two parameters), so a sampler finds its neighbours
-    assert mixed.params_for(paretoken.preset("tome-r13"), 12) == {
-        "r_first": 13, "r_last": 13, **{f"at_{i}": False for i in range(12)}}
+    assert mixed.params_for(paretoken.preset("tome-r13"), 12) == {"r_first": 13, "r_last": 13, "overrides": 0}
     assert mixed.params_for(plan, 12) == params  # the base that leaves the fewest overrides
     assert mixed.params_for(paretoken.preset("evit-0.7"), 12)["r_first"] == 0
     assert mixed.sample(optuna.trial.FixedTrial(mixed.params_for(plan, 12)), 12) == plan
+    # a repeated block overrides once
+    assert mixed.sample(optuna.trial.FixedTrial({**params, "override_1": 3}), 12) == Plan(
+        tuple(s for s in plan.stages if s.layer != 11) + (Stage(11, "merge", r=13),))
+    # more blocks off every ramp than the space allows: not expressible
+    assert mixed.params_for(Plan(tuple(Stage(layer, "prune", keep=0.9) for layer in range(1, 6))), 12) is None
 
 
 def test_bad_depth_is_one_line_error():
