@@ -399,17 +399,18 @@ def front_table(study, objectives: Sequence[str]):
 
     from paretoken.results.query import plan_label
 
+    metrics = list(dict.fromkeys([*objectives, "top1", "agreement", "gflops", "img_per_s"]))
     rows = []
     for t in front_trials(study):
         attrs = t.user_attrs
         row = {"trial": t.number, "preset": attrs.get("preset") or ""}
-        for name in dict.fromkeys([*objectives, "top1", "agreement", "gflops", "img_per_s"]):
+        for name in metrics:
             value = attrs.get(name)
             row[name] = float(value) if isinstance(value, (int, float)) else math.nan
         label = plan_label(attrs.get("plan"))
         row["plan"] = label if len(label) <= 90 else label[:87] + "..."
         rows.append(row)
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(rows, columns=["trial", "preset", *metrics, "plan"])
     if df.empty:
         return df
     first = objectives[0]
