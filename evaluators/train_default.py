@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         top1 = round(evaluate(model, test_x, test_y), 2) if measured else None
         history.append({"epoch": epoch, "train_loss": round(loss_sum / steps_per_epoch, 4), "test_top1": top1,
                         "train_s": round(train_s, 1), "epoch_s": round(time.time() - epoch_start, 1)})
-        print(f"EPOCH {epoch}/{args.epochs} loss {loss_sum / steps_per_epoch:.4f} test_top1 {top1}% "
+        shown = "-" if top1 is None else f"{top1:.2f}%"
+        print(f"EPOCH {epoch}/{args.epochs} loss {loss_sum / steps_per_epoch:.4f} test_top1 {shown} "
               f"train {train_s:.0f} s total {time.time() - start:.0f} s", flush=True)
         save(model, args, history, n_params, time.time() - start, command, default_gflops(model, test_x[:1]))
 
@@ -170,17 +171,23 @@ def default_gflops(model: torch.nn.Module, image: torch.Tensor) -> float:
     return round(count_flops(model, image), 4)
 
 
+def _layer_string(layer: torch.nn.Module) -> str:
+    """A stem layer in words: ``conv3x3/2 32->64`` for a (strided) convolution, else its class name."""
+    if not isinstance(layer, torch.nn.Conv2d):
+        return type(layer).__name__
+    stride = f"/{layer.stride[0]}" if layer.stride[0] > 1 else ""
+    return f"conv{layer.kernel_size[0]}x{layer.kernel_size[1]}{stride} {layer.in_channels}->{layer.out_channels}"
+
+
 def architecture_string(model: torch.nn.Module) -> str:
     """The default model's architecture in words, read from the built model."""
-    stem = [m for m in model.patch_embed.proj if isinstance(m, torch.nn.Conv2d)]
-    convs = ", GELU, ".join(f"conv{c.kernel_size[0]}x{c.kernel_size[1]}{'/%d' % c.stride[0] if c.stride[0] > 1 else ''} "
-                            f"{c.in_channels}->{c.out_channels}" for c in stem)
-    grid = model.patch_embed.grid_size
-    return (f"timm VisionTransformer(img_size={model.patch_embed.img_size[0]}, in_chans={stem[0].in_channels}, "
+    embed, block = model.patch_embed, model.blocks[0]
+    return (f"timm VisionTransformer(img_size={embed.img_size[0]}, in_chans={embed.proj[0].in_channels}, "
             f"num_classes={model.num_classes}, embed_dim={model.embed_dim}, depth={len(model.blocks)}, "
-            f"num_heads={model.blocks[0].attn.num_heads}, mlp_ratio={model.blocks[0].mlp.fc1.out_features / model.embed_dim}, "
-            f"global_pool='{model.global_pool}', embed_layer={type(model.patch_embed).__name__}: {convs}; "
-            f"{grid[0]}x{grid[1]} token grid)")
+            f"num_heads={block.attn.num_heads}, mlp_ratio={block.mlp.fc1.out_features / model.embed_dim}, "
+            f"global_pool='{model.global_pool}', embed_layer={type(embed).__name__}: "
+            f"{', '.join(_layer_string(layer) for layer in embed.proj)}; "
+            f"{embed.grid_size[0]}x{embed.grid_size[1]} token grid)")
 
 
 def save(model: torch.nn.Module, args: argparse.Namespace, history: list[dict], n_params: int,

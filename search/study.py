@@ -411,7 +411,5 @@ def front_table(study, objectives: Sequence[str]):
         row["plan"] = label if len(label) <= 90 else label[:87] + "..."
         rows.append(row)
     df = pd.DataFrame(rows, columns=["trial", "preset", *metrics, "plan"])
-    if df.empty:
-        return df
     first = objectives[0]
     return df.sort_values(first, ascending=DIRECTIONS[first] == "minimize", kind="stable").reset_index(drop=True)
