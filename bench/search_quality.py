@@ -6,8 +6,11 @@
 Every study starts with the uncompressed model and the presets its space can express (the
 ``mixed`` space: 8 presets), so "presets alone" is the hypervolume of those first trials, and the
 target is a searched front that dominates every preset point. Reference point (fixed): top1 of the
-uncompressed model minus 10 points, its full GFLOPs. Studies go to bench/results/search_quality/
-(SQLite, one per run, resumable); figures and numbers to bench/results/search_quality.{json,png}.
+uncompressed model minus 10 points, its full GFLOPs; the same floor is the search's budget
+(``--max-top1-drop 10``, an Optuna constraint: what a user who accepts at most a 10-point loss
+passes), so the samplers learn to spend no trials below the reference. Studies go to
+bench/results/search_quality/ (SQLite, one per run, resumable); figures and numbers to
+bench/results/search_quality.{json,png}. ``--no-budget`` searches without the budget (for comparison).
 """
 from __future__ import annotations
 
@@ -28,10 +31,10 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def _dominated_presets(study, objectives) -> tuple[int, int]:
-    """(presets dominated by a searched trial, presets) among COMPLETE feasible trials."""
+    """(presets dominated by a feasible searched trial, presets) among COMPLETE trials."""
     done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE" and t.values]
     presets = [t for t in done if t.user_attrs.get("preset") not in (None, st.UNCOMPRESSED)]
-    searched = [t for t in done if not t.user_attrs.get("preset")]
+    searched = [t for t in done if not t.user_attrs.get("preset") and st.feasible(t)]
     sign = np.array([-1.0 if st.DIRECTIONS[o] == "maximize" else 1.0 for o in objectives])
     found = np.array([np.array(t.values) * sign for t in searched]).reshape(-1, len(objectives))
     count = 0
@@ -52,21 +55,27 @@ def main() -> None:
     parser.add_argument("--flops-images", type=int, default=16, help="images averaged for per-image plans' GFLOPs")
     parser.add_argument("--model", default="default")
     parser.add_argument("--checkpoint")
+    parser.add_argument("--max-top1-drop", type=float, default=10.0,
+                        help="budget: top-1 points lost against the uncompressed model at most "
+                             "(the hypervolume's reference point is at 10)")
+    parser.add_argument("--no-budget", action="store_true", help="search without the --max-top1-drop budget")
     args = parser.parse_args()
 
     objectives = ("top1", "gflops")
     config = EvalConfig(model=args.model, checkpoint=args.checkpoint, images=args.images,
                         batch_size=min(100, args.images), speed=False,
                         flops_images=args.flops_images)
+    max_top1_drop = None if args.no_budget else args.max_top1_drop
     studies = RESULTS / "search_quality"
     rows = []
     for sampler in args.samplers.split(","):
         for seed in range(args.seeds):
-            name = f"{args.space}-{sampler}-s{seed}-n{args.trials}-i{args.images}"
+            name = f"{args.space}-{sampler}-s{seed}-n{args.trials}-i{args.images}" + (
+                "" if args.no_budget else f"-d{args.max_top1_drop:g}")
             start = time.perf_counter()
             result = run_search(name, storage=f"sqlite:///{studies / name}.db", space=args.space,
                                 objectives=objectives, sampler=sampler, n_trials=args.trials, eval_config=config,
-                                seed=seed, log=lambda line: None)
+                                max_top1_drop=max_top1_drop, seed=seed, log=lambda line: None)
             study = result.study
             done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
             preset_trials = [t for t in done if t.user_attrs.get("preset")]
@@ -96,9 +105,11 @@ def main() -> None:
               f"every preset dominated in every seed: {s['all_presets_dominated']}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "search_quality.json"
-    out.write_text(json.dumps({"command": "python bench/search_quality.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
-        "objectives": objectives, "space": args.space, "images": args.images, "environment": environment(),
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
+             if v is not None and v is not False]
+    out.write_text(json.dumps({"command": "python bench/search_quality.py " + " ".join(flags),
+        "objectives": objectives, "space": args.space, "images": args.images, "max_top1_drop": max_top1_drop,
+        "environment": environment(),
         "summary": summary, "runs": rows}, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v)
         else str(v)) + "\n")
     print(f"saved {out}")

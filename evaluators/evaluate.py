@@ -2,6 +2,8 @@
 
 Metrics (units):
   top1         % of evaluation images whose top-1 class is the label.
+  top1_drop    points of top-1 lost against the uncompressed model on the same
+               images (uncompressed top1 minus top1; negative when it gains).
   agreement    % of images whose top-1 equals the uncompressed model's.
   kl           mean KL(uncompressed || compressed) of the class distributions, nats.
   gflops       fvcore GFLOPs per image (one multiply-add = one FLOP); per-image
@@ -35,7 +37,8 @@ from paretoken.evaluators.flops import count_flops
 from paretoken.evaluators.models import create_model
 from paretoken.evaluators.speed import latency_ms, timed_forward
 
-METRICS = ("top1", "agreement", "kl", "gflops", "img_per_s", "latency_ms", "peak_mem_mb", "padding_pct")
+METRICS = ("top1", "top1_drop", "agreement", "kl", "gflops", "img_per_s", "latency_ms", "peak_mem_mb",
+           "padding_pct")
 
 
 @dataclass(frozen=True)
@@ -121,8 +124,10 @@ def evaluate(plan: Plan, config: EvalConfig = EvalConfig()) -> dict[str, float]:
     kl = F.kl_div(logits.log_softmax(1), bench.base_logits.log_softmax(1), log_target=True, reduction="batchmean")
     full = max(len(bench.images) // config.batch_size, 1)  # a short last batch is not timed
     timed = seconds[1:full] or seconds[:full]
+    top1 = 100.0 * (pred == bench.labels).float().mean().item()
     metrics = {
-        "top1": 100.0 * (pred == bench.labels).float().mean().item(),
+        "top1": top1,
+        "top1_drop": 100.0 * (base_pred == bench.labels).float().mean().item() - top1,
         "agreement": 100.0 * (pred == base_pred).float().mean().item(),
         "kl": max(kl.item(), 0.0),
         "gflops": count_flops(model, bench.images[:config.flops_images], per_image=plan.per_image,

@@ -169,7 +169,8 @@ def export_meta(study, row, storage: str) -> dict[str, Any]:
         "metrics": {m: float(row[m]) for m in query.METRICS if m in row and not math.isnan(float(row[m]))},
         "plan_str": row.get("plan_str"),
         "preset": row.get("preset") if isinstance(row.get("preset"), str) else None,
-        "search": {k: settings[k] for k in ("space", "objectives", "max_gflops", "min_top1") if k in settings}
+        "search": {k: settings[k] for k in ("space", "objectives", "max_gflops", "min_top1", "max_top1_drop")
+                   if k in settings}
         or None,
         "provenance": {
             "study": study.study_name,

@@ -30,7 +30,8 @@ from paretoken.errors import ParetokenError
 from paretoken.search.study import DEFAULT_OBJECTIVES, DIRECTIONS, check_objectives
 
 #: Metric columns, in the evaluators' order (kept here so reading a study never imports torch).
-METRICS = ("top1", "agreement", "kl", "gflops", "img_per_s", "latency_ms", "peak_mem_mb", "padding_pct")
+METRICS = ("top1", "top1_drop", "agreement", "kl", "gflops", "img_per_s", "latency_ms", "peak_mem_mb",
+           "padding_pct")
 
 #: Whether each objective is maximised (True) or minimised (False).
 MAXIMIZE: dict[str, bool] = {name: way == "maximize" for name, way in DIRECTIONS.items()} | {"duration_s": False}
@@ -359,9 +360,9 @@ def reference_point(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_
     """A fixed reference point for hypervolume, the search's convention.
 
     From the first COMPLETE trial of the uncompressed model (a plan with no stages): top1/agreement
-    minus ``top1_margin`` points, kl 1 nat, padding 100 %, every other objective (gflops,
-    img_per_s, latency_ms, ...) at its value. Without that trial, or where it lacks an objective,
-    the worst COMPLETE value in ``df``.
+    minus ``top1_margin`` points, top1_drop ``top1_margin`` points, kl 1 nat, padding 100 %, every
+    other objective (gflops, img_per_s, latency_ms, ...) at its value. Without that trial, or where
+    it lacks an objective, the worst COMPLETE value in ``df``.
     """
     objectives = _check_objectives(objectives, df)
     done = budget(df, feasible_only=False)
@@ -372,6 +373,8 @@ def reference_point(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_
     for o in objectives:
         if o == "kl":
             value = 1.0
+        elif o == "top1_drop":
+            value = top1_margin
         elif o == "padding_pct":
             value = 100.0
         else:

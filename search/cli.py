@@ -58,6 +58,8 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="sampler seed [0]")
     g.add_argument("--max-gflops", type=float, metavar="X", help="budget: GFLOPs per image at most X")
     g.add_argument("--min-top1", type=float, metavar="X", help="budget: top-1 at least X %%")
+    g.add_argument("--max-top1-drop", type=float, metavar="X",
+                   help="budget: top-1 at most X points below the uncompressed model's (same images)")
     g.add_argument("--no-presets", action="store_true",
                    help="do not enqueue the published schedules when the study is created")
     g = p.add_argument_group("backend")
@@ -113,7 +115,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                         sampler=args.sampler, n_trials=args.trials, backend=args.backend, workers=workers,
                         ray_address=args.ray_address, cpus_per_trial=args.cpus_per_trial,
                         gpus_per_trial=args.gpus_per_trial, max_gflops=args.max_gflops, min_top1=args.min_top1,
-                        eval_config=config, seed=args.seed, presets=not args.no_presets,
+                        max_top1_drop=args.max_top1_drop, eval_config=config, seed=args.seed, presets=not args.no_presets,
                         heartbeat_s=args.heartbeat)
     if args.plot:
         from paretoken.results.plots import plot_front

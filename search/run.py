@@ -259,8 +259,7 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if abs(value) < 10 else f"{value:.2f}"
 
 
-def _check_inputs(objectives, backend, workers, n_trials, cpus_per_trial, gpus_per_trial, max_gflops, min_top1,
-                  config) -> None:
+def _check_inputs(objectives, backend, workers, n_trials, cpus_per_trial, gpus_per_trial, budgets, config) -> None:
     if backend not in BACKENDS:
         raise ParetokenError(f"backend: {backend!r} is unknown; valid: {', '.join(BACKENDS)}")
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 0:
@@ -274,10 +273,13 @@ def _check_inputs(objectives, backend, workers, n_trials, cpus_per_trial, gpus_p
         raise ParetokenError(f"cpus-per-trial: {cpus_per_trial!r} is invalid; valid: > 0")
     if gpus_per_trial is not None and not gpus_per_trial >= 0:
         raise ParetokenError(f"gpus-per-trial: {gpus_per_trial!r} is invalid; valid: >= 0")
+    max_gflops, min_top1, max_drop = budgets["max_gflops"], budgets["min_top1"], budgets["max_top1_drop"]
     if max_gflops is not None and not max_gflops > 0:
         raise ParetokenError(f"max-gflops: {max_gflops!r} is invalid; valid: > 0")
     if min_top1 is not None and not 0 <= min_top1 <= 100:
         raise ParetokenError(f"min-top1: {min_top1!r} is invalid; valid: 0..100 (%)")
+    if max_drop is not None and not 0 <= max_drop <= 100:
+        raise ParetokenError(f"max-top1-drop: {max_drop!r} is invalid; valid: 0..100 (points)")
     if not config.speed:
         for o in objectives:
             if o in st.SPEED_OBJECTIVES:
@@ -292,8 +294,8 @@ def run_search(study_name: str, storage: str | None = None, space: str = "mixed"
                objectives: Sequence[str] | str = st.DEFAULT_OBJECTIVES, sampler: str = "tpe", n_trials: int = 40,
                backend: str = "local", workers: int = 1, ray_address: str | None = None,
                cpus_per_trial: float = 1.0, gpus_per_trial: float | None = None, max_gflops: float | None = None,
-               min_top1: float | None = None, eval_config=None, seed: int = 0, presets: bool = True,
-               heartbeat_s: int = 10, grace_s: int | None = None, poll_s: float = 1.0,
+               min_top1: float | None = None, max_top1_drop: float | None = None, eval_config=None, seed: int = 0,
+               presets: bool = True, heartbeat_s: int = 10, grace_s: int | None = None, poll_s: float = 1.0,
                log: Callable[[str], None] | None = None) -> SearchResult:
     """Run (or resume) study ``study_name`` until it holds ``n_trials`` finished trials.
 
@@ -306,8 +308,10 @@ def run_search(study_name: str, storage: str | None = None, space: str = "mixed"
     backend: ``local`` (in process, one trial at a time) or ``ray`` (``workers`` Ray actors with
       ``cpus_per_trial``/``gpus_per_trial`` each, on a local Ray or ``ray_address``; default one GPU
       per trial when the evaluation device is CUDA).
-    max_gflops / min_top1: budgets, recorded as Optuna constraints (``trial.set_constraint``):
-      infeasible trials stay in the study but leave the front.
+    max_gflops / min_top1 / max_top1_drop: budgets (GFLOPs per image at most; top-1 % at least; top-1
+      points lost against the uncompressed model at most), recorded as Optuna constraints
+      (``trial.set_constraint``): infeasible trials stay in the study but leave the front, and the
+      samplers learn to avoid them.
     eval_config: :class:`paretoken.evaluators.evaluate.EvalConfig` (default: EvalConfig()).
     presets: when the study is created, enqueue every published preset the space can express (the
       uncompressed model, the hypervolume's reference, is enqueued in any case).
@@ -327,8 +331,8 @@ def run_search(study_name: str, storage: str | None = None, space: str = "mixed"
     config = eval_config if eval_config is not None else EvalConfig()
     if sampler not in st.SAMPLERS:
         raise ParetokenError(f"sampler: {sampler!r} is unknown; valid: {', '.join(st.SAMPLERS)}")
-    _check_inputs(objectives, backend, workers, n_trials, cpus_per_trial, gpus_per_trial, max_gflops, min_top1,
-                  config)
+    budgets = {"max_gflops": max_gflops, "min_top1": min_top1, "max_top1_drop": max_top1_drop}
+    _check_inputs(objectives, backend, workers, n_trials, cpus_per_trial, gpus_per_trial, budgets, config)
     if isinstance(heartbeat_s, bool) or not isinstance(heartbeat_s, int) or heartbeat_s < 1:
         raise ParetokenError(f"heartbeat: {heartbeat_s!r} is invalid; valid: an integer >= 1 (seconds)")
     grace_s = int(grace_s) if grace_s is not None else 3 * heartbeat_s
@@ -337,13 +341,13 @@ def run_search(study_name: str, storage: str | None = None, space: str = "mixed"
     depth = model_depth(config)
     url = storage or default_storage(study_name)
     config_dict = config_to_dict(config)
-    settings = st.study_settings(space_obj.name, objectives, max_gflops, min_top1, config_dict, depth)
+    settings = st.study_settings(space_obj.name, objectives, budgets, config_dict, depth)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():
         _quiet_warnings()
         return _run(study_name, url, space_obj, objectives, sampler, n_trials, backend, workers, ray_address,
-                    cpus_per_trial, gpus_per_trial, max_gflops, min_top1, config, seed, presets, heartbeat_s,
+                    cpus_per_trial, gpus_per_trial, budgets, config, seed, presets, heartbeat_s,
                     grace_s, poll_s, log, depth, settings, config_dict)
 
 
@@ -357,7 +361,7 @@ def _quiet_warnings() -> None:
 
 
 def _run(study_name, url, space_obj, objectives, sampler, n_trials, backend, workers, ray_address, cpus_per_trial,
-         gpus_per_trial, max_gflops, min_top1, config, seed, presets, heartbeat_s, grace_s, poll_s, log, depth,
+         gpus_per_trial, budgets, config, seed, presets, heartbeat_s, grace_s, poll_s, log, depth,
          settings, config_dict) -> SearchResult:
     import optuna
 
@@ -412,7 +416,6 @@ def _run(study_name, url, space_obj, objectives, sampler, n_trials, backend, wor
     liveness = st.Liveness(study, heartbeat_s, grace_s, log)
     beater = _Beater(liveness)
     beater.start()
-    budgets = {"max_gflops": max_gflops, "min_top1": min_top1}
     state = _LoopState(study, space_obj, depth, objectives, n_trials, budgets, config_dict, log)
     try:
         _loop(state, executor, liveness, beater, poll_s)
@@ -489,6 +492,8 @@ class _LoopState:
                     trial.set_constraint("max_gflops", metrics["gflops"] - self.budgets["max_gflops"])
                 if self.budgets["min_top1"] is not None:
                     trial.set_constraint("min_top1", self.budgets["min_top1"] - metrics["top1"])
+                if self.budgets["max_top1_drop"] is not None:
+                    trial.set_constraint("max_top1_drop", metrics["top1_drop"] - self.budgets["max_top1_drop"])
                 self.study.tell(trial, [metrics[o] for o in self.objectives])
             else:
                 trial.set_user_attr("error", error)

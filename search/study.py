@@ -23,7 +23,8 @@ from paretoken.errors import ParetokenError
 #: Objectives and whether each is maximised.
 DIRECTIONS: dict[str, str] = {
     "top1": "maximize", "agreement": "maximize", "img_per_s": "maximize",
-    "gflops": "minimize", "latency_ms": "minimize", "kl": "minimize", "peak_mem_mb": "minimize",
+    "top1_drop": "minimize", "gflops": "minimize", "latency_ms": "minimize", "kl": "minimize",
+    "peak_mem_mb": "minimize",
     "padding_pct": "minimize",
 }
 DEFAULT_OBJECTIVES = ("top1", "gflops")
@@ -126,16 +127,18 @@ def make_sampler(name: str, seed: int = 0):
 
 
 # --------------------------------------------------------------------------- create / resume
-def study_settings(space: str, objectives: Sequence[str], max_gflops: float | None, min_top1: float | None,
+def study_settings(space: str, objectives: Sequence[str], budgets: dict[str, float | None],
                    config: dict[str, Any], depth: int) -> dict[str, Any]:
-    return {"space": space, "objectives": list(objectives), "max_gflops": max_gflops, "min_top1": min_top1,
+    """What a resumed study must match: space, objectives, budgets (max_gflops, min_top1, max_top1_drop),
+    measurement and model depth."""
+    return {"space": space, "objectives": list(objectives), **budgets,
             "measurement": {k: config.get(k) for k in MEASUREMENT_KEYS}, "depth": depth}
 
 
 def check_settings(study_name: str, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
     """One-line error when a study is resumed with settings that would mix incomparable trials."""
     labels = {"space": "--space", "objectives": "--objectives", "max_gflops": "--max-gflops",
-              "min_top1": "--min-top1", "depth": "the model depth"}
+              "min_top1": "--min-top1", "max_top1_drop": "--max-top1-drop", "depth": "the model depth"}
     def shown(value: Any) -> str:
         return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else repr(value)
 
@@ -343,13 +346,16 @@ def baseline(study) -> dict[str, float] | None:
 def reference_point(base: dict[str, float] | None, objectives: Sequence[str],
                     top1_margin: float = 10.0) -> dict[str, float] | None:
     """The worst case per objective, from the uncompressed model: top1/agreement minus ``top1_margin``
-    points, its gflops/latency/memory/throughput as they are, kl 1 nat, padding 100 %."""
+    points, top1_drop ``top1_margin`` points, its gflops/latency/memory/throughput as they are, kl 1 nat,
+    padding 100 %."""
     if base is None:
         return None
     ref = {}
     for o in objectives:
         if o in ("top1", "agreement"):
             value = base.get(o, math.nan) - top1_margin
+        elif o == "top1_drop":
+            value = top1_margin
         elif o == "kl":
             value = 1.0
         elif o == "padding_pct":

@@ -30,6 +30,7 @@ def test_uncompressed_metrics(config):
     metrics = ev.evaluate(paretoken.Plan(), config)
     assert set(metrics) == set(ev.METRICS)
     assert metrics["agreement"] == 100.0 and metrics["kl"] == 0.0 and metrics["padding_pct"] == 0.0
+    assert metrics["top1_drop"] == 0.0
     assert 0.0 <= metrics["top1"] <= 100.0
     assert metrics["img_per_s"] > 0 and metrics["latency_ms"] > 0
     assert math.isnan(metrics["peak_mem_mb"])  # CPU: no allocator peak

@@ -17,7 +17,8 @@ from paretoken.evaluators.models import build_default_architecture
 from paretoken.search import enqueue_plan, run_search
 from paretoken.search.storage import default_storage, journal_path, open_storage
 
-METRICS = ("top1", "agreement", "kl", "gflops", "img_per_s", "latency_ms", "peak_mem_mb", "padding_pct")
+METRICS = ("top1", "top1_drop", "agreement", "kl", "gflops", "img_per_s", "latency_ms", "peak_mem_mb",
+           "padding_pct")
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +177,24 @@ def test_budgets_are_optuna_constraints(config, tmp_path, monkeypatch):
     expected = {t.number for t in feasible if not any(
         o.values[0] >= t.values[0] and o.values[1] <= t.values[1] and o.values != t.values for o in feasible)}
     assert set(result.front["trial"]) == expected and list(result.front.columns[:2]) == ["trial", "preset"]
+
+
+def test_top1_drop_budget_is_relative_to_the_uncompressed_trial(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_search("drop", space="evit", n_trials=4, eval_config=config, max_top1_drop=0.0, log=lambda _: None)
+    trials = _load("drop", result.storage).get_trials()
+    base_top1 = trials[0].user_attrs["top1"]  # the uncompressed model, enqueued first
+    assert trials[0].user_attrs["top1_drop"] == 0.0
+    for t in trials:
+        assert t.user_attrs["top1_drop"] == pytest.approx(base_top1 - t.user_attrs["top1"])
+        assert t.constraints == {"max_top1_drop": pytest.approx(t.user_attrs["top1_drop"])}
+    assert set(result.front["trial"]) <= {t.number for t in trials if t.user_attrs["top1"] >= base_top1}
+    with pytest.raises(ParetokenError, match=r"^study: 'drop' was created with max_top1_drop 0\.0, not 2\.0; "
+                                             r"pass --max-top1-drop as before"):
+        run_search("drop", space="evit", n_trials=5, eval_config=config, max_top1_drop=2.0, log=lambda _: None)
+    with pytest.raises(ParetokenError, match=r"^max-top1-drop: -1\.0 is invalid; valid: 0\.\.100 \(points\)$"):
+        run_search("drop2", space="evit", n_trials=1, eval_config=config, max_top1_drop=-1.0, log=lambda _: None)
+    assert not (tmp_path / "studies" / "drop2.db").exists()
 
 
 @pytest.mark.parametrize("sampler", ["nsga2", "gp", "random"])
