@@ -230,11 +230,15 @@ def test_cli_search_and_spaces(config, tmp_path, monkeypatch, capsys):
     assert {e["name"] for e in listing} >= {"mixed"} and "evit-0.7" in next(e for e in listing
                                                                             if e["name"] == "evit")["presets"]
     argv = ["search", "--study", "cli", "--space", "dynamicvit", "--trials", "3", "--checkpoint", config.checkpoint,
-            "--images", "16", "--no-speed", "--storage", "journal:studies/cli.log", "--plot", "front.png"]
+            "--images", "16", "--no-speed", "--storage", "journal:studies/cli.log", "--plot", "front.png",
+            "--max-top1-drop", "5"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "done 3/3" in out and "Pareto front:" in out and (tmp_path / "front.png").is_file()
     assert (tmp_path / "studies" / "cli.log").is_file()
+    study = _load("cli", "journal:studies/cli.log")
+    assert study.user_attrs["paretoken"]["max_top1_drop"] == 5.0
+    assert all(set(t.constraints) == {"max_top1_drop"} for t in study.get_trials())
     assert main(["search", "--study", "cli2", "--objectives", "top1,speed", "--checkpoint", config.checkpoint]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "objectives: 'speed' is unknown" in err
