@@ -17,9 +17,9 @@ from paretoken.search.storage import open_storage
 TRIALS = 7
 
 
-def search_command(study, storage, checkpoint, trials):
+def search_command(study, storage, checkpoint, trials, images=16):
     return [sys.executable, "-m", "paretoken.cli", "search", "--study", study, "--storage", storage,
-            "--space", "evit", "--trials", str(trials), "--checkpoint", checkpoint, "--images", "16",
+            "--space", "evit", "--trials", str(trials), "--checkpoint", checkpoint, "--images", str(images),
             "--batch-size", "16", "--no-speed", "--heartbeat", "1", "--seed", "0"]
 
 
@@ -100,7 +100,8 @@ def test_sigkill_then_the_same_command_resumes(kind, checkpoint, tmp_path):
 
 def test_ctrl_c_fails_the_running_trial_and_enqueues_its_plan_at_once(checkpoint, tmp_path):
     storage = f"sqlite:///{tmp_path}/c.db"
-    cmd = search_command("c", storage, checkpoint, 50)
+    # trials of a few seconds, so the one seen RUNNING is still running when the signal lands (on a busy machine too)
+    cmd = search_command("c", storage, checkpoint, 50, images=480)
     proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
