@@ -91,7 +91,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"plan": plan.to_dict(), "metrics": metrics, "environment": env}, allow_nan=True))
         return 0
-    units = {"top1": "%", "top1_drop": "points", "agreement": "%", "kl": "nats", "gflops": "GFLOPs/image", "img_per_s": "images/s",
+    units = {"top1": "%", "top1_drop": "points", "agreement": "%", "kl": "nats", "gflops": "GFLOPs/image",
+             "img_per_s": "images/s",
              "latency_ms": "ms (batch 1)", "peak_mem_mb": "MiB (CUDA only)", "padding_pct": "% of token slots"}
     print(f"model {args.model} on {args.images} images of {args.data or 'fashion-mnist'}; {env['device']}, "
           f"{env['threads']} threads, batch {args.batch_size}\nplan  {plan.describe()}")

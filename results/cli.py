@@ -93,7 +93,8 @@ def cmd_front(args: argparse.Namespace) -> int:
     states = df["state"].where(~df["interrupted"], "INTERRUPTED") if "interrupted" in df else df["state"]
     counts = states.value_counts().to_dict()
     settings = df.attrs.get("user_attrs", {}).get("paretoken") or {}
-    study_budgets = {k: settings[k] for k in ("max_gflops", "min_top1", "max_top1_drop") if settings.get(k) is not None}
+    study_budgets = {k: settings[k] for k in ("max_gflops", "min_top1", "max_top1_drop")
+                     if settings.get(k) is not None}
     if args.json:
         columns = ["number", "state", "preset", "plan", "plan_str", *query.METRICS,
                    *[c for c in df.columns if c.startswith("constraint:")], "feasible", "device", "duration_s"]

@@ -116,8 +116,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                         sampler=args.sampler, n_trials=args.trials, backend=args.backend, workers=workers,
                         ray_address=args.ray_address, cpus_per_trial=args.cpus_per_trial,
                         gpus_per_trial=args.gpus_per_trial, max_gflops=args.max_gflops, min_top1=args.min_top1,
-                        max_top1_drop=args.max_top1_drop, eval_config=config, seed=args.seed, presets=not args.no_presets,
-                        heartbeat_s=args.heartbeat)
+                        max_top1_drop=args.max_top1_drop, eval_config=config, seed=args.seed,
+                        presets=not args.no_presets, heartbeat_s=args.heartbeat)
     if args.plot:
         from paretoken.results.plots import plot_front
         from paretoken.results.query import trials_frame
