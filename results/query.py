@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from paretoken.errors import ParetokenError
-from paretoken.search.study import DEFAULT_OBJECTIVES, DIRECTIONS, check_objectives
+from paretoken.search.study import DEFAULT_OBJECTIVES, DIRECTIONS, check_objectives, reference_value
 
 #: Metric columns, in the evaluators' order (kept here so reading a study never imports torch).
 METRICS = ("top1", "top1_drop", "agreement", "kl", "gflops", "img_per_s", "latency_ms", "peak_mem_mb",
@@ -359,10 +359,9 @@ def reference_point(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_
                     top1_margin: float = 10.0) -> dict[str, float]:
     """A fixed reference point for hypervolume, the search's convention.
 
-    From the first COMPLETE trial of the uncompressed model (a plan with no stages): top1/agreement
-    minus ``top1_margin`` points, top1_drop ``top1_margin`` points, kl 1 nat, padding 100 %, every
-    other objective (gflops, img_per_s, latency_ms, ...) at its value. Without that trial, or where
-    it lacks an objective, the worst COMPLETE value in ``df``.
+    From the first COMPLETE trial of the uncompressed model (a plan with no stages), as the search
+    does (:func:`paretoken.search.study.reference_value`). Without that trial, or where it lacks an
+    objective, the worst COMPLETE value in ``df``.
     """
     objectives = _check_objectives(objectives, df)
     done = budget(df, feasible_only=False)
@@ -371,16 +370,7 @@ def reference_point(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_
     first = base.sort_values("number").iloc[0] if len(base) else None
     ref: dict[str, float] = {}
     for o in objectives:
-        if o == "kl":
-            value = 1.0
-        elif o == "top1_drop":
-            value = top1_margin
-        elif o == "padding_pct":
-            value = 100.0
-        else:
-            value = float(first[o]) if first is not None and o in first else math.nan
-            if o in ("top1", "agreement"):
-                value -= top1_margin
+        value = reference_value(o, float(first[o]) if first is not None and o in first else math.nan, top1_margin)
         if math.isnan(value):
             column = done[o].dropna()
             if column.empty:

@@ -24,8 +24,7 @@ from paretoken.errors import ParetokenError
 DIRECTIONS: dict[str, str] = {
     "top1": "maximize", "agreement": "maximize", "img_per_s": "maximize",
     "top1_drop": "minimize", "gflops": "minimize", "latency_ms": "minimize", "kl": "minimize",
-    "peak_mem_mb": "minimize",
-    "padding_pct": "minimize",
+    "peak_mem_mb": "minimize", "padding_pct": "minimize",
 }
 DEFAULT_OBJECTIVES = ("top1", "gflops")
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
@@ -343,26 +342,29 @@ def baseline(study) -> dict[str, float] | None:
     return None
 
 
+def reference_value(objective: str, base_value: float, top1_margin: float = 10.0) -> float:
+    """The hypervolume reference's coordinate for ``objective``, given the uncompressed model's value
+    (NaN when unknown): top1/agreement minus ``top1_margin`` points, top1_drop ``top1_margin`` points,
+    kl 1 nat, padding 100 %, gflops/latency/memory/throughput as they are."""
+    if objective == "top1_drop":
+        return top1_margin
+    if objective == "kl":
+        return 1.0
+    if objective == "padding_pct":
+        return 100.0
+    return base_value - top1_margin if objective in ("top1", "agreement") else base_value
+
+
 def reference_point(base: dict[str, float] | None, objectives: Sequence[str],
                     top1_margin: float = 10.0) -> dict[str, float] | None:
-    """The worst case per objective, from the uncompressed model: top1/agreement minus ``top1_margin``
-    points, top1_drop ``top1_margin`` points, its gflops/latency/memory/throughput as they are, kl 1 nat,
-    padding 100 %."""
+    """The worst case per objective (:func:`reference_value`) from the uncompressed model's metrics
+    ``base``; None without them or where one is missing."""
     if base is None:
         return None
     ref = {}
     for o in objectives:
-        if o in ("top1", "agreement"):
-            value = base.get(o, math.nan) - top1_margin
-        elif o == "top1_drop":
-            value = top1_margin
-        elif o == "kl":
-            value = 1.0
-        elif o == "padding_pct":
-            value = 100.0
-        else:
-            value = base.get(o, math.nan)
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
+        value = reference_value(o, base.get(o, math.nan), top1_margin)
+        if not math.isfinite(value):
             return None
         ref[o] = float(value)
     return ref
