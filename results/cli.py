@@ -20,6 +20,8 @@ def _storage_args(parser: argparse.ArgumentParser) -> None:
 def _budget_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-gflops", type=float, metavar="X", help="only trials with at most X GFLOPs per image")
     parser.add_argument("--min-top1", type=float, metavar="Y", help="only trials with top-1 of at least Y %%")
+    parser.add_argument("--max-top1-drop", type=float, metavar="D",
+                        help="only trials at most D top-1 points below the uncompressed model (same images)")
 
 
 def _plain(value):
@@ -72,14 +74,15 @@ def cmd_front(args: argparse.Namespace) -> int:
     if len(args.study) > 1:
         return _compare(args)
     df = query.load(args.study[0], args.storage)
-    fr = query.front(df, args.objectives, args.max_gflops, args.min_top1)
+    drop = args.max_top1_drop
+    fr = query.front(df, args.objectives, args.max_gflops, args.min_top1, max_top1_drop=drop)
     reference = query.reference_point(df, args.objectives) if (df["state"] == "COMPLETE").any() else None
-    hv = query.hypervolume(query.budget(df, args.max_gflops, args.min_top1), args.objectives, reference) \
-        if reference else math.nan
+    within = query.budget(df, args.max_gflops, args.min_top1, max_top1_drop=drop)
+    hv = query.hypervolume(within, args.objectives, reference) if reference else math.nan
     if args.plot:
         from paretoken.results.plots import plot_front
 
-        plot_front(df, args.objectives, args.plot, args.max_gflops, args.min_top1)
+        plot_front(df, args.objectives, args.plot, args.max_gflops, args.min_top1, max_top1_drop=drop)
     if args.history:
         from paretoken.results.plots import plot_hypervolume_history
 
@@ -100,14 +103,16 @@ def cmd_front(args: argparse.Namespace) -> int:
                    *[c for c in df.columns if c.startswith("constraint:")], "feasible", "device", "duration_s"]
         print(json.dumps({"study": args.study[0], "storage": query._redact(df.attrs["storage"]),
                           "objectives": list(args.objectives),
-                          "budgets": {"max_gflops": args.max_gflops, "min_top1": args.min_top1},
+                          "budgets": {"max_gflops": args.max_gflops, "min_top1": args.min_top1,
+                                      "max_top1_drop": drop},
                           "study_budgets": study_budgets,
                           "trials": {k: int(v) for k, v in counts.items()},
                           "reference": reference, "hypervolume": _plain(hv),
                           "front": _records(fr, columns)}, allow_nan=False))
         return 0
     budgets = ", ".join(b for b in (f"gflops <= {args.max_gflops:g}" if args.max_gflops is not None else "",
-                                    f"top1 >= {args.min_top1:g}" if args.min_top1 is not None else "") if b)
+                                    f"top1 >= {args.min_top1:g}" if args.min_top1 is not None else "",
+                                    f"top1_drop <= {drop:g}" if drop is not None else "") if b)
     print(f"study {args.study[0]} ({query._redact(df.attrs['storage'])}): {len(df)} trials, "
           + ", ".join(f"{v} {k.lower()}" for k, v in counts.items())
           + (f"; searched with {settings['space']} space" if settings.get("space") else "")
@@ -129,7 +134,7 @@ def _compare(args: argparse.Namespace) -> int:
     from paretoken.results import query
 
     table = query.compare([(name, args.storage) for name in args.study], args.objectives, args.max_gflops,
-                          args.min_top1)
+                          args.min_top1, max_top1_drop=args.max_top1_drop)
     if args.csv:
         table.to_csv(args.csv, index=False)
     if args.json:
@@ -147,7 +152,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from paretoken.results.export import export
 
     path = export(args.study, args.storage, trial=args.trial, best=args.best, max_gflops=args.max_gflops,
-                  min_top1=args.min_top1, out=args.out)
+                  min_top1=args.min_top1, out=args.out, max_top1_drop=args.max_top1_drop)
     meta = load_plan(path).meta
     metrics = meta["metrics"]
     shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in ("top1", "agreement", "gflops", "img_per_s") if k in metrics)
@@ -197,7 +202,7 @@ def add_results_parsers(sub) -> None:
     _storage_args(p)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--trial", type=int, metavar="N", help="trial number")
-    which.add_argument("--best", action="store_true", help="the best top-1 within --max-gflops / --min-top1")
+    which.add_argument("--best", action="store_true", help="the best top-1 within --max-gflops / --min-top1 / --max-top1-drop")
     _budget_args(p)
     p.add_argument("--out", default="plan.yaml", metavar="FILE", help="plan file, .yaml or .json [plan.yaml]")
     p.set_defaults(func=cmd_export)

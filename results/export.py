@@ -114,23 +114,23 @@ def _plain(value: Any) -> Any:
 
 
 def choose_trial(df, trial: int | None = None, best: bool = False, max_gflops: float | None = None,
-                 min_top1: float | None = None):
+                 min_top1: float | None = None, max_top1_drop: float | None = None):
     """The row of ``df`` to export: trial number ``trial``, or the best top1 within the budgets."""
     if (trial is None) == (not best):
         raise ParetokenError("export: give exactly one of --trial N or --best")
+    limits = [f for f in (f"{max_gflops:g} GFLOPs" if max_gflops is not None else "",
+                          f"top1 >= {min_top1:g}" if min_top1 is not None else "",
+                          f"top1_drop <= {max_top1_drop:g}" if max_top1_drop is not None else "") if f]
     if best:
-        row = query.best(df, "top1", max_gflops, min_top1)
+        row = query.best(df, "top1", max_gflops, min_top1, max_top1_drop=max_top1_drop)
         if row is None:
-            within = " within " + " and ".join(
-                f for f in (f"{max_gflops:g} GFLOPs" if max_gflops is not None else "",
-                            f"top1 >= {min_top1:g}" if min_top1 is not None else "") if f) \
-                if max_gflops is not None or min_top1 is not None else ""
+            within = " within " + " and ".join(limits) if limits else ""
             low = df.loc[df["state"] == "COMPLETE", "gflops"].min() if len(df) else math.nan
             hint = f"; the fewest GFLOPs of a COMPLETE trial is {low:.4g}" if not math.isnan(low) else ""
             raise ParetokenError(f"export: no COMPLETE trial{within}{hint}")
         return row
-    if max_gflops is not None or min_top1 is not None:
-        raise ParetokenError("export: --max-gflops/--min-top1 go with --best, not with --trial")
+    if limits:
+        raise ParetokenError("export: --max-gflops/--min-top1/--max-top1-drop go with --best, not with --trial")
     rows = df[df["number"] == trial]
     if rows.empty:
         valid = f"0..{int(df['number'].max())}" if len(df) else "(the study has no trials)"
@@ -187,7 +187,7 @@ def export_meta(study, row, storage: str) -> dict[str, Any]:
 
 def export(study: str, storage: str | None = None, trial: int | None = None, best: bool = False,
            max_gflops: float | None = None, min_top1: float | None = None,
-           out: str | Path = "plan.yaml") -> Path:
+           out: str | Path = "plan.yaml", max_top1_drop: float | None = None) -> Path:
     """Write trial ``trial`` of ``study`` (or, with ``best``, the best top1 within the budgets) as a
     plan file with ``meta`` (model, weights, input size, metrics, provenance); returns its path.
 
@@ -198,7 +198,7 @@ def export(study: str, storage: str | None = None, trial: int | None = None, bes
     storage = storage or query.default_storage(study)
     opened = query.load_study(study, storage)
     df = query.trials_frame(opened)
-    row = choose_trial(df, trial, best, max_gflops, min_top1)
+    row = choose_trial(df, trial, best, max_gflops, min_top1, max_top1_drop)
     if not isinstance(row["plan"], Mapping):
         raise ParetokenError(f"export: trial {int(row['number'])} stores no plan (user attr 'plan')")
     plan = Plan.from_dict({k: v for k, v in row["plan"].items() if k != "meta"})

@@ -298,10 +298,11 @@ def losses(df: pd.DataFrame, objectives: Sequence[str]) -> np.ndarray:
 
 
 def budget(df: pd.DataFrame, max_gflops: float | None = None, min_top1: float | None = None,
-           feasible_only: bool = True) -> pd.DataFrame:
-    """The COMPLETE rows within the budgets (``gflops <= max_gflops``, ``top1 >= min_top1``) and,
-    with ``feasible_only``, within the study's own constraints (column ``feasible``), as the
-    search's front is."""
+           feasible_only: bool = True, *, max_top1_drop: float | None = None) -> pd.DataFrame:
+    """The COMPLETE rows within the budgets (``gflops <= max_gflops``, ``top1 >= min_top1``,
+    ``top1_drop <= max_top1_drop``: top-1 points lost against the uncompressed model on the same
+    images) and, with ``feasible_only``, within the study's own constraints (column ``feasible``),
+    as the search's front is."""
     keep = df["state"] == "COMPLETE" if "state" in df.columns else pd.Series(True, index=df.index)
     if feasible_only and "feasible" in df.columns:
         keep &= df["feasible"].astype(bool)
@@ -309,6 +310,8 @@ def budget(df: pd.DataFrame, max_gflops: float | None = None, min_top1: float | 
         keep &= df["gflops"] <= max_gflops
     if min_top1 is not None:
         keep &= df["top1"] >= min_top1
+    if max_top1_drop is not None:
+        keep &= df["top1_drop"] <= max_top1_drop if "top1_drop" in df.columns else False
     return df[keep]
 
 
@@ -338,7 +341,8 @@ def non_dominated(points: np.ndarray) -> np.ndarray:
 
 
 def front(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJECTIVES, max_gflops: float | None = None,
-          min_top1: float | None = None, feasible_only: bool = True) -> pd.DataFrame:
+          min_top1: float | None = None, feasible_only: bool = True, *,
+          max_top1_drop: float | None = None) -> pd.DataFrame:
     """The non-dominated COMPLETE rows of ``df`` on ``objectives`` within the budgets (and, with
     ``feasible_only``, the study's constraints: infeasible trials stay in the table but leave the front).
 
@@ -347,7 +351,7 @@ def front(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJECTIVES
     the first objective, best first.
     """
     objectives = _check_objectives(objectives, df)
-    rows = budget(df, max_gflops, min_top1, feasible_only)
+    rows = budget(df, max_gflops, min_top1, feasible_only, max_top1_drop=max_top1_drop)
     points = losses(rows, objectives)
     finite = np.all(np.isfinite(points), axis=1) if len(rows) else np.zeros(0, dtype=bool)
     rows, points = rows[finite], points[finite]
@@ -450,11 +454,11 @@ def hypervolume_history(df: pd.DataFrame, objectives: Sequence[str] | str = DEFA
 
 
 def best(df: pd.DataFrame, metric: str = "top1", max_gflops: float | None = None,
-         min_top1: float | None = None) -> pd.Series | None:
+         min_top1: float | None = None, *, max_top1_drop: float | None = None) -> pd.Series | None:
     """The COMPLETE row with the best ``metric`` within the budgets (ties: fewer GFLOPs, then the
     earlier trial); None when no row fits."""
     _check_objectives([metric], df)
-    rows = budget(df, max_gflops, min_top1).dropna(subset=[metric])
+    rows = budget(df, max_gflops, min_top1, max_top1_drop=max_top1_drop).dropna(subset=[metric])
     if rows.empty:
         return None
     keys = [metric] + (["gflops"] if metric != "gflops" and "gflops" in rows else []) + ["number"]
@@ -465,7 +469,8 @@ def best(df: pd.DataFrame, metric: str = "top1", max_gflops: float | None = None
 def compare(studies: Sequence[tuple[str, str | None]] | Sequence[str],
             objectives: Sequence[str] | str = DEFAULT_OBJECTIVES, max_gflops: float | None = None,
             min_top1: float | None = None,
-            reference: Mapping[str, float] | Sequence[float] | None = None) -> pd.DataFrame:
+            reference: Mapping[str, float] | Sequence[float] | None = None, *,
+            max_top1_drop: float | None = None) -> pd.DataFrame:
     """One table of several studies: trials, complete, failed, front size, best top1 within the budgets
     (and its GFLOPs and plan), hypervolume against one shared reference point.
 
@@ -482,8 +487,8 @@ def compare(studies: Sequence[tuple[str, str | None]] | Sequence[str],
         reference = reference_point(pd.concat([f for _, f in frames], ignore_index=True), objectives)
     rows = []
     for name, df in frames:
-        within = budget(df, max_gflops, min_top1)
-        top = best(df, "top1", max_gflops, min_top1) if "top1" in df else None
+        within = budget(df, max_gflops, min_top1, max_top1_drop=max_top1_drop)
+        top = best(df, "top1", max_gflops, min_top1, max_top1_drop=max_top1_drop) if "top1" in df else None
         rows.append({
             "study": name,
             "storage": _redact(df.attrs.get("storage", "")),
@@ -491,7 +496,7 @@ def compare(studies: Sequence[tuple[str, str | None]] | Sequence[str],
             "complete": int((df["state"] == "COMPLETE").sum()),
             "failed": int((df["state"] == "FAIL").sum()),
             "within_budget": len(within),
-            "front_size": len(front(df, objectives, max_gflops, min_top1)),
+            "front_size": len(front(df, objectives, max_gflops, min_top1, max_top1_drop=max_top1_drop)),
             "best_top1": math.nan if top is None else float(top["top1"]),
             "best_gflops": math.nan if top is None else float(top["gflops"]),
             "best_trial": None if top is None else int(top["number"]),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 from paretoken.errors import ParetokenError
 
@@ -121,14 +120,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.plot:
         from paretoken.results.plots import plot_front
         from paretoken.results.query import trials_frame
-        from paretoken.search import study as st
 
-        min_top1 = args.min_top1
-        base = st.baseline(result.study)
-        if args.max_top1_drop is not None and base is not None:  # the relative budget drawn as a top-1 floor
-            min_top1 = max(base["top1"] - args.max_top1_drop, min_top1 if min_top1 is not None else -math.inf)
         path = plot_front(trials_frame(result.study), list(result.study.user_attrs.get("objectives")), args.plot,
-                          max_gflops=args.max_gflops, min_top1=min_top1)
+                          max_gflops=args.max_gflops, min_top1=args.min_top1, max_top1_drop=args.max_top1_drop)
         print(f"front plot: {path}", flush=True)
     return 0
 

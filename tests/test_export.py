@@ -138,6 +138,10 @@ def test_best_within_a_budget(measured, tmp_path):
     expected = compressed.sort_values(["top1", "gflops", "number"], ascending=[False, True, True]).iloc[0]
     assert meta["provenance"]["trial"] == expected["number"]
     assert json.loads(path.read_text())["meta"]["metrics"]["top1"] == expected["top1"]
+    drop = float(compressed["top1_drop"].max())  # the worst compressed trial is still in
+    within = ex.export("real", measured["storage"], best=True, max_gflops=full - 1e-6, max_top1_drop=drop,
+                       out=tmp_path / "drop.json")
+    assert paretoken.load_plan(within).meta["provenance"]["trial"] == expected["number"]
     whole = ex.export("real", measured["storage"], best=True, out=tmp_path / "any.yaml")
     assert yaml.safe_load(whole.read_text())["meta"]["metrics"]["top1"] == df["top1"].max()
 
@@ -151,6 +155,8 @@ def test_bad_exports_are_one_line(measured, tmp_path):
         (dict(trial=1, best=True), "exactly one of"),
         (dict(best=True, max_gflops=1e-6), "no COMPLETE trial within 1e-06 GFLOPs"),
         (dict(trial=1, max_gflops=1.0), "go with --best"),
+        (dict(trial=1, max_top1_drop=1.0), "go with --best"),
+        (dict(best=True, max_top1_drop=-1.0), "no COMPLETE trial within top1_drop <= -1"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ParetokenError, match=message.replace("(", r"\(").replace(")", r"\)")):

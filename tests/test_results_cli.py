@@ -54,6 +54,15 @@ def test_front_json_csv_and_plot(storage, tmp_path, capsys):
     assert json.loads(table.loc[1, "plan"]) == paretoken.preset("evit-0.7").to_dict()
     assert png.stat().st_size > 10_000
 
+    capsys.readouterr()
+    assert main(["front", "--study", "s", "--storage", storage, "--max-top1-drop", "2", "--max-gflops", "3",
+                 "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [r["number"] for r in data["front"]] == [1, 2]
+    assert data["budgets"] == {"max_gflops": 3.0, "min_top1": None, "max_top1_drop": 2.0}
+    assert main(["front", "--study", "s", "--storage", storage, "--max-top1-drop", "2"]) == 0
+    assert "within top1_drop <= 2: 3 trials" in capsys.readouterr().out
+
 
 def test_front_compares_several_studies(storage, capsys):
     make_study(storage, "t", POINTS[:3], failed=0)

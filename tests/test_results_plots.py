@@ -52,6 +52,11 @@ def test_front_html_has_front_presets_and_budgets(df, tmp_path):
     dominated = traces["dominated / over budget"]
     assert len(dominated["x"]) == (df["state"] == "COMPLETE").sum() - len(front)
 
+    html = plots.plot_front(df, "top1,gflops", tmp_path / "drop.html", max_top1_drop=2.0).read_text()
+    traces = {t["name"]: t for t in _figure(html)}
+    assert traces["front (3)"]["y"] == sorted(query.front(df, max_top1_drop=2.0)["top1"].tolist())
+    assert "max top-1 drop 2" in html
+
 
 def test_hypervolume_history_png_and_html(df, tmp_path):
     png = plots.plot_hypervolume_history(df, ("top1", "gflops"), tmp_path / "hv.png")

@@ -20,9 +20,11 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
 
-def trial_attrs(plan: paretoken.Plan, top1: float, gflops: float, **extra) -> dict:
-    """User attrs as the search stores them: plan dict, every metric by name, device, timings."""
-    metrics = {"top1": top1, "agreement": min(100.0, top1 + 5), "kl": 0.01, "gflops": gflops,
+def trial_attrs(plan: paretoken.Plan, top1: float, gflops: float, base_top1: float = 80.0, **extra) -> dict:
+    """User attrs as the search stores them: plan dict, every metric by name, device, timings;
+    ``base_top1`` is the uncompressed model's top-1 (for top1_drop)."""
+    metrics = {"top1": top1, "top1_drop": base_top1 - top1, "agreement": min(100.0, top1 + 5), "kl": 0.01,
+               "gflops": gflops,
                "img_per_s": 1000.0 / gflops, "latency_ms": gflops * 10, "peak_mem_mb": math.nan, "padding_pct": 0.0}
     attrs = {"plan": plan.to_dict(), **metrics, "device": "cpu (x86_64)", "duration_s": 1.5, "worker_pid": 1234,
              "torch": "2.x", "optuna": optuna.__version__}
@@ -178,6 +180,7 @@ def random_frame(seed: int, n: int = 120) -> pd.DataFrame:
                "img_per_s": float(rng.randint(1, 10)), "kl": rng.random()}
         if state != "COMPLETE" or rng.random() < 0.05:
             row["top1"] = math.nan
+        row["top1_drop"] = 10.0 - row["top1"]
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -200,6 +203,9 @@ def test_front_budgets(seed):
     within = df[(df["gflops"] <= 2.5) & (df["top1"] >= 3.0)]
     assert set(got["number"]) == brute_force_front(within, ("top1", "gflops"))
     assert (got["gflops"] <= 2.5).all() and (got["top1"] >= 3.0).all()
+    got = query.front(df, ("top1", "gflops"), max_top1_drop=4.0)
+    assert set(got["number"]) == brute_force_front(df[df["top1_drop"] <= 4.0], ("top1", "gflops"))
+    assert len(got) and (got["top1"] >= 6.0).all()
 
 
 def test_front_on_a_study(storage):
@@ -210,6 +216,10 @@ def test_front_on_a_study(storage):
     assert query.front(df, max_gflops=2.6, min_top1=77.5)["number"].tolist() == [2]
     assert query.front(df, max_gflops=0.5).empty
     assert query.best(df, max_gflops=2.6)["number"] == 2
+    assert query.front(df, max_top1_drop=2.0)["number"].tolist() == [0, 1, 2]  # top1 >= 78 of 80
+    assert query.best(df, max_gflops=2.6, max_top1_drop=2.0)["number"] == 2
+    assert query.best(df, max_gflops=2.6, max_top1_drop=1.0) is None
+    assert query.front(df.drop(columns="top1_drop"), max_top1_drop=50.0).empty  # studies from before the metric
     assert query.best(df, max_gflops=0.5) is None
 
 
