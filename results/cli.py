@@ -202,7 +202,8 @@ def add_results_parsers(sub) -> None:
     _storage_args(p)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--trial", type=int, metavar="N", help="trial number")
-    which.add_argument("--best", action="store_true", help="the best top-1 within --max-gflops / --min-top1 / --max-top1-drop")
+    which.add_argument("--best", action="store_true",
+                       help="the best top-1 within --max-gflops / --min-top1 / --max-top1-drop")
     _budget_args(p)
     p.add_argument("--out", default="plan.yaml", metavar="FILE", help="plan file, .yaml or .json [plan.yaml]")
     p.set_defaults(func=cmd_export)

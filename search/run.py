@@ -367,7 +367,7 @@ def _run(study_name, url, space_obj, objectives, sampler, n_trials, backend, wor
 
     storage_obj = open_storage(url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
                                stale_callback=st.stale_callback(log))
-    sampler_obj = st.make_sampler(sampler, seed)
+    sampler_obj = st.make_sampler(sampler, seed, objectives)
     try:
         study = optuna.create_study(study_name=study_name, storage=storage_obj, sampler=sampler_obj,
                                     directions=st.directions(objectives))

@@ -29,6 +29,7 @@ DIRECTIONS: dict[str, str] = {
 DEFAULT_OBJECTIVES = ("top1", "gflops")
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 SPEED_OBJECTIVES = ("img_per_s", "latency_ms")
+NOISY_OBJECTIVES = (*SPEED_OBJECTIVES, "peak_mem_mb")  # measured, so they vary between runs of one plan
 #: The measurement settings that must match to add trials to an existing study.
 MEASUREMENT_KEYS = ("model", "checkpoint", "pretrained", "data", "images", "seed")
 UNCOMPRESSED = "uncompressed"
@@ -107,12 +108,13 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         return f"TrialSeededSampler({type(self.inner).__name__}, seed={self.seed})"
 
 
-def make_sampler(name: str, seed: int = 0):
+def make_sampler(name: str, seed: int = 0, objectives: Sequence[str] = DEFAULT_OBJECTIVES):
     """A seeded Optuna sampler: tpe (multivariate, grouped for conditional spaces), nsga2, gp, random.
 
-    GP treats the objectives as deterministic (a plan's top-1 and GFLOPs on fixed images are):
-    with a fitted noise term it proposed the same plan again and again (one plan 14 times in 60
-    trials on the embedded model), each time re-measured for nothing.
+    GP treats ``objectives`` as deterministic unless one is timed or measured (img_per_s,
+    latency_ms, peak_mem_mb): a plan's top-1 or GFLOPs on fixed images does not change, and with
+    a fitted noise term GP proposed the same plan again and again (one plan 14 times in 60 trials
+    on the embedded model), each time re-measured for nothing.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # multivariate/group are "experimental"
@@ -123,7 +125,7 @@ def make_sampler(name: str, seed: int = 0):
             inner = optuna.samplers.NSGAIISampler(seed=seed, population_size=NSGA2_POPULATION)
         elif name == "gp":
             inner = optuna.samplers.GPSampler(seed=seed, n_startup_trials=10, warn_independent_sampling=False,
-                                              deterministic_objective=True)
+                                              deterministic_objective=not set(objectives) & set(NOISY_OBJECTIVES))
         elif name == "random":
             inner = optuna.samplers.RandomSampler(seed=seed)
         else:

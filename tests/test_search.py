@@ -205,6 +205,14 @@ def test_other_samplers_run(config, tmp_path, monkeypatch, sampler):
     assert result.counts.complete == 3
 
 
+def test_gp_models_noise_only_for_measured_objectives():
+    from paretoken.search.study import make_sampler
+
+    # Optuna's GPSampler keeps the flag as _deterministic; a rename there fails here, not silently
+    assert make_sampler("gp", 0, ("top1", "gflops")).inner._deterministic is True
+    assert make_sampler("gp", 0, ("top1", "img_per_s")).inner._deterministic is False
+
+
 def test_ray_backend_runs_trials_on_two_worker_processes(config, tmp_path, monkeypatch, lines):
     monkeypatch.chdir(tmp_path)
     result = run_search("ray", space="evit", n_trials=6, backend="ray", workers=2, cpus_per_trial=1,
