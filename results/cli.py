@@ -152,7 +152,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from paretoken.results.export import export
 
     path = export(args.study, args.storage, trial=args.trial, best=args.best, max_gflops=args.max_gflops,
-                  min_top1=args.min_top1, out=args.out, max_top1_drop=args.max_top1_drop)
+                  min_top1=args.min_top1, out=args.out, max_top1_drop=args.max_top1_drop, cheapest=args.cheapest)
     meta = load_plan(path).meta
     metrics = meta["metrics"]
     shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in ("top1", "agreement", "gflops", "img_per_s") if k in metrics)
@@ -204,6 +204,8 @@ def add_results_parsers(sub) -> None:
     which.add_argument("--trial", type=int, metavar="N", help="trial number")
     which.add_argument("--best", action="store_true",
                        help="the best top-1 within --max-gflops / --min-top1 / --max-top1-drop")
+    which.add_argument("--cheapest", action="store_true",
+                       help="the fewest GFLOPs within --min-top1 / --max-top1-drop / --max-gflops")
     _budget_args(p)
     p.add_argument("--out", default="plan.yaml", metavar="FILE", help="plan file, .yaml or .json [plan.yaml]")
     p.set_defaults(func=cmd_export)

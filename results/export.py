@@ -114,15 +114,16 @@ def _plain(value: Any) -> Any:
 
 
 def choose_trial(df, trial: int | None = None, best: bool = False, max_gflops: float | None = None,
-                 min_top1: float | None = None, max_top1_drop: float | None = None):
-    """The row of ``df`` to export: trial number ``trial``, or the best top1 within the budgets."""
-    if (trial is None) == (not best):
-        raise ParetokenError("export: give exactly one of --trial N or --best")
+                 min_top1: float | None = None, max_top1_drop: float | None = None, *, cheapest: bool = False):
+    """The row of ``df`` to export: trial number ``trial``; with ``best``, the best top1 within the
+    budgets; with ``cheapest``, the fewest GFLOPs within them (ties: the better top1)."""
+    if (trial is not None) + best + cheapest != 1:
+        raise ParetokenError("export: give exactly one of --trial N, --best or --cheapest")
     limits = [f for f in (f"{max_gflops:g} GFLOPs" if max_gflops is not None else "",
                           f"top1 >= {min_top1:g}" if min_top1 is not None else "",
                           f"top1_drop <= {max_top1_drop:g}" if max_top1_drop is not None else "") if f]
-    if best:
-        row = query.best(df, "top1", max_gflops, min_top1, max_top1_drop=max_top1_drop)
+    if best or cheapest:
+        row = query.best(df, "top1" if best else "gflops", max_gflops, min_top1, max_top1_drop=max_top1_drop)
         if row is None:
             within = " within " + " and ".join(limits) if limits else ""
             low = df.loc[df["state"] == "COMPLETE", "gflops"].min() if len(df) else math.nan
@@ -130,7 +131,8 @@ def choose_trial(df, trial: int | None = None, best: bool = False, max_gflops: f
             raise ParetokenError(f"export: no COMPLETE trial{within}{hint}")
         return row
     if limits:
-        raise ParetokenError("export: --max-gflops/--min-top1/--max-top1-drop go with --best, not with --trial")
+        raise ParetokenError("export: --max-gflops/--min-top1/--max-top1-drop go with --best or --cheapest, "
+                             "not with --trial")
     rows = df[df["number"] == trial]
     if rows.empty:
         valid = f"0..{int(df['number'].max())}" if len(df) else "(the study has no trials)"
@@ -187,9 +189,10 @@ def export_meta(study, row, storage: str) -> dict[str, Any]:
 
 def export(study: str, storage: str | None = None, trial: int | None = None, best: bool = False,
            max_gflops: float | None = None, min_top1: float | None = None,
-           out: str | Path = "plan.yaml", max_top1_drop: float | None = None) -> Path:
-    """Write trial ``trial`` of ``study`` (or, with ``best``, the best top1 within the budgets) as a
-    plan file with ``meta`` (model, weights, input size, metrics, provenance); returns its path.
+           out: str | Path = "plan.yaml", max_top1_drop: float | None = None, *, cheapest: bool = False) -> Path:
+    """Write trial ``trial`` of ``study`` (or, with ``best``, the best top1 within the budgets; with
+    ``cheapest``, the fewest GFLOPs within them) as a plan file with ``meta`` (model, weights, input
+    size, metrics, provenance); returns its path.
 
     YAML for ``.yaml``/``.yml``, JSON otherwise. ``paretoken.load_plan(out)`` reads it back.
     """
@@ -198,7 +201,7 @@ def export(study: str, storage: str | None = None, trial: int | None = None, bes
     storage = storage or query.default_storage(study)
     opened = query.load_study(study, storage)
     df = query.trials_frame(opened)
-    row = choose_trial(df, trial, best, max_gflops, min_top1, max_top1_drop)
+    row = choose_trial(df, trial, best, max_gflops, min_top1, max_top1_drop, cheapest=cheapest)
     if not isinstance(row["plan"], Mapping):
         raise ParetokenError(f"export: trial {int(row['number'])} stores no plan (user attr 'plan')")
     plan = Plan.from_dict({k: v for k, v in row["plan"].items() if k != "meta"})

@@ -455,15 +455,15 @@ def hypervolume_history(df: pd.DataFrame, objectives: Sequence[str] | str = DEFA
 
 def best(df: pd.DataFrame, metric: str = "top1", max_gflops: float | None = None,
          min_top1: float | None = None, *, max_top1_drop: float | None = None) -> pd.Series | None:
-    """The COMPLETE row with the best ``metric`` within the budgets (ties: fewer GFLOPs, then the
-    earlier trial); None when no row fits."""
+    """The COMPLETE row with the best ``metric`` within the budgets (ties: fewer GFLOPs, or for
+    ``metric="gflops"`` the higher top1, then the earlier trial); None when no row fits."""
     _check_objectives([metric], df)
     rows = budget(df, max_gflops, min_top1, max_top1_drop=max_top1_drop).dropna(subset=[metric])
     if rows.empty:
         return None
-    keys = [metric] + (["gflops"] if metric != "gflops" and "gflops" in rows else []) + ["number"]
-    ascending = [not MAXIMIZE[metric]] + [True] * (len(keys) - 1)
-    return rows.sort_values(keys, ascending=ascending, kind="stable").iloc[0]
+    tie = "top1" if metric == "gflops" else "gflops"
+    keys = [metric] + ([tie] if tie in rows else []) + ["number"]
+    return rows.sort_values(keys, ascending=[not MAXIMIZE[k] for k in keys[:-1]] + [True], kind="stable").iloc[0]
 
 
 def compare(studies: Sequence[tuple[str, str | None]] | Sequence[str],

@@ -146,16 +146,32 @@ def test_best_within_a_budget(measured, tmp_path):
     assert yaml.safe_load(whole.read_text())["meta"]["metrics"]["top1"] == df["top1"].max()
 
 
+def test_cheapest_within_a_top1_drop(measured, tmp_path):
+    df = query.load("real", measured["storage"])
+    done = [r for r in df.to_dict("records") if r["state"] == "COMPLETE"]
+    for drop in sorted({r["top1_drop"] for r in done}):
+        path = ex.export("real", measured["storage"], cheapest=True, max_top1_drop=drop,
+                         out=tmp_path / f"cheapest-{drop}.json")
+        fits = [r for r in done if r["top1_drop"] <= drop]
+        low = min(r["gflops"] for r in fits)
+        top = max(r["top1"] for r in fits if r["gflops"] == low)
+        expected = min(r["number"] for r in fits if r["gflops"] == low and r["top1"] == top)
+        meta = paretoken.load_plan(path).meta
+        assert meta["provenance"]["trial"] == expected and meta["metrics"]["gflops"] == low
+
+
 def test_bad_exports_are_one_line(measured, tmp_path):
     storage = measured["storage"]
     cases = [
         (dict(trial=4), "trial 4 is FAIL (boom)"),
         (dict(trial=99), "trial 99 is not in the study; valid: 0..4"),
-        (dict(), "exactly one of --trial N or --best"),
+        (dict(), "exactly one of --trial N, --best or --cheapest"),
         (dict(trial=1, best=True), "exactly one of"),
+        (dict(best=True, cheapest=True), "exactly one of"),
         (dict(best=True, max_gflops=1e-6), "no COMPLETE trial within 1e-06 GFLOPs"),
-        (dict(trial=1, max_gflops=1.0), "go with --best"),
-        (dict(trial=1, max_top1_drop=1.0), "go with --best"),
+        (dict(trial=1, max_gflops=1.0), "go with --best or --cheapest"),
+        (dict(trial=1, max_top1_drop=1.0), "go with --best or --cheapest"),
+        (dict(cheapest=True, min_top1=101.0), "no COMPLETE trial within top1 >= 101"),
         (dict(best=True, max_top1_drop=-1.0), "no COMPLETE trial within top1_drop <= -1"),
     ]
     for kwargs, message in cases:

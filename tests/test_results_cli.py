@@ -81,6 +81,12 @@ def test_export_cli(storage, tmp_path, capsys):
     assert plan.meta["provenance"]["trial"] == 2 and plan.meta["metrics"]["top1"] == 78.0
     assert main(["export", "--study", "s", "--storage", storage, "--trial", "1", "--out", str(out)]) == 0
     assert paretoken.load_plan(out) == paretoken.preset("evit-0.7")
+    # the fewest GFLOPs within a top-1 floor: tome-r13 (77.0 at 2.0), not keep 0.3 (60.0 at 1.0)
+    assert main(["export", "--study", "s", "--storage", storage, "--cheapest", "--min-top1", "77",
+                 "--out", str(out)]) == 0
+    assert paretoken.load_plan(out) == paretoken.preset("tome-r13")
+    assert main(["export", "--study", "s", "--storage", storage, "--cheapest", "--out", str(out)]) == 0
+    assert paretoken.load_plan(out).meta["provenance"]["trial"] == 5
 
 
 @pytest.mark.parametrize("args,needle", [
