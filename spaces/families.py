@@ -255,11 +255,16 @@ class MixedSpace(Space):
         Param("score_<l>", "categorical " + "/".join(SCORES), "token score", "op_<l> not merge"),
     )
 
+    @staticmethod
+    def max_overrides(depth: int) -> int:
+        """Blocks a plan may override on a ``depth``-block model."""
+        return min(MAX_OVERRIDES, depth)
+
     def sample(self, trial, depth: int = 12) -> Plan:
         depth = check_depth(depth)
         base = TomeSpace.ramp(trial.suggest_int("r_first", 0, R_RAMP_MAX), trial.suggest_int("r_last", 0, R_RAMP_MAX),
                               depth)
-        count = trial.suggest_int("overrides", 0, min(MAX_OVERRIDES, depth))
+        count = trial.suggest_int("overrides", 0, self.max_overrides(depth))
         overridden = {trial.suggest_int(f"override_{k}", 0, depth - 1) for k in range(count)}
         stages = []
         for layer in range(depth):
@@ -293,7 +298,7 @@ class MixedSpace(Space):
         base = TomeSpace.ramp(first, last, depth)
         layers = [layer for layer in range(depth)
                   if by.get(layer) != (Stage(layer, "merge", r=base[layer]) if base[layer] else None)]
-        if len(layers) > min(MAX_OVERRIDES, depth) or any(overrides.get(layer) is None for layer in layers):
+        if len(layers) > MixedSpace.max_overrides(depth) or any(overrides.get(layer) is None for layer in layers):
             return None
         params: dict[str, Any] = {"r_first": first, "r_last": last, "overrides": len(layers)}
         for k, layer in enumerate(layers):
