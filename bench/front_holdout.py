@@ -76,10 +76,10 @@ def main() -> None:
         presets = [t for t in done if t.user_attrs.get("preset") not in (None, st.UNCOMPRESSED)]
         uncompressed = next(t for t in done if t.user_attrs.get("preset") == st.UNCOMPRESSED)
         searched = [t for t in done if not t.user_attrs.get("preset") and st.feasible(t)]
-        points = np.array([[t.values[0], t.values[1]] for t in searched])
+        points = np.array([[t.values[0], t.values[1]] for t in searched]).reshape(-1, 2)
         on_front = [t for t, keep in zip(searched, query.non_dominated(points * [-1, 1])) if keep]
         search_dominated = _dominated(points, np.array([p.values for p in presets]))
-        held_front = np.array([[top1(t.user_attrs["plan"]), t.values[1]] for t in on_front])
+        held_front = np.array([[top1(t.user_attrs["plan"]), t.values[1]] for t in on_front]).reshape(-1, 2)
         held_presets = np.array([[top1(p.user_attrs["plan"]), p.values[1]] for p in presets])
         rows.append({
             "study": path.stem, "presets": len(presets), "front": len(on_front),
