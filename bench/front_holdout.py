@@ -6,7 +6,8 @@
 bench/search_quality.py measures every plan on the first 500 images of the seeded Fashion-MNIST test
 order and asks whether a searched plan dominates each preset there, where one image is 0.2 top-1
 points. This re-measures, for each of its studies, the presets and the searched plans on the
-study's front on the next ``--held-out`` test images of the same order (disjoint from the search's), and
+study's front on the next ``--held-out`` test images of the same order (``EvalConfig(skip=500)``,
+disjoint from the search's), and
 counts again the presets that a searched plan dominates. GFLOPs are the study's own (plans that
 keep a per-image token count were counted on the search's first images). Each distinct plan is
 measured once; figures go to bench/results/front_holdout.json.
@@ -19,27 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-import torch
 
-from paretoken import apply
 from paretoken.compress.plan import Plan
-from paretoken.evaluators.data import load_split
-from paretoken.evaluators.evaluate import environment
-from paretoken.evaluators.models import create_model
+from paretoken.evaluators.evaluate import EvalConfig, environment, evaluate
 from paretoken.results import query
 from paretoken.search import study as st
 
 RESULTS = Path(__file__).parent / "results"
 TEST_IMAGES = 10_000  # Fashion-MNIST test split
-
-
-def held_out_top1(model: torch.nn.Module, plan: Plan, images: torch.Tensor, labels: torch.Tensor,
-                  batch_size: int = 250) -> float:
-    """Top-1 (%) of ``model`` under ``plan`` on ``images`` (n, C, H, W) with ``labels`` (n,)."""
-    apply(model, plan)
-    with torch.inference_mode():
-        pred = torch.cat([model(images[i:i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
-    return 100.0 * (pred == labels).float().mean().item()
 
 
 def _dominated(searched: np.ndarray, presets: np.ndarray) -> int:
@@ -57,16 +45,14 @@ def main() -> None:
     args = parser.parse_args()
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    model = create_model("default").eval()
-    n = min(args.images + args.held_out, TEST_IMAGES)
-    images, labels = load_split(None, model, "eval", n=n, seed=0)  # a prefix of the search's order
-    images, labels = images[args.images:], labels[args.images:]
+    held_out = min(args.held_out, TEST_IMAGES - args.images)
+    config = EvalConfig(images=held_out, skip=args.images, batch_size=250, speed=False, flops_images=1)
     measured: dict[str, float] = {}
 
     def top1(plan_dict) -> float:
         key = json.dumps(plan_dict, sort_keys=True)
         if key not in measured:
-            measured[key] = held_out_top1(model, Plan.from_dict(plan_dict), images, labels)
+            measured[key] = evaluate(Plan.from_dict(plan_dict), config)["top1"]
         return measured[key]
 
     rows = []
@@ -94,11 +80,11 @@ def main() -> None:
         r = rows[-1]
         print(f"{path.stem}: presets dominated {r['presets_dominated_search_images']}/{r['presets']} on the "
               f"{args.images} search images, {r['presets_dominated_held_out']}/{r['presets']} on the "
-              f"{len(images)} held-out ones (front of {r['front']}; {len(measured)} plans measured)", flush=True)
+              f"{held_out} held-out ones (front of {r['front']}; {len(measured)} plans measured)", flush=True)
     out = RESULTS / "front_holdout.json"
     out.write_text(json.dumps({"command": f"python bench/front_holdout.py --held-out {args.held_out}",
                                "studies": args.studies,
-                               "search_images": args.images, "held_out_images": len(images),
+                               "search_images": args.images, "held_out_images": held_out,
                                "environment": environment(), "runs": rows}, indent=2) + "\n")
     print(f"saved {out}")
 

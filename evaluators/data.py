@@ -114,23 +114,30 @@ def fashion_mnist_to_model(images: np.ndarray, model: torch.nn.Module) -> torch.
     return ((x - mean) / std).contiguous()
 
 
-def _seeded_indices(total: int, n: int | None, seed: int, source: str, from_end: bool = False) -> np.ndarray:
-    """n indices out of range(total): the first (or, from_end, the last) n of one seeded permutation."""
-    n = total if n is None else n
-    if not 0 < n <= total:
-        raise ParetokenError(f"n: n={n} is not in 1..{total} (images available in {source}); pass a smaller --n")
+def _seeded_indices(total: int, n: int | None, seed: int, source: str, from_end: bool = False,
+                    skip: int = 0) -> np.ndarray:
+    """n indices out of range(total): the first (or, from_end, the last) n of one seeded permutation,
+    after passing over its first (last) ``skip``."""
+    if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip < total:
+        raise ParetokenError(f"skip: {skip!r} is not in 0..{total - 1} (images available in {source})")
+    n = total - skip if n is None else n
+    if not 0 < n <= total - skip:
+        raise ParetokenError(f"n: n={n} is not in 1..{total - skip} (images available in {source}"
+                             + (f" after skipping {skip}" if skip else "") + "); pass a smaller --n")
     order = np.random.default_rng(seed).permutation(total)
-    return order[::-1][:n] if from_end else order[:n]
+    return (order[::-1] if from_end else order)[skip:skip + n]
 
 
-def _load_fashion_mnist_split(root: Path, model: torch.nn.Module, split: Split, n: int | None, seed: int):
+def _load_fashion_mnist_split(root: Path, model: torch.nn.Module, split: Split, n: int | None, seed: int,
+                              skip: int):
     part = "test" if split == "eval" else "train"
     images, labels = load_fashion_mnist(part, root)
-    idx = _seeded_indices(len(images), n, seed, f"{root} ({part})")
+    idx = _seeded_indices(len(images), n, seed, f"{root} ({part})", skip=skip)
     return fashion_mnist_to_model(images[idx], model), torch.from_numpy(labels[idx])
 
 
-def _load_image_folder_split(root: Path, model: torch.nn.Module, split: Split, n: int | None, seed: int):
+def _load_image_folder_split(root: Path, model: torch.nn.Module, split: Split, n: int | None, seed: int,
+                             skip: int):
     from PIL import Image
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
@@ -153,7 +160,7 @@ def _load_image_folder_split(root: Path, model: torch.nn.Module, split: Split, n
             f"data: {root} is neither a Fashion-MNIST directory nor an image folder ({first_line}); "
             "pass a folder laid out as DIR/<class>/*.jpeg|png or the Fashion-MNIST idx.gz files"
         ) from None
-    idx = _seeded_indices(len(dataset), n, seed, str(root), from_end=split == "calib")
+    idx = _seeded_indices(len(dataset), n, seed, str(root), from_end=split == "calib", skip=skip)
     images = torch.stack([dataset[int(i)][0] for i in idx])
     labels = torch.tensor([dataset.targets[int(i)] for i in idx], dtype=torch.int64)
     return images, labels
@@ -165,6 +172,7 @@ def load_split(
     split: Split,
     n: int | None,
     seed: int = 0,
+    skip: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load `n` preprocessed images of one split for `model`.
 
@@ -173,12 +181,14 @@ def load_split(
         ImageNet-style folder (DIR/<class>/<image>).
     split: "eval" or "calib" (disjoint from each other).
     n: number of images, None for the whole pool of that split.
+    skip: images of the split's seeded order passed over first; ``skip=k`` returns images disjoint
+        from those of ``n=k`` (held out from a search that measured on k images).
     Returns (images float32 (n, C, H, W) normalised for the model, labels int64 (n,)).
     """
     if split not in ("eval", "calib"):
         raise ParetokenError(f"split: {split!r} is not valid; use 'eval' or 'calib'")
     if data is None or str(data) == "fashion-mnist":
-        return _load_fashion_mnist_split(FASHION_MNIST_DIR, model, split, n, seed)
+        return _load_fashion_mnist_split(FASHION_MNIST_DIR, model, split, n, seed, skip)
     root = Path(data)
     if not root.is_dir():
         raise ParetokenError(
@@ -186,5 +196,5 @@ def load_split(
             "or an ImageNet-style folder DIR/<class>/<image>"
         )
     if is_fashion_mnist_dir(root):
-        return _load_fashion_mnist_split(root, model, split, n, seed)
-    return _load_image_folder_split(root, model, split, n, seed)
+        return _load_fashion_mnist_split(root, model, split, n, seed, skip)
+    return _load_image_folder_split(root, model, split, n, seed, skip)

@@ -43,13 +43,16 @@ METRICS = ("top1", "top1_drop", "agreement", "kl", "gflops", "img_per_s", "laten
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """What a trial is measured on. ``images``: evaluation images; ``batch_size``: images per timed batch."""
+    """What a trial is measured on. ``images``: evaluation images, after the first ``skip`` of the
+    seeded test order (``skip=k`` holds them out from a search that measured on ``images=k``);
+    ``batch_size``: images per timed batch."""
 
     model: str = "default"
     checkpoint: str | None = None
     data: str | None = None
     images: int = 1000
     seed: int = 0
+    skip: int = 0
     device: str = "cpu"
     batch_size: int = 100
     speed: bool = True
@@ -96,12 +99,12 @@ def _forward_all(model, images, batch_size) -> tuple[torch.Tensor, list[float], 
 
 
 def _bench(config: EvalConfig) -> _Bench:
-    key = (config.model, config.checkpoint, config.pretrained, config.data, config.images, config.seed,
+    key = (config.model, config.checkpoint, config.pretrained, config.data, config.images, config.seed, config.skip,
            config.device, config.batch_size)
     if key not in _BENCHES:
         device = _resolve_device(config.device)
         model = create_model(config.model, checkpoint=config.checkpoint, pretrained=config.pretrained).to(device)
-        images, labels = load_split(config.data, model, "eval", n=config.images, seed=config.seed)
+        images, labels = load_split(config.data, model, "eval", n=config.images, seed=config.seed, skip=config.skip)
         images, labels = images.to(device), labels.to(device)
         apply(model, Plan())
         base_logits, _, _ = _forward_all(model, images, config.batch_size)

@@ -85,7 +85,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     plan = _resolve_plan(args)
     config = EvalConfig(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
-                        images=args.images, device=args.device, batch_size=args.batch_size, seed=args.seed)
+                        images=args.images, device=args.device, batch_size=args.batch_size, seed=args.seed,
+                        skip=args.skip)
     metrics = evaluate(plan, config)
     env = environment(args.device)
     if args.json:
@@ -94,7 +95,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     units = {"top1": "%", "top1_drop": "points", "agreement": "%", "kl": "nats", "gflops": "GFLOPs/image",
              "img_per_s": "images/s",
              "latency_ms": "ms (batch 1)", "peak_mem_mb": "MiB (CUDA only)", "padding_pct": "% of token slots"}
-    print(f"model {args.model} on {args.images} images of {args.data or 'fashion-mnist'}; {env['device']}, "
+    after = f" (after the first {args.skip})" if args.skip else ""
+    print(f"model {args.model} on {args.images} images{after} of {args.data or 'fashion-mnist'}; {env['device']}, "
           f"{env['threads']} threads, batch {args.batch_size}\nplan  {plan.describe()}")
     for name, value in metrics.items():
         shown = "n/a" if math.isnan(value) else f"{value:.4f}" if name == "kl" else f"{value:.2f}"
@@ -148,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=1000, help="evaluation images [1000]")
     p.add_argument("--batch-size", type=int, default=100, help="images per timed batch [100]")
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation subset [0]")
+    p.add_argument("--skip", type=int, default=0, metavar="K",
+                   help="pass over the first K images of the seeded order: with K = a search's --images, "
+                        "images the search never saw [0]")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_eval)
 

@@ -31,7 +31,7 @@ SAMPLERS = ("tpe", "nsga2", "gp", "random")
 SPEED_OBJECTIVES = ("img_per_s", "latency_ms")
 NOISY_OBJECTIVES = (*SPEED_OBJECTIVES, "peak_mem_mb")  # measured, so they vary between runs of one plan
 #: The measurement settings that must match to add trials to an existing study.
-MEASUREMENT_KEYS = ("model", "checkpoint", "pretrained", "data", "images", "seed")
+MEASUREMENT_KEYS = ("model", "checkpoint", "pretrained", "data", "images", "seed", "skip")
 UNCOMPRESSED = "uncompressed"
 HEARTBEAT_ATTR = "paretoken:heartbeat"
 NSGA2_POPULATION = 16

@@ -56,6 +56,19 @@ def test_fashion_mnist_splits_are_seeded_and_disjoint(default_model) -> None:
     assert len(eval_keys) == len(calib_keys) == 64 and not eval_keys & calib_keys
 
 
+@needs_fashion_mnist
+def test_skip_holds_out_the_first_images(default_model) -> None:
+    """skip=k gives the images after the first k of the same seeded order: none of those k."""
+    first_x, first_y = load_split(None, default_model, "eval", 48, seed=0)
+    held_x, held_y = load_split(None, default_model, "eval", 32, seed=0, skip=16)
+    assert torch.equal(held_x, first_x[16:]) and torch.equal(held_y, first_y[16:])
+    assert not _uint8_keys(held_x) & _uint8_keys(first_x[:16])
+    with pytest.raises(ParetokenError, match=r"n=9995 is not in 1..9990 .* after skipping 10\)"):
+        load_split(None, default_model, "eval", 9995, skip=10)
+    with pytest.raises(ParetokenError, match=r"skip: -1 is not in 0..9999"):
+        load_split(None, default_model, "eval", 10, skip=-1)
+
+
 def _uint8_keys(images: torch.Tensor) -> set[bytes]:
     """Undo the Fashion-MNIST normalisation of (N, 1, 28, 28) images; one bytes key per image."""
     pixels = (images[:, 0] * 0.3530 + 0.2860).mul(255).round().to(torch.uint8)
@@ -94,7 +107,8 @@ def test_image_folder_labels_shapes_and_splits(tmp_path, rgb_model) -> None:
 
     again, _ = load_split(tmp_path / "val", rgb_model, "eval", 5, seed=0)
     calib, _ = load_split(tmp_path / "val", rgb_model, "calib", 7, seed=0)
-    assert torch.equal(images, again)
+    held, _ = load_split(tmp_path / "val", rgb_model, "eval", 3, seed=0, skip=2)
+    assert torch.equal(images, again) and torch.equal(held, images[2:])
     eval_keys = {tuple(c.tolist()) for c in (images * std + mean)[:, :, 112, 112].mul(255).round()}
     calib_keys = {tuple(c.tolist()) for c in (calib * std + mean)[:, :, 112, 112].mul(255).round()}
     assert len(eval_keys) == 5 and len(calib_keys) == 7 and not eval_keys & calib_keys
