@@ -10,7 +10,7 @@ uncompressed model minus 10 points, its full GFLOPs; the same floor is the searc
 (``--max-top1-drop 10``, an Optuna constraint: what a user who accepts at most a 10-point loss
 passes), so the samplers learn to spend no trials below the reference. Studies go to
 bench/results/search_quality/ (SQLite, one per run, resumable); figures and numbers to
-bench/results/search_quality.{json,png}. ``--no-budget`` searches without the budget (for comparison).
+bench/results/search_quality.{json,png} (``--out NAME``: NAME.{json,png}). ``--no-budget`` searches without the budget (for comparison).
 
 Beside the strict count, each run reports the presets that a searched plan matches within one
 evaluation image (100/images top-1 points, no GFLOPs slack): on 500 images, a plan one image
@@ -73,6 +73,8 @@ def main() -> None:
                         help="budget: top-1 points lost against the uncompressed model at most "
                              "(the hypervolume's reference point is at 10)")
     parser.add_argument("--no-budget", action="store_true", help="search without the --max-top1-drop budget")
+    parser.add_argument("--out", default="search_quality",
+                        help="name of the figures in bench/results/: NAME.json, NAME.png [search_quality]")
     args = parser.parse_args()
 
     objectives = ("top1", "gflops")
@@ -121,9 +123,9 @@ def main() -> None:
               f"every preset dominated in every seed: {s['all_presets_dominated']} "
               f"(within one image: {s['all_presets_within_one_image']})")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "search_quality.json"
+    out = RESULTS / f"{args.out}.json"
     flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
-             if v is not None and v is not False]
+             if v is not None and v is not False and not (k == "out" and v == "search_quality")]
     out.write_text(json.dumps({"command": "python bench/search_quality.py " + " ".join(flags),
         "objectives": objectives, "space": args.space, "images": args.images, "max_top1_drop": max_top1_drop,
         "environment": environment(),
@@ -150,8 +152,8 @@ def main() -> None:
     ax.set_title(f"{args.space} space, default model, {args.images} images, mean of {args.seeds} seeds")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "search_quality.png", dpi=120)
-    print(f"saved {RESULTS / 'search_quality.png'}")
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+    print(f"saved {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
