@@ -10,7 +10,8 @@ uncompressed model minus 10 points, its full GFLOPs; the same floor is the searc
 (``--max-top1-drop 10``, an Optuna constraint: what a user who accepts at most a 10-point loss
 passes), so the samplers learn to spend no trials below the reference. Studies go to
 bench/results/search_quality/ (SQLite, one per run, resumable); figures and numbers to
-bench/results/search_quality.{json,png} (``--out NAME``: NAME.{json,png}). ``--no-budget`` searches without the budget (for comparison).
+bench/results/search_quality.{json,png} (``--out NAME``: NAME.{json,png}). ``--no-budget`` searches
+without the budget (for comparison).
 
 Beside the strict count, each run reports the presets that a searched plan matches within one
 evaluation image (100/images top-1 points, no GFLOPs slack): on 500 images, a plan one image
