@@ -32,8 +32,8 @@ TEST_IMAGES = 10_000  # Fashion-MNIST test split
 
 def _dominated(searched: np.ndarray, presets: np.ndarray) -> int:
     """Rows of ``presets`` (top1, gflops) strictly dominated by a row of ``searched``."""
-    return sum(bool(np.any((searched[:, 0] >= p[0]) & (searched[:, 1] <= p[1])
-                           & ((searched[:, 0] > p[0]) | (searched[:, 1] < p[1])))) for p in presets)
+    sign = np.array([-1.0, 1.0])  # top1 is maximised
+    return sum(bool(query.dominating(searched * sign, p * sign).any()) for p in presets)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ import optuna
 
 import paretoken
 from paretoken.evaluators.evaluate import EvalConfig, environment, evaluate
+from paretoken.results import query
 from paretoken.spaces.families import R_RAMP_MAX, MixedSpace
 
 RESULTS = Path(__file__).parent / "results"
@@ -38,18 +39,18 @@ def main() -> None:
     config = EvalConfig(images=args.images, batch_size=min(100, args.images), speed=False,
                         flops_images=args.flops_images)
     preset = evaluate(paretoken.preset(args.preset), config)
-    one_image = 100.0 / args.images
+    sign = np.array([-1.0, 1.0])  # (top1, gflops) as minimisation
+    target = np.array([preset["top1"], preset["gflops"]]) * sign
+    one_image = np.array([100.0 / args.images + 1e-4, 0.0])  # + float32 rounding, no GFLOPs slack
     space, rows = MixedSpace(), []
     for first in range(args.min_r_first, R_RAMP_MAX + 1):
         for last in range(max(0, args.min_sum - first), R_RAMP_MAX + 1):
             plan = space.sample(optuna.trial.FixedTrial({"r_first": first, "r_last": last, "overrides": 0}))
             m = evaluate(plan, config)
-            no_worse = m["top1"] >= preset["top1"] - 1e-4 and m["gflops"] <= preset["gflops"]
-            better = m["top1"] > preset["top1"] + 1e-4 or m["gflops"] < preset["gflops"]
+            point = np.array([[m["top1"], m["gflops"]]]) * sign
             rows.append({"r_first": first, "r_last": last, "top1": m["top1"], "gflops": m["gflops"],
-                         "dominates": no_worse and better,
-                         "within_one_image": m["top1"] >= preset["top1"] - one_image - 1e-4
-                         and m["gflops"] <= preset["gflops"]})
+                         "dominates": bool(query.dominating(point, target)[0]),
+                         "within_one_image": bool(query.dominating(point, target, one_image)[0])})
         print(f"r_first {first}: {sum(r['dominates'] for r in rows)} ramps dominate {args.preset} so far",
               flush=True)
 
@@ -76,9 +77,8 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     grid = np.full((R_RAMP_MAX + 1, R_RAMP_MAX + 1), np.nan)
-    for r in rows:
-        if r["gflops"] <= preset["gflops"]:
-            grid[r["r_last"], r["r_first"]] = r["top1"]
+    for r in cheaper:
+        grid[r["r_last"], r["r_first"]] = r["top1"]
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     image = ax.imshow(grid, origin="lower", cmap="viridis", vmin=preset["top1"] - 4, vmax=preset["top1"] + 0.4)
     fig.colorbar(image, label=f"top-1 % on {args.images} images")

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from paretoken.evaluators.evaluate import EvalConfig, environment
+from paretoken.results import query
 from paretoken.search import run_search
 from paretoken.search import study as st
 
@@ -46,11 +47,9 @@ def _beaten_presets(study, objectives, images: int) -> tuple[int, int, int]:
     sign = np.array([-1.0 if st.DIRECTIONS[o] == "maximize" else 1.0 for o in objectives])
     slack = np.array([100.0 / images + 1e-4 if o == "top1" else 0.0 for o in objectives])  # + float32 rounding
     found = np.array([np.array(t.values) * sign for t in searched]).reshape(-1, len(objectives))
-    dominated = within = 0
-    for p in presets:
-        point = np.array(p.values) * sign
-        dominated += bool(np.any(np.all(found <= point, axis=1) & np.any(found < point, axis=1)))
-        within += bool(np.any(np.all(found - slack <= point, axis=1)))
+    points = [np.array(p.values) * sign for p in presets]
+    dominated = sum(bool(query.dominating(found, point).any()) for point in points)
+    within = sum(bool(query.dominating(found, point, slack).any()) for point in points)
     return dominated, within, len(presets)
 
 

@@ -315,6 +315,19 @@ def budget(df: pd.DataFrame, max_gflops: float | None = None, min_top1: float | 
     return df[keep]
 
 
+def dominating(points: np.ndarray, target: np.ndarray, slack: np.ndarray | None = None) -> np.ndarray:
+    """Boolean mask of the rows of ``points`` (n, k), minimisation, that dominate ``target`` (k,):
+    no worse in every column and better in one.
+
+    With ``slack`` (k,), a row only has to come within ``slack`` of ``target`` in every column and
+    need not be better in any: a match within the measurement's resolution (e.g. one evaluation image
+    of top-1).
+    """
+    if slack is not None:
+        return np.all(points - slack <= target, axis=1)
+    return np.all(points <= target, axis=1) & np.any(points < target, axis=1)
+
+
 def non_dominated(points: np.ndarray) -> np.ndarray:
     """Boolean mask of the rows of ``points`` (minimisation) that no other row dominates.
 
@@ -331,10 +344,8 @@ def non_dominated(points: np.ndarray) -> np.ndarray:
     front: list[np.ndarray] = []
     for i in order:
         p = points[i]
-        if front:
-            f = np.asarray(front)
-            if np.any(np.all(f <= p, axis=1) & np.any(f < p, axis=1)):
-                continue
+        if front and dominating(np.asarray(front), p).any():
+            continue
         front.append(p)
         mask[i] = True
     return mask
@@ -508,6 +519,6 @@ def compare(studies: Sequence[tuple[str, str | None]] | Sequence[str],
     return out
 
 
-__all__ = ["DEFAULT_OBJECTIVES", "MAXIMIZE", "METRICS", "best", "budget", "compare", "default_storage", "front",
-           "hypervolume", "hypervolume_history", "load", "load_study", "losses", "non_dominated", "open_storage",
+__all__ = ["DEFAULT_OBJECTIVES", "MAXIMIZE", "METRICS", "best", "budget", "compare", "default_storage", "dominating",
+           "front", "hypervolume", "hypervolume_history", "load", "load_study", "losses", "non_dominated", "open_storage",
            "plan_label", "reference_point", "study_names", "trials_frame"]

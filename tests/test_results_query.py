@@ -291,6 +291,20 @@ def test_non_dominated_keeps_duplicates():
             [True, True, False, True][i] for i in perm]
 
 
+def test_dominating_matches_the_pairwise_definition():
+    """Strict dominance, and the slack form (within slack in every column, strictness not needed)."""
+    rng = np.random.default_rng(0)
+    points = rng.integers(0, 4, size=(200, 2)).astype(float)
+    target = np.array([2.0, 1.0])
+    strict = [all(a <= b for a, b in zip(p, target)) and any(a < b for a, b in zip(p, target)) for p in points]
+    assert query.dominating(points, target).tolist() == strict
+    assert not query.dominating(target[None], target)[0]  # a point does not dominate itself
+    slack = np.array([1.0, 0.0])
+    within = [p[0] - 1.0 <= target[0] and p[1] <= target[1] for p in points]
+    assert query.dominating(points, target, slack).tolist() == within
+    assert sum(within) > sum(strict)
+
+
 def test_front_and_hypervolume_agree_with_the_search(storage):
     """The search prints Optuna's best_trials and its own hypervolume; `paretoken front` must agree."""
     st = pytest.importorskip("paretoken.search.study")
