@@ -31,10 +31,11 @@ from typing import Any
 from paretoken.errors import ParetokenError
 from paretoken.results import query
 
+_EVALUATION_KEYS = ("images", "seed", "skip", "batch_size", "flops_images")  # what meta.evaluation records
 #: Evaluation settings looked up, in this order, in the trial's user attrs, the search's study
 #: record (``study.user_attrs["paretoken"]["measurement"]``, then ``["paretoken"]``), then the study's
 #: user attrs; in each, also inside a config dict (``eval``/``eval_config``/``config``).
-EVAL_KEYS = ("model", "checkpoint", "pretrained", "data", "images", "seed", "skip", "batch_size", "flops_images")
+EVAL_KEYS = ("model", "checkpoint", "pretrained", "data", *_EVALUATION_KEYS)
 _CONFIG_KEYS = ("eval", "eval_config", "config")
 _VERSION_PACKAGES = ("paretoken", "torch", "timm", "optuna", "ray", "fvcore", "python")
 
@@ -155,7 +156,7 @@ def export_meta(study, row, storage: str) -> dict[str, Any]:
     checkpoint = _lookup(sources, "checkpoint")
     pretrained = bool(_lookup(sources, "pretrained") or False)
     data = _lookup(sources, "data") or "fashion-mnist"
-    evaluation = {k: _lookup(sources, k) for k in ("images", "seed", "skip", "batch_size", "flops_images")}
+    evaluation = {k: _lookup(sources, k) for k in _EVALUATION_KEYS}
     versions = trial.user_attrs.get("versions")
     if not isinstance(versions, Mapping):
         versions = {k: trial.user_attrs[k] for k in _VERSION_PACKAGES if k in trial.user_attrs}
