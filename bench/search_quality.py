@@ -31,7 +31,6 @@ from paretoken.evaluators.evaluate import EvalConfig, environment
 from paretoken.results import query
 from paretoken.search import run_search
 from paretoken.search import study as st
-from paretoken.search.refine import STEP_ATTR
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -74,8 +73,6 @@ def main() -> None:
                         help="budget: top-1 points lost against the uncompressed model at most "
                              "(the hypervolume's reference point is at 10)")
     parser.add_argument("--no-budget", action="store_true", help="search without the --max-top1-drop budget")
-    parser.add_argument("--front-steps", type=float, default=st.FRONT_STEPS,
-                        help=f"share of trials that step from the front (0: the sampler alone) [{st.FRONT_STEPS}]")
     parser.add_argument("--out", default="search_quality",
                         help="name of the figures in bench/results/: NAME.json, NAME.png [search_quality]")
     args = parser.parse_args()
@@ -90,31 +87,25 @@ def main() -> None:
     for sampler in args.samplers.split(","):
         for seed in range(args.seeds):
             name = f"{args.space}-{sampler}-s{seed}-n{args.trials}-i{args.images}" + (
-                "" if args.no_budget else f"-d{args.max_top1_drop:g}") + (
-                f"-f{args.front_steps:g}" if args.front_steps else "")  # no suffix: the sampler alone
+                "" if args.no_budget else f"-d{args.max_top1_drop:g}")
             result = run_search(name, storage=f"sqlite:///{studies / name}.db", space=args.space,
                                 objectives=objectives, sampler=sampler, n_trials=args.trials, eval_config=config,
-                                max_top1_drop=max_top1_drop, seed=seed, front_steps=args.front_steps,
-                                log=lambda line: None)
+                                max_top1_drop=max_top1_drop, seed=seed, log=lambda line: None)
             study = result.study
             done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
             preset_trials = [t for t in done if t.user_attrs.get("preset")]
             hv_presets = st.hypervolume(preset_trials, objectives, result.reference)
             dominated, within, n_presets = _beaten_presets(study, objectives, args.images)
-            steps = {t.number for t in done if STEP_ATTR in t.system_attrs}
             history = []
             for k in range(1, len(done) + 1):
                 history.append(st.hypervolume(done[:k], objectives, result.reference))
             rows.append({"sampler": sampler, "seed": seed, "trials": len(done), "failed": result.counts.failed,
                          "hypervolume": result.hypervolume, "hypervolume_presets": hv_presets,
                          "presets_dominated": dominated, "presets_within_one_image": within, "presets": n_presets,
-                         "front_steps": len(steps),
-                         "front_from_steps": sum(t.number in steps for t in st.front_trials(study)),
                          "reference": result.reference,
                          "seconds": _search_seconds(study), "history": history})
             print(f"{sampler:7s} seed {seed}: HV {result.hypervolume:.4f} (presets alone {hv_presets:.4f}); "
-                  f"{dominated}/{n_presets} presets dominated ({within} within one image); {len(done)} trials "
-                  f"({len(steps)} front steps, {rows[-1]['front_from_steps']} of them on the front) in "
+                  f"{dominated}/{n_presets} presets dominated ({within} within one image); {len(done)} trials in "
                   f"{rows[-1]['seconds']:.0f} s", flush=True)
 
     summary = {}
@@ -137,7 +128,7 @@ def main() -> None:
              if v is not None and v is not False and not (k == "out" and v == "search_quality")]
     out.write_text(json.dumps({"command": "python bench/search_quality.py " + " ".join(flags),
         "objectives": objectives, "space": args.space, "images": args.images, "max_top1_drop": max_top1_drop,
-        "front_steps": args.front_steps, "environment": environment(),
+        "environment": environment(),
         "summary": summary, "runs": rows}, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v)
         else str(v)) + "\n")
     print(f"saved {out}")

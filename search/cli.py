@@ -11,7 +11,6 @@ import json
 from paretoken.errors import ParetokenError
 
 SPACE_NAMES = ("tome", "evit", "dynamicvit", "asvit", "jmp", "slim", "mixed")  # kept in step with spaces.SPACES
-FRONT_STEPS = 0.3  # kept in step with search.study.FRONT_STEPS
 
 
 def _positive_int(text: str) -> int:
@@ -57,9 +56,6 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--trials", type=_positive_int, default=40,
                    help="target number of finished trials in the study (a resumed run runs the missing ones) [40]")
     g.add_argument("--seed", type=int, default=0, help="sampler seed [0]")
-    g.add_argument("--front-steps", type=float, default=FRONT_STEPS, metavar="SHARE",
-                   help="share of the trials that move a Pareto-front plan's parameters one grid step instead "
-                        f"of asking the sampler; 0: the sampler alone [{FRONT_STEPS}]")
     g.add_argument("--max-gflops", type=float, metavar="X", help="budget: GFLOPs per image at most X")
     g.add_argument("--min-top1", type=float, metavar="X", help="budget: top-1 at least X %%")
     g.add_argument("--max-top1-drop", type=float, metavar="X",
@@ -120,7 +116,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                         ray_address=args.ray_address, cpus_per_trial=args.cpus_per_trial,
                         gpus_per_trial=args.gpus_per_trial, max_gflops=args.max_gflops, min_top1=args.min_top1,
                         max_top1_drop=args.max_top1_drop, eval_config=config, seed=args.seed,
-                        front_steps=args.front_steps,                        presets=not args.no_presets, heartbeat_s=args.heartbeat)
+                        presets=not args.no_presets, heartbeat_s=args.heartbeat)
     if args.plot:
         from paretoken.results.plots import plot_front
         from paretoken.results.query import trials_frame

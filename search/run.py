@@ -295,7 +295,7 @@ def run_search(study_name: str, storage: str | None = None, space: str = "mixed"
                backend: str = "local", workers: int = 1, ray_address: str | None = None,
                cpus_per_trial: float = 1.0, gpus_per_trial: float | None = None, max_gflops: float | None = None,
                min_top1: float | None = None, max_top1_drop: float | None = None, eval_config=None, seed: int = 0,
-               front_steps: float = st.FRONT_STEPS, presets: bool = True, heartbeat_s: int = 10, grace_s: int | None = None, poll_s: float = 1.0,
+               presets: bool = True, heartbeat_s: int = 10, grace_s: int | None = None, poll_s: float = 1.0,
                log: Callable[[str], None] | None = None) -> SearchResult:
     """Run (or resume) study ``study_name`` until it holds ``n_trials`` finished trials.
 
@@ -305,8 +305,6 @@ def run_search(study_name: str, storage: str | None = None, space: str = "mixed"
     objectives: metric names; top1, agreement, img_per_s are maximised, gflops, latency_ms, kl,
       peak_mem_mb, padding_pct minimised.
     sampler: tpe, nsga2, gp or random, seeded with ``seed``.
-    front_steps: share of the sampled trials that move a Pareto-front trial's parameters one grid
-      step instead (:mod:`paretoken.search.refine`); 0: the sampler alone.
     backend: ``local`` (in process, one trial at a time) or ``ray`` (``workers`` Ray actors with
       ``cpus_per_trial``/``gpus_per_trial`` each, on a local Ray or ``ray_address``; default one GPU
       per trial when the evaluation device is CUDA).
@@ -333,7 +331,6 @@ def run_search(study_name: str, storage: str | None = None, space: str = "mixed"
     config = eval_config if eval_config is not None else EvalConfig()
     if sampler not in st.SAMPLERS:
         raise ParetokenError(f"sampler: {sampler!r} is unknown; valid: {', '.join(st.SAMPLERS)}")
-    st.check_front_steps(front_steps)
     budgets = {"max_gflops": max_gflops, "min_top1": min_top1, "max_top1_drop": max_top1_drop}
     _check_inputs(objectives, backend, workers, n_trials, cpus_per_trial, gpus_per_trial, budgets, config)
     if isinstance(heartbeat_s, bool) or not isinstance(heartbeat_s, int) or heartbeat_s < 1:
@@ -350,7 +347,7 @@ def run_search(study_name: str, storage: str | None = None, space: str = "mixed"
     with warnings.catch_warnings():
         _quiet_warnings()
         return _run(study_name, url, space_obj, objectives, sampler, n_trials, backend, workers, ray_address,
-                    cpus_per_trial, gpus_per_trial, budgets, config, seed, front_steps, presets, heartbeat_s,
+                    cpus_per_trial, gpus_per_trial, budgets, config, seed, presets, heartbeat_s,
                     grace_s, poll_s, log, depth, settings, config_dict)
 
 
@@ -364,13 +361,13 @@ def _quiet_warnings() -> None:
 
 
 def _run(study_name, url, space_obj, objectives, sampler, n_trials, backend, workers, ray_address, cpus_per_trial,
-         gpus_per_trial, budgets, config, seed, front_steps, presets, heartbeat_s, grace_s, poll_s, log,
-         depth, settings, config_dict) -> SearchResult:
+         gpus_per_trial, budgets, config, seed, presets, heartbeat_s, grace_s, poll_s, log, depth,
+         settings, config_dict) -> SearchResult:
     import optuna
 
     storage_obj = open_storage(url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
                                stale_callback=st.stale_callback(log))
-    sampler_obj = st.make_sampler(sampler, seed, objectives, front_steps)
+    sampler_obj = st.make_sampler(sampler, seed, objectives)
     try:
         study = optuna.create_study(study_name=study_name, storage=storage_obj, sampler=sampler_obj,
                                     directions=st.directions(objectives))
@@ -407,8 +404,7 @@ def _run(study_name, url, space_obj, objectives, sampler, n_trials, backend, wor
     log(f"study {study_name} in {redact(url)}: " + ("created" if created else
         f"resumed with {c0.complete} complete, {c0.failed} failed, {c0.interrupted} interrupted, "
         f"{c0.running} running, {c0.waiting} waiting")
-        + f"; space {space_obj.name}, objectives {','.join(objectives)}, sampler {sampler} (seed {seed}, "
-          f"front steps {front_steps:g}), "
+        + f"; space {space_obj.name}, objectives {','.join(objectives)}, sampler {sampler} (seed {seed}), "
           f"target {n_trials} trials")
 
     if backend == "ray":

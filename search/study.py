@@ -35,7 +35,6 @@ MEASUREMENT_KEYS = ("model", "checkpoint", "pretrained", "data", "images", "seed
 UNCOMPRESSED = "uncompressed"
 HEARTBEAT_ATTR = "paretoken:heartbeat"
 NSGA2_POPULATION = 16
-FRONT_STEPS = 0.3  # share of sampled trials that step from the Pareto front (search/refine.py)
 
 
 def check_objectives(objectives: Iterable[str] | str, valid: Iterable[str] = DIRECTIONS) -> tuple[str, ...]:
@@ -109,11 +108,8 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         return f"TrialSeededSampler({type(self.inner).__name__}, seed={self.seed})"
 
 
-def make_sampler(name: str, seed: int = 0, objectives: Sequence[str] = DEFAULT_OBJECTIVES,
-                 front_steps: float = FRONT_STEPS):
-    """A seeded Optuna sampler: tpe (multivariate, grouped for conditional spaces), nsga2, gp, random;
-    with ``front_steps`` > 0, that share of the trials are front steps instead
-    (:class:`paretoken.search.refine.FrontStepSampler`).
+def make_sampler(name: str, seed: int = 0, objectives: Sequence[str] = DEFAULT_OBJECTIVES):
+    """A seeded Optuna sampler: tpe (multivariate, grouped for conditional spaces), nsga2, gp, random.
 
     GP treats ``objectives`` as deterministic unless one is timed or measured (img_per_s,
     latency_ms, peak_mem_mb): a plan's top-1 or GFLOPs on fixed images does not change, and with
@@ -134,21 +130,7 @@ def make_sampler(name: str, seed: int = 0, objectives: Sequence[str] = DEFAULT_O
             inner = optuna.samplers.RandomSampler(seed=seed)
         else:
             raise ParetokenError(f"sampler: {name!r} is unknown; valid: {', '.join(SAMPLERS)}")
-    check_front_steps(front_steps)
-    seeded = TrialSeededSampler(inner, seed)
-    if front_steps == 0:
-        return seeded
-    from paretoken.search.refine import FrontStepSampler
-
-    return FrontStepSampler(seeded, front_steps, seed)
-
-
-def check_front_steps(share: Any) -> float:
-    """``share`` if it is a number in [0, 1]; one-line error naming front-steps otherwise."""
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
-        raise ParetokenError(f"front-steps: {share!r} is invalid; valid: a share of the trials in [0, 1] "
-                             f"(0: the sampler alone) [{FRONT_STEPS}]")
-    return float(share)
+    return TrialSeededSampler(inner, seed)
 
 
 # --------------------------------------------------------------------------- create / resume

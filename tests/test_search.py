@@ -112,7 +112,6 @@ def test_resuming_with_other_settings_is_a_one_line_error(config, tmp_path, monk
     ({"storage": "mysql:/x"}, "not a storage URL"),
     ({"n_trials": -1}, "trials: -1 is invalid"),
     ({"max_gflops": 0.0}, "max-gflops"),
-    ({"front_steps": 1.5}, r"^front-steps: 1\.5 is invalid; valid: a share of the trials in \[0, 1\]"),
 ])
 def test_bad_input_is_a_one_line_error(config, tmp_path, monkeypatch, kwargs, message):
     monkeypatch.chdir(tmp_path)
@@ -210,8 +209,8 @@ def test_gp_models_noise_only_for_measured_objectives():
     from paretoken.search.study import make_sampler
 
     # Optuna's GPSampler keeps the flag as _deterministic; a rename there fails here, not silently
-    assert make_sampler("gp", 0, ("top1", "gflops"), front_steps=0).inner._deterministic is True
-    assert make_sampler("gp", 0, ("top1", "img_per_s"), front_steps=0).inner._deterministic is False
+    assert make_sampler("gp", 0, ("top1", "gflops")).inner._deterministic is True
+    assert make_sampler("gp", 0, ("top1", "img_per_s")).inner._deterministic is False
 
 
 def test_ray_backend_runs_trials_on_two_worker_processes(config, tmp_path, monkeypatch, lines):
