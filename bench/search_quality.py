@@ -39,13 +39,9 @@ def _points(study, objectives) -> tuple[np.ndarray, np.ndarray]:
     """(searched, presets): objective vectors as minimisation (maximised objectives negated) of the
     feasible COMPLETE trials the sampler proposed and of the enqueued presets (not the uncompressed model)."""
     done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE" and t.values]
-    sign = np.array([-1.0 if st.DIRECTIONS[o] == "maximize" else 1.0 for o in objectives])
-
-    def rows(trials) -> np.ndarray:
-        return np.array([np.array(t.values) * sign for t in trials]).reshape(-1, len(objectives))
-
-    return (rows(t for t in done if not t.user_attrs.get("preset") and st.feasible(t)),
-            rows(t for t in done if t.user_attrs.get("preset") not in (None, st.UNCOMPRESSED)))
+    return (st.trial_losses([t for t in done if not t.user_attrs.get("preset") and st.feasible(t)], objectives),
+            st.trial_losses([t for t in done if t.user_attrs.get("preset") not in (None, st.UNCOMPRESSED)],
+                            objectives))
 
 
 def _beaten_presets(found: np.ndarray, presets: np.ndarray, objectives, images: int) -> tuple[int, int]:
