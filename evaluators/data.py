@@ -122,8 +122,8 @@ def _seeded_indices(total: int, n: int | None, seed: int, source: str, from_end:
         raise ParetokenError(f"skip: {skip!r} is not in 0..{total - 1} (images available in {source})")
     n = total - skip if n is None else n
     if not 0 < n <= total - skip:
-        raise ParetokenError(f"n: n={n} is not in 1..{total - skip} (images available in {source}"
-                             + (f" after skipping {skip}" if skip else "") + "); pass a smaller --n")
+        raise ParetokenError(f"images: {n} is not in 1..{total - skip} (images available in {source}"
+                             + (f" after skipping {skip}" if skip else "") + "); pass fewer images")
     order = np.random.default_rng(seed).permutation(total)
     return (order[::-1] if from_end else order)[skip:skip + n]
 

@@ -7,6 +7,8 @@ import math
 import sys
 from pathlib import Path
 
+from paretoken.errors import ParetokenError
+
 
 TABLE_COLUMNS = ("number", "preset", "top1", "agreement", "kl", "gflops", "img_per_s", "latency_ms", "plan_str")
 
@@ -45,7 +47,7 @@ def _cell(column: str, value) -> str:
         return str(value)
     if column == "kl":
         return f"{value:.4f}"
-    if column in ("top1", "agreement", "best_top1"):
+    if column in ("top1", "agreement", "best_top1", "search_top1", "held_out_top1", "held_out_agreement"):
         return f"{value:.2f}"
     if column == "img_per_s":
         return f"{value:.0f}"
@@ -147,6 +149,43 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_holdout(args: argparse.Namespace) -> int:
+    from paretoken.results import holdout, query
+
+    objectives = query._check_objectives(args.objectives)
+    df = query.load(args.study, args.storage)
+    config = holdout.held_out_config(df.attrs["user_attrs"].get("paretoken"), args.images, args.device,
+                                     args.batch_size)
+    rows = holdout.candidates(df, objectives)
+    if rows.empty:
+        raise ParetokenError(f"study: {args.study!r} has no COMPLETE trial to re-measure")
+    if not args.json:
+        print(f"study {args.study}: re-measuring {rows['plan'].map(json.dumps).nunique()} plans (the searched front, "
+              f"the presets, the uncompressed model) on {config.images} test images after the search's "
+              f"{config.skip}", flush=True)
+    held = holdout.remeasure(rows, config, log=None if args.json else lambda line: print(line, flush=True))
+    figures = holdout.summary(held, objectives)
+    if args.json:
+        columns = ["number", "preset", "plan", "plan_str", *[c for m in holdout.HELD_OUT_METRICS
+                                                             for c in (m, f"{m}_search")], "gflops"]
+        print(json.dumps({"study": args.study, "objectives": list(objectives), "held_out": held.attrs["held_out"],
+                          **figures, "trials": _records(held, columns)}, allow_nan=False))
+        return 0
+    marks = {n: "search" for n in figures["front_search"]}
+    for n in figures["front_held_out"]:
+        marks[n] = "both" if n in marks else "held-out"
+    shown = held.assign(front=held["number"].map(lambda n: marks.get(n, "-")), search_top1=held["top1_search"],
+                        held_out_top1=held["top1"], held_out_agreement=held["agreement"])
+    print(_table(shown, ("number", "preset", "search_top1", "held_out_top1", "held_out_agreement", "gflops", "front",
+                         "plan_str")))
+    n = len(figures["presets"])
+    left = sorted(set(figures["presets"]) - set(figures["presets_dominated_held_out"]))
+    print(f"presets dominated by a searched plan: {len(figures['presets_dominated_search'])} of {n} on the "
+          f"search's images, {len(figures['presets_dominated_held_out'])} of {n} on the held-out ones"
+          + (f" (not there: {', '.join(left)})" if left else ""))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from paretoken.compress.plan import load_plan
     from paretoken.results.export import export
@@ -178,7 +217,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def add_results_parsers(sub) -> None:
-    """Add `front`, `export` and `finetune` to the `paretoken` subcommands."""
+    """Add `front`, `holdout`, `export` and `finetune` to the `paretoken` subcommands."""
     p = sub.add_parser("front", help="the Pareto front of a study (table, JSON, CSV, plot)",
                        description="Non-dominated COMPLETE trials of a study on the chosen objectives, within the "
                                    "budgets; with several --study, one comparison table.")
@@ -195,6 +234,21 @@ def add_results_parsers(sub) -> None:
     p.add_argument("--plot", metavar="FILE", help="draw the front: FILE.png (matplotlib) or FILE.html (plotly)")
     p.add_argument("--history", metavar="FILE", help="draw the hypervolume after each trial: FILE.png or FILE.html")
     p.set_defaults(func=cmd_front)
+
+    p = sub.add_parser("holdout", help="re-measure a study's front on test images the search never saw",
+                       description="Evaluate the searched front, the presets and the uncompressed model again on "
+                                   "the next test images of the search's seeded order (disjoint from its own), and "
+                                   "show which plans stay on the front there. Top-1, agreement and KL are "
+                                   "re-measured; GFLOPs and speed are the study's.")
+    p.add_argument("--study", required=True, metavar="NAME", help="study name")
+    _storage_args(p)
+    p.add_argument("--images", type=int, default=2000, help="held-out test images [2000]")
+    p.add_argument("--objectives", default="top1,gflops", metavar="A,B",
+                   help="objectives of the fronts, as for `paretoken front` [top1,gflops]")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [cpu]")
+    p.add_argument("--batch-size", type=int, default=100, help="images per forward [100]")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.set_defaults(func=cmd_holdout)
 
     p = sub.add_parser("export", help="write a trial's plan with model, weights, metrics and provenance",
                        description="Export a plan that `paretoken.load_plan` + `paretoken.apply` rebuild anywhere.")

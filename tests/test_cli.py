@@ -55,7 +55,7 @@ def _bad_inputs(tmp_path):
         (["eval", "--checkpoint", str(tmp_path / "missing.safetensors")], "missing.safetensors"),
         (["eval", "--data", str(tmp_path / "no-such-dir")], "no-such-dir"),
         (["eval", "--skip", "10000"], "skip: 10000 is not in 0..9999"),
-        (["eval", "--skip", "9990", "--images", "20"], "n=20 is not in 1..10 (images available in"),
+        (["eval", "--skip", "9990", "--images", "20"], "images: 20 is not in 1..10 (images available in"),
         (["eval", "--device", "cuda:7"] if not _has_cuda() else ["eval", "--device", "tpu"], "device:"),
     ]
 

@@ -1,0 +1,107 @@
+"""Re-measure a study's front on test images its search never saw.
+
+A search measures every plan on the same images (the first ``images`` of the seeded test order,
+after ``skip``) and keeps the plans that are best *there*: with a few hundred images, a plan one or
+two lucky images ahead of its neighbours lands on the front. :func:`remeasure` evaluates trials
+again on the next images of the same order, disjoint from the search's, so the front can be judged
+on data that played no part in choosing it.
+
+Re-measured: :data:`HELD_OUT_METRICS` (accuracy and agreement with the uncompressed model on the
+held-out images). GFLOPs and the timed metrics stay the study's: they do not depend on which
+images are classified (plans with a per-image token count were counted on the search's images).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+
+from paretoken.errors import ParetokenError
+from paretoken.results import query
+from paretoken.search.study import UNCOMPRESSED
+
+HELD_OUT_METRICS = ("top1", "top1_drop", "agreement", "kl")
+
+
+def held_out_config(settings: Mapping[str, Any], images: int, device: str = "cpu", batch_size: int = 100):
+    """The :class:`~paretoken.evaluators.evaluate.EvalConfig` of ``images`` test images after those a
+    search measured on, in the same seeded order.
+
+    ``settings``: the study's ``paretoken`` user attr, as the search writes it (model, checkpoint,
+    data, images, seed and skip under ``measurement``).
+    """
+    from paretoken.evaluators.evaluate import EvalConfig
+
+    measurement = settings.get("measurement") if isinstance(settings, Mapping) else None
+    if not isinstance(measurement, Mapping) or not isinstance(measurement.get("images"), int):
+        raise ParetokenError("study: it has no measurement settings (user attr 'paretoken'); only studies "
+                             "written by `paretoken search` say which images their trials were measured on")
+    if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+        raise ParetokenError(f"images: {images!r} is not a positive number of held-out test images")
+    return EvalConfig(model=measurement["model"], checkpoint=measurement.get("checkpoint"),
+                      pretrained=bool(measurement.get("pretrained")), data=measurement.get("data"),
+                      seed=measurement.get("seed", 0), skip=(measurement.get("skip") or 0) + measurement["images"],
+                      images=images, device=device, batch_size=batch_size, speed=False, flops_images=1)
+
+
+def candidates(df: pd.DataFrame, objectives: Sequence[str] | str = query.DEFAULT_OBJECTIVES) -> pd.DataFrame:
+    """The rows worth re-measuring: the searched plans on the searched-only front (non-dominated among the
+    feasible COMPLETE trials that are not presets), every COMPLETE preset and the uncompressed model.
+
+    They contain the study's front, and every searched plan that could dominate a preset.
+    """
+    done = query.budget(df, feasible_only=False)
+    searched = query.front(df[df["preset"].isna()], objectives)
+    return pd.concat([done[done["preset"].notna()], searched]).sort_values("number", kind="stable")
+
+
+def remeasure(rows: pd.DataFrame, config, log: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """``rows`` (of a study table, :func:`paretoken.results.query.load`) with :data:`HELD_OUT_METRICS`
+    measured on ``config``'s images; the study's values move to ``<metric>_search`` columns.
+
+    Each distinct plan is evaluated once, so rows of several studies of one model can be passed
+    together. ``log`` gets a line per plan measured.
+    """
+    from paretoken.compress.plan import Plan
+    from paretoken.evaluators.evaluate import evaluate
+
+    keys = rows["plan"].map(lambda plan: json.dumps(plan, sort_keys=True))
+    measured: dict[str, dict[str, float]] = {}
+    for key, label in zip(keys, rows["plan_str"]):
+        if key not in measured:
+            measured[key] = evaluate(Plan.from_dict(json.loads(key)), config)
+            if log:
+                log(f"  {len(measured)}/{keys.nunique()}: top1 {measured[key]['top1']:.2f}  {label}")
+    out = rows.copy()
+    for metric in HELD_OUT_METRICS:
+        out[f"{metric}_search"] = out[metric]
+        out[metric] = [measured[key][metric] for key in keys]
+    out.attrs = dict(rows.attrs, held_out={"images": config.images, "skip": config.skip})
+    return out
+
+
+def presets_dominated(rows: pd.DataFrame, objectives: Sequence[str] | str = query.DEFAULT_OBJECTIVES) -> list[str]:
+    """Names of the presets in ``rows`` (not the uncompressed model) that a searched row dominates on
+    ``objectives``; only feasible searched rows count, as on the search's front."""
+    objectives = query._check_objectives(objectives, rows)
+    presets = rows[rows["preset"].notna() & (rows["preset"] != UNCOMPRESSED)]
+    searched = query.budget(rows[rows["preset"].isna()])
+    found = query.losses(searched, objectives)
+    return [name for name, point in zip(presets["preset"], query.losses(presets, objectives))
+            if bool(query.dominating(found, point).any())]
+
+
+def summary(held: pd.DataFrame, objectives: Sequence[str] | str = query.DEFAULT_OBJECTIVES) -> dict[str, Any]:
+    """Figures of a :func:`remeasure` result: presets a searched plan dominates on the search's images and
+    on the held-out ones, and the trials on the front of each."""
+    objectives = query._check_objectives(objectives, held)
+    search = held.assign(**{m: held[f"{m}_search"] for m in HELD_OUT_METRICS})
+    presets = sorted(set(held.loc[held["preset"].notna() & (held["preset"] != UNCOMPRESSED), "preset"]))
+    return {"presets": presets,
+            "presets_dominated_search": presets_dominated(search, objectives),
+            "presets_dominated_held_out": presets_dominated(held, objectives),
+            "front_search": query.front(search, objectives)["number"].tolist(),
+            "front_held_out": query.front(held, objectives)["number"].tolist()}
+
