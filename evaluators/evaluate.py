@@ -74,6 +74,13 @@ class _Bench:
 _BENCHES: dict[tuple, _Bench] = {}
 
 
+def device_name(name: str) -> str:
+    """``name`` with ``auto`` resolved: ``cuda`` where a GPU is present, else ``cpu``."""
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ParetokenError(f"device: {name!r} is not available on this machine; valid: cpu")

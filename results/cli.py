@@ -150,11 +150,12 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def cmd_holdout(args: argparse.Namespace) -> int:
+    from paretoken.evaluators.evaluate import device_name
     from paretoken.results import holdout, query
 
     objectives = query._check_objectives(args.objectives)
     df = query.load(args.study, args.storage)
-    config = holdout.held_out_config(df.attrs["user_attrs"].get("paretoken"), args.images, args.device,
+    config = holdout.held_out_config(df.attrs["user_attrs"].get("paretoken"), args.images, device_name(args.device),
                                      args.batch_size)
     rows = holdout.candidates(df, objectives)
     if rows.empty:
@@ -245,7 +246,7 @@ def add_results_parsers(sub) -> None:
     p.add_argument("--images", type=int, default=2000, help="held-out test images [2000]")
     p.add_argument("--objectives", default="top1,gflops", metavar="A,B",
                    help="objectives of the fronts, as for `paretoken front` [top1,gflops]")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [cpu]")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda where present) [auto]")
     p.add_argument("--batch-size", type=int, default=100, help="images per forward [100]")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     p.set_defaults(func=cmd_holdout)

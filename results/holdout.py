@@ -40,6 +40,8 @@ def held_out_config(settings: Mapping[str, Any], images: int, device: str = "cpu
                              "written by `paretoken search` say which images their trials were measured on")
     if isinstance(images, bool) or not isinstance(images, int) or images < 1:
         raise ParetokenError(f"images: {images!r} is not a positive number of held-out test images")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ParetokenError(f"batch-size: {batch_size!r} is invalid; valid: an integer >= 1")
     return EvalConfig(model=measurement["model"], checkpoint=measurement.get("checkpoint"),
                       pretrained=bool(measurement.get("pretrained")), data=measurement.get("data"),
                       seed=measurement.get("seed", 0), skip=(measurement.get("skip") or 0) + measurement["images"],

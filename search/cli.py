@@ -86,20 +86,12 @@ def add_spaces_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def cmd_search(args: argparse.Namespace) -> int:
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit deprecation, raised on importing fvcore
-        from paretoken.evaluators.evaluate import EvalConfig
+        from paretoken.evaluators.evaluate import EvalConfig, device_name
         from paretoken.search.run import run_search
 
     if args.images < 1:
@@ -110,7 +102,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     config = EvalConfig(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
                         images=args.images, batch_size=min(args.batch_size, args.images),
                         flops_images=max(1, min(args.flops_images, args.images)),
-                        device=_device(args.device), speed=not args.no_speed)
+                        device=device_name(args.device), speed=not args.no_speed)
     result = run_search(args.study, storage=args.storage, space=args.space, objectives=args.objectives,
                         sampler=args.sampler, n_trials=args.trials, backend=args.backend, workers=workers,
                         ray_address=args.ray_address, cpus_per_trial=args.cpus_per_trial,

@@ -104,6 +104,8 @@ def test_summary_counts_dominance_on_each_set_of_images():
     (["--images", "0"], "images: 0 is not a positive number of held-out test images"),
     (["--images", "20000"], "images: 20000 is not in 1..9984"),
     (["--objectives", "top1,speed"], "objectives:"),
+    (["--batch-size", "0"], "batch-size: 0 is invalid; valid: an integer >= 1"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device: "),
 ])
 def test_bad_input_is_one_line_exit_2(searched, capsys, args, needle):
     storage, _ = searched
