@@ -23,6 +23,7 @@ import pandas as pd
 
 from paretoken.evaluators.evaluate import environment
 from paretoken.results import holdout, query
+from paretoken.search.study import UNCOMPRESSED
 
 RESULTS = Path(__file__).parent / "results"
 TEST_IMAGES = 10_000  # Fashion-MNIST test split
@@ -48,13 +49,13 @@ def main() -> None:
     rows = []
     for name, table in held.groupby("study", sort=True):
         figures = holdout.summary(table)
-        presets = table[table["preset"].notna() & (table["preset"] != holdout.UNCOMPRESSED)]
+        presets = table[table["preset"].isin(figures["presets"])]
         searched = table[table["preset"].isna()]
         rows.append({
             "study": name, "presets": len(presets), "front": len(searched),
             "presets_dominated_search_images": len(figures["presets_dominated_search"]),
             "presets_dominated_held_out": len(figures["presets_dominated_held_out"]),
-            "uncompressed_top1_held_out": float(table.loc[table["preset"] == holdout.UNCOMPRESSED, "top1"].iloc[0]),
+            "uncompressed_top1_held_out": float(table.loc[table["preset"] == UNCOMPRESSED, "top1"].iloc[0]),
             "presets_held_out": {p.preset: {"top1": p.top1, "top1_search": p.top1_search, "gflops": p.gflops}
                                  for p in presets.itertuples()},
             "front_held_out": [{"trial": t.number, "plan": t.plan_str, "top1": t.top1, "top1_search": t.top1_search,

@@ -26,6 +26,7 @@ import statistics
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from paretoken.evaluators.evaluate import EvalConfig, environment
 from paretoken.results import query
@@ -35,25 +36,12 @@ from paretoken.search import study as st
 RESULTS = Path(__file__).parent / "results"
 
 
-def _points(study, objectives) -> tuple[np.ndarray, np.ndarray]:
-    """(searched, presets): objective vectors as minimisation (maximised objectives negated) of the
-    feasible COMPLETE trials the sampler proposed and of the enqueued presets (not the uncompressed model)."""
-    done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE" and t.values]
-    return (st.trial_losses([t for t in done if not t.user_attrs.get("preset") and st.feasible(t)], objectives),
-            st.trial_losses([t for t in done if t.user_attrs.get("preset") not in (None, st.UNCOMPRESSED)],
-                            objectives))
-
-
-def _beaten_presets(found: np.ndarray, presets: np.ndarray, objectives, images: int) -> tuple[int, int]:
-    """(presets dominated by a row of ``found``, presets that one is no worse than within one
-    evaluation image), both from :func:`_points`.
-
-    One image is 100/images top-1 points (the resolution of the measurement); GFLOPs get no slack.
-    """
-    slack = np.array([100.0 / images + 1e-4 if o == "top1" else 0.0 for o in objectives])  # + float32 rounding
-    dominated = sum(bool(query.dominating(found, point).any()) for point in presets)
-    within = sum(bool(query.dominating(found, point, slack).any()) for point in presets)
-    return dominated, within
+def _beaten_presets(df: pd.DataFrame, objectives, images: int) -> tuple[int, int]:
+    """(presets a searched plan of ``df`` dominates, presets one is no worse than within one evaluation
+    image): one image is 100/images top-1 points (the resolution of the measurement); GFLOPs get no slack."""
+    one_image = {"top1": 100.0 / images + 1e-4}  # + float32 rounding
+    return (len(query.presets_dominated(df, objectives)),
+            len(query.presets_dominated(df, objectives, slack=one_image)))
 
 
 def _search_seconds(study) -> float:
@@ -87,7 +75,7 @@ def main() -> None:
     max_top1_drop = None if args.no_budget else args.max_top1_drop
     studies = RESULTS / "search_quality"
     rows = []
-    searched: dict[str, list[np.ndarray]] = {s: [] for s in args.samplers.split(",")}
+    tables: dict[str, list[pd.DataFrame]] = {s: [] for s in args.samplers.split(",")}
     for sampler in args.samplers.split(","):
         for seed in range(args.seeds):
             name = f"{args.space}-{sampler}-s{seed}-n{args.trials}-i{args.images}" + (
@@ -99,10 +87,10 @@ def main() -> None:
             done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
             preset_trials = [t for t in done if t.user_attrs.get("preset")]
             hv_presets = st.hypervolume(preset_trials, objectives, result.reference)
-            found, presets = _points(study, objectives)
-            searched[sampler].append(found)
-            dominated, within = _beaten_presets(found, presets, objectives, args.images)
-            n_presets = len(presets)
+            table = query.trials_frame(study)
+            tables[sampler].append(table)
+            dominated, within = _beaten_presets(table, objectives, args.images)
+            n_presets = len(query.preset_names(table))
             history = []
             for k in range(1, len(done) + 1):
                 history.append(st.hypervolume(done[:k], objectives, result.reference))
@@ -127,12 +115,12 @@ def main() -> None:
                                                                 for r in rows if r["sampler"] == sampler),
                             # every seed measures the same presets on the same images
                             "presets_dominated_by_union_of_seeds": _beaten_presets(
-                                np.concatenate(searched[sampler]), presets, objectives, args.images)[0]}
+                                pd.concat(tables[sampler]), objectives, args.images)[0]}
         s = summary[sampler]
         print(f"{sampler:7s} HV {s['mean']:.4f} ± {s['std']:.4f} vs presets alone {s['presets_alone']:.4f}; "
               f"every preset dominated in every seed: {s['all_presets_dominated']} "
               f"(within one image: {s['all_presets_within_one_image']}); by the union of the seeds' searches: "
-              f"{s['presets_dominated_by_union_of_seeds']} of {len(presets)}")
+              f"{s['presets_dominated_by_union_of_seeds']} of {n_presets}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{args.out}.json"
     flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()

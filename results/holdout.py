@@ -20,7 +20,6 @@ import pandas as pd
 
 from paretoken.errors import ParetokenError
 from paretoken.results import query
-from paretoken.search.study import UNCOMPRESSED
 
 HELD_OUT_METRICS = ("top1", "top1_drop", "agreement", "kl")
 
@@ -84,26 +83,14 @@ def remeasure(rows: pd.DataFrame, config, log: Callable[[str], None] | None = No
     return out
 
 
-def presets_dominated(rows: pd.DataFrame, objectives: Sequence[str] | str = query.DEFAULT_OBJECTIVES) -> list[str]:
-    """Names of the presets in ``rows`` (not the uncompressed model) that a searched row dominates on
-    ``objectives``; only feasible searched rows count, as on the search's front."""
-    objectives = query._check_objectives(objectives, rows)
-    presets = rows[rows["preset"].notna() & (rows["preset"] != UNCOMPRESSED)]
-    searched = query.budget(rows[rows["preset"].isna()])
-    found = query.losses(searched, objectives)
-    return [name for name, point in zip(presets["preset"], query.losses(presets, objectives))
-            if bool(query.dominating(found, point).any())]
-
-
 def summary(held: pd.DataFrame, objectives: Sequence[str] | str = query.DEFAULT_OBJECTIVES) -> dict[str, Any]:
     """Figures of a :func:`remeasure` result: presets a searched plan dominates on the search's images and
     on the held-out ones, and the trials on the front of each."""
     objectives = query._check_objectives(objectives, held)
     search = held.assign(**{m: held[f"{m}_search"] for m in HELD_OUT_METRICS})
-    presets = sorted(set(held.loc[held["preset"].notna() & (held["preset"] != UNCOMPRESSED), "preset"]))
-    return {"presets": presets,
-            "presets_dominated_search": presets_dominated(search, objectives),
-            "presets_dominated_held_out": presets_dominated(held, objectives),
+    return {"presets": query.preset_names(held),
+            "presets_dominated_search": query.presets_dominated(search, objectives),
+            "presets_dominated_held_out": query.presets_dominated(held, objectives),
             "front_search": query.front(search, objectives)["number"].tolist(),
             "front_held_out": query.front(held, objectives)["number"].tolist()}
 

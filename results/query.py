@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from paretoken.errors import ParetokenError
-from paretoken.search.study import DEFAULT_OBJECTIVES, DIRECTIONS, check_objectives, reference_value
+from paretoken.search.study import DEFAULT_OBJECTIVES, DIRECTIONS, UNCOMPRESSED, check_objectives, reference_value
 
 #: Metric columns, in the evaluators' order (kept here so reading a study never imports torch).
 METRICS = ("top1", "top1_drop", "agreement", "kl", "gflops", "img_per_s", "latency_ms", "peak_mem_mb",
@@ -166,9 +166,6 @@ def plan_label(plan: Mapping[str, Any] | Any) -> str:
         groups.setdefault((stage.op, tuple(fields.items())), []).append(stage.layer)
     return " + ".join(f"{op}({', '.join(f'{k}={_fmt(v)}' for k, v in fields)})@{_layers(layers)}"
                       for (op, fields), layers in sorted(groups.items(), key=lambda g: g[1][0]))
-
-
-UNCOMPRESSED = "uncompressed"  # the preset name the search gives the uncompressed model's trial
 
 
 def _preset_of(plan: Mapping[str, Any] | None) -> str | None:
@@ -368,6 +365,33 @@ def front(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJECTIVES
     rows, points = rows[finite], points[finite]
     out = rows[non_dominated(points)]
     return out.sort_values(list(objectives), ascending=[not MAXIMIZE[o] for o in objectives], kind="stable")
+
+
+def _preset_rows(df: pd.DataFrame) -> pd.DataFrame:
+    done = budget(df, feasible_only=False)
+    return done[done["preset"].notna() & (done["preset"] != UNCOMPRESSED)]
+
+
+def preset_names(df: pd.DataFrame) -> list[str]:
+    """Names of the presets with a COMPLETE row (the uncompressed model is not one), each once, in order."""
+    return list(dict.fromkeys(_preset_rows(df)["preset"]))
+
+
+def presets_dominated(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJECTIVES,
+                      slack: Mapping[str, float] | None = None) -> list[str]:
+    """Names of the presets (COMPLETE rows whose ``preset`` is not the uncompressed model) that a
+    searched row dominates on ``objectives``, each once, in the table's order. Searched rows are
+    those with no preset that are COMPLETE and feasible, as on the search's front.
+
+    ``slack`` ({objective: amount}, in the objective's units): a searched row need only come within
+    that amount of the preset in each objective (:func:`dominating`), e.g. one evaluation image of top-1.
+    """
+    objectives = _check_objectives(objectives, df)
+    presets = _preset_rows(df)
+    found = losses(budget(df[df["preset"].isna()]), objectives)
+    margin = None if slack is None else np.array([float(slack.get(o, 0.0)) for o in objectives])
+    return list(dict.fromkeys(name for name, point in zip(presets["preset"], losses(presets, objectives))
+                              if dominating(found, point, margin).any()))
 
 
 def reference_point(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJECTIVES,

@@ -438,7 +438,25 @@ def _run(study_name, url, space_obj, objectives, sampler, n_trials, backend, wor
 
         with pd.option_context("display.width", 200, "display.max_colwidth", 70):
             log("Pareto front:\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    line = _presets_line(study, objectives)
+    if line:
+        log(line)
     return SearchResult(study_name, url, c, table, hv, ref, state.ran, study)
+
+
+def _presets_line(study, objectives: Sequence[str]) -> str | None:
+    """How many of the study's presets a searched plan dominates (None when it ran none)."""
+    from paretoken.results import query
+
+    table = query.trials_frame(study)
+    presets = query.preset_names(table)
+    if not presets:
+        return None
+    beaten = query.presets_dominated(table, objectives)
+    left = [name for name in presets if name not in beaten]
+    return (f"presets dominated by a searched plan: {len(beaten)} of {len(presets)}"
+            + (f" (not: {', '.join(left)})" if left else "")
+            + "; `paretoken holdout` re-measures the front on test images the search never saw")
 
 
 class _LoopState:

@@ -317,3 +317,32 @@ def test_front_and_hypervolume_agree_with_the_search(storage):
     reference = st.reference_point(st.baseline(study), objectives)
     assert query.reference_point(df, objectives) == reference
     assert query.hypervolume(df, objectives) == pytest.approx(st.hypervolume(study.trials, objectives, reference))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_presets_dominated_matches_the_pairwise_definition(seed):
+    """A preset counts when some COMPLETE, feasible, searched row is no worse in every objective and better
+    in one (or, with slack, within the slack in every objective); the uncompressed model is no preset."""
+    rng = random.Random(seed)
+    df = random_frame(seed).assign(feasible=lambda d: [rng.random() < 0.8 for _ in range(len(d))], preset=None)
+    names = ["uncompressed", "tome-r8", "tome-r13", "evit-0.7", "asvit"]
+    picks = rng.sample(range(len(df)), len(names))
+    df.loc[picks, "preset"] = names
+    df.loc[picks, "state"] = "COMPLETE"
+    in_order = [name for _, name in sorted(zip(picks, names))]  # the table's order
+    searched = df[df["preset"].isna() & (df["state"] == "COMPLETE") & df["feasible"]]
+    for slack in (None, {"top1": 0.5}):
+        give = (slack or {}).get("top1", 0.0)
+        expected = []
+        for row in df.loc[sorted(picks)].itertuples():
+            name = row.preset
+            if name == "uncompressed":
+                continue
+            for s in searched.itertuples():
+                no_worse = s.top1 + give >= row.top1 and s.gflops <= row.gflops
+                better = s.top1 > row.top1 or s.gflops < row.gflops
+                if no_worse and (better or slack is not None):
+                    expected.append(name)
+                    break
+        assert query.presets_dominated(df, ("top1", "gflops"), slack) == expected
+    assert query.preset_names(df) == [name for name in in_order if name != "uncompressed"]

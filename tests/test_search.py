@@ -12,6 +12,7 @@ import torch
 
 import paretoken
 from paretoken.errors import ParetokenError
+from paretoken.results import query
 from paretoken.evaluators import evaluate as ev
 from paretoken.evaluators.models import build_default_architecture
 from paretoken.search import enqueue_plan, run_search
@@ -69,6 +70,10 @@ def test_local_search_stores_every_trial_and_resumes_without_repeating(config, t
     progress = [line for line in lines if line.startswith("trial ")]
     assert len(progress) == 5 and "done 5/5, failed 0" in progress[-1] and "hypervolume" in progress[-1]
     assert any(line.startswith("Pareto front:") for line in lines)
+    beaten = [line for line in lines if line.startswith("presets dominated by a searched plan: ")]
+    df = query.trials_frame(study)
+    assert len(beaten) == 1 and f"{len(query.presets_dominated(df))} of 2" in beaten[0]
+    assert "paretoken holdout" in beaten[0]
     assert not result.front.empty and {"trial", "top1", "gflops", "plan"} <= set(result.front.columns)
     assert result.reference == pytest.approx({"top1": trials[0].user_attrs["top1"] - 10,
                                               "gflops": trials[0].user_attrs["gflops"]})
