@@ -157,6 +157,10 @@ def cmd_holdout(args: argparse.Namespace) -> int:
     df = query.load(args.study, args.storage)
     config = holdout.held_out_config(df.attrs["user_attrs"].get("paretoken"), args.images, device_name(args.device),
                                      args.batch_size)
+    if args.plot:
+        from paretoken.results.plots import plot_front, plot_suffix
+
+        plot_suffix(args.plot)  # before minutes of evaluation, not after
     rows = holdout.candidates(df, objectives)
     if rows.empty:
         raise ParetokenError(f"study: {args.study!r} has no COMPLETE trial to re-measure")
@@ -166,6 +170,9 @@ def cmd_holdout(args: argparse.Namespace) -> int:
               f"{config.skip}", flush=True)
     held = holdout.remeasure(rows, config, log=None if args.json else lambda line: print(line, flush=True))
     figures = holdout.summary(held, objectives)
+    if args.plot:
+        plot_front(held, objectives, args.plot, title=f"study {args.study}: front and presets on {config.images} "
+                                                       f"held-out test images")
     if args.json:
         columns = ["number", "preset", "plan", "plan_str", *[c for m in holdout.HELD_OUT_METRICS
                                                              for c in (m, f"{m}_search")], "gflops"]
@@ -180,10 +187,12 @@ def cmd_holdout(args: argparse.Namespace) -> int:
     print(_table(shown, ("number", "preset", "search_top1", "held_out_top1", "held_out_agreement", "gflops", "front",
                          "plan_str")))
     n = len(figures["presets"])
-    left = sorted(set(figures["presets"]) - set(figures["presets_dominated_held_out"]))
+    left = [name for name in figures["presets"] if name not in figures["presets_dominated_held_out"]]
     print(f"presets dominated by a searched plan: {len(figures['presets_dominated_search'])} of {n} on the "
           f"search's images, {len(figures['presets_dominated_held_out'])} of {n} on the held-out ones"
           + (f" (not there: {', '.join(left)})" if left else ""))
+    if args.plot:
+        print(f"plot written to {args.plot}")
     return 0
 
 
@@ -249,6 +258,7 @@ def add_results_parsers(sub) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda where present) [auto]")
     p.add_argument("--batch-size", type=int, default=100, help="images per forward [100]")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.add_argument("--plot", metavar="FILE", help="draw the front on the held-out images: FILE.png or FILE.html")
     p.set_defaults(func=cmd_holdout)
 
     p = sub.add_parser("export", help="write a trial's plan with model, weights, metrics and provenance",

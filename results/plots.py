@@ -29,7 +29,8 @@ FRONT_COLOR = "#d62728"
 PRESET_COLOR = "#1f77b4"
 
 
-def _suffix(path: str | Path) -> str:
+def plot_suffix(path: str | Path) -> str:
+    """The plot format of ``path`` from its suffix (.png, .svg, .pdf or .html); a one-line error otherwise."""
     suffix = Path(path).suffix.lower()
     if suffix not in (*_STATIC, ".html"):
         raise ParetokenError(f"plot: {str(path)!r} has suffix {suffix or '(none)'!r}; valid: .png, .svg, .pdf, .html")
@@ -86,7 +87,7 @@ def plot_front(df: pd.DataFrame, objectives: Sequence[str] | str = query.DEFAULT
 
     With more than two objectives the front is non-dominated on all of them and drawn on the first two.
     """
-    suffix = _suffix(path)
+    suffix = plot_suffix(path)
     objectives, x, y, done, fr, rest, presets, base = _parts(df, objectives, max_gflops, min_top1, max_top1_drop)
     if done.empty:
         raise ParetokenError("plot: the study has no COMPLETE trial with " + " and ".join((y, x)))
@@ -254,7 +255,7 @@ def plot_hypervolume_history(df: pd.DataFrame, objectives: Sequence[str] | str =
     The enqueued presets come first in a study, so the curve starts at the presets' hypervolume
     and any rise after them is what the search found. Failed trials are marked on the x axis.
     """
-    suffix = _suffix(path)
+    suffix = plot_suffix(path)
     objectives = query._check_objectives(objectives, df)
     if reference is None:
         reference = query.reference_point(df, objectives)

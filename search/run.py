@@ -51,16 +51,22 @@ class SearchResult:
 
 # --------------------------------------------------------------------------- executors
 class LocalExecutor:
-    """Runs one trial at a time in this process (the evaluator caches the model between trials)."""
+    """Runs one trial at a time in this process (the evaluator caches the model between trials).
 
-    def __init__(self) -> None:
+    Ctrl-C lands at once while a trial computes (``ctrl_c.at_once``): its code holds no storage lock.
+    """
+
+    def __init__(self, ctrl_c: _CtrlC) -> None:
         self._done: list[tuple[int, dict[str, Any]]] = []
+        self.ctrl_c = ctrl_c
 
     def free(self) -> bool:
         return not self._done
 
     def submit(self, key: int, plan: dict[str, Any], config: dict[str, Any]) -> None:
-        self._done.append((key, run_trial(plan, config)))
+        with self.ctrl_c.at_once():
+            result = run_trial(plan, config)
+        self._done.append((key, result))
 
     def busy(self) -> bool:
         return bool(self._done)
@@ -210,20 +216,50 @@ class _Beater(threading.Thread):
 
 
 # --------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def _sigint_deferred() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) until the block has finished, then raise KeyboardInterrupt."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
+class _CtrlC:
+    """Ctrl-C (SIGINT) during a search's loop, raised as KeyboardInterrupt only where it is safe.
+
+    Inside :meth:`at_once` (a trial computing in this process) it is raised at once; elsewhere it is
+    held until the loop's next :meth:`check`, where no finished result waits to be told. Raised
+    asynchronously inside a storage call, it could leave a connection-pool lock taken or a trial
+    half written, and the clean-up that fails the running trials would then hang or lose one.
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+        self.immediate = False
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+        if self.immediate:
+            raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def at_once(self) -> Iterator[None]:
+        self.check()
+        self.immediate = True
+        try:
+            yield
+        finally:
+            self.immediate = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """The handler for the block (main thread only; elsewhere Python delivers no signal)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
 def model_depth(config) -> int:
     """Number of blocks of the evaluated model, built on the meta device (no weights loaded)."""
     import torch
@@ -407,24 +443,26 @@ def _run(study_name, url, space_obj, objectives, sampler, n_trials, backend, wor
         + f"; space {space_obj.name}, objectives {','.join(objectives)}, sampler {sampler} (seed {seed}), "
           f"target {n_trials} trials")
 
+    ctrl_c = _CtrlC()
     if backend == "ray":
         gpus = gpus_per_trial if gpus_per_trial is not None else (1.0 if str(config.device).startswith("cuda")
                                                                   else 0.0)
         executor: Any = RayExecutor(workers, cpus_per_trial, gpus, ray_address, log)
     else:
-        executor = LocalExecutor()
+        executor = LocalExecutor(ctrl_c)
     liveness = st.Liveness(study, heartbeat_s, grace_s, log)
     beater = _Beater(liveness)
     beater.start()
     state = _LoopState(study, space_obj, depth, objectives, n_trials, budgets, config_dict, log)
-    try:
-        _loop(state, executor, liveness, beater, poll_s)
-    except KeyboardInterrupt:
-        state.abandon(liveness)
-        raise
-    finally:
-        beater.stop()
-        executor.close()
+    with ctrl_c.installed():
+        try:
+            _loop(state, executor, liveness, beater, poll_s, ctrl_c)
+        except KeyboardInterrupt:
+            state.abandon(liveness)
+            raise
+        finally:
+            beater.stop()
+            executor.close()
 
     c = st.counts(study)
     ref = st.reference_point(st.baseline(study), objectives)
@@ -469,9 +507,8 @@ class _LoopState:
 
     def launch(self, executor, liveness, beater) -> bool:
         """Ask for one trial and submit it; False when the trial failed before reaching a worker."""
-        with _sigint_deferred():  # a trial never exists in the study without being tracked for Ctrl-C
-            trial = self.study.ask()
-            self.in_flight[trial.number] = trial
+        trial = self.study.ask()
+        self.in_flight[trial.number] = trial
         beater.add(trial._trial_id)
         liveness.beat([trial._trial_id])
         try:
@@ -553,9 +590,11 @@ class _LoopState:
         self.in_flight.clear()
 
 
-def _loop(state: _LoopState, executor, liveness: st.Liveness, beater: _Beater, poll_s: float) -> None:
+def _loop(state: _LoopState, executor, liveness: st.Liveness, beater: _Beater, poll_s: float,
+          ctrl_c: _CtrlC) -> None:
     last_sweep = -math.inf
     while True:
+        ctrl_c.check()  # every result received so far has been told
         if time.monotonic() - last_sweep >= liveness.interval:
             liveness.sweep()
             last_sweep = time.monotonic()

@@ -47,7 +47,7 @@ def _top1_by_hand(plan: dict, checkpoint) -> float:
     return 100.0 * (predicted == labels[SEARCH_IMAGES:]).float().mean().item()
 
 
-def test_holdout_remeasures_the_front_on_the_images_after_the_search(searched, capsys):
+def test_holdout_remeasures_the_front_on_the_images_after_the_search(searched, tmp_path, capsys):
     storage, checkpoint = searched
     df = query.load("small", storage)
     assert main(["holdout", "--study", "small", "--storage", storage, "--images", str(HELD_OUT), "--json"]) == 0
@@ -70,7 +70,10 @@ def test_holdout_remeasures_the_front_on_the_images_after_the_search(searched, c
     assert data["front_held_out"] == query.front(held)["number"].tolist()
     assert set(data["presets"]) == set(df["preset"].dropna()) - {"uncompressed"}
 
-    assert main(["holdout", "--study", "small", "--storage", storage, "--images", str(HELD_OUT)]) == 0
+    png = tmp_path / "held.png"
+    assert main(["holdout", "--study", "small", "--storage", storage, "--images", str(HELD_OUT), "--plot",
+                 str(png)]) == 0
+    assert png.stat().st_size > 10_000
     out = capsys.readouterr().out
     assert f"on {HELD_OUT} test images after the search's {SEARCH_IMAGES}" in out
     assert "held_out_top1" in out and "presets dominated by a searched plan:" in out
@@ -105,6 +108,7 @@ def test_summary_counts_dominance_on_each_set_of_images():
     (["--images", "20000"], "images: 20000 is not in 1..9984"),
     (["--objectives", "top1,speed"], "objectives:"),
     (["--batch-size", "0"], "batch-size: 0 is invalid; valid: an integer >= 1"),
+    (["--plot", "held.jpg"], "plot: 'held.jpg' has suffix '.jpg'"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device: "),
 ])
 def test_bad_input_is_one_line_exit_2(searched, capsys, args, needle):
