@@ -246,6 +246,7 @@ class _CtrlC:
             yield
         finally:
             self.immediate = False
+        self.check()  # also when code inside caught the KeyboardInterrupt and went on
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:

@@ -124,3 +124,33 @@ def test_ctrl_c_fails_the_running_trial_and_enqueues_its_plan_at_once(checkpoint
     waiting = [t for t in trials if t.state.name == "WAITING" and t.user_attrs.get("retry_of") == interrupted[0].number]
     assert len(waiting) == 1
     assert interrupted[0].params.items() <= waiting[0].system_attrs["fixed_params"].items()
+
+
+def test_ctrl_c_is_held_outside_a_trial_and_raised_at_once_inside_one():
+    from paretoken.search.run import _CtrlC
+
+    ctrl_c = _CtrlC()
+    with ctrl_c.installed():
+        os.kill(os.getpid(), signal.SIGINT)  # e.g. inside a storage call: held
+        time.sleep(0.05)
+        assert ctrl_c.received
+        with pytest.raises(KeyboardInterrupt):
+            ctrl_c.check()  # the loop's next check
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    ctrl_c, reached = _CtrlC(), []
+    with ctrl_c.installed(), pytest.raises(KeyboardInterrupt):
+        with ctrl_c.at_once():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)
+            reached.append("after the signal")
+    assert not reached
+
+    ctrl_c = _CtrlC()
+    with ctrl_c.installed(), pytest.raises(KeyboardInterrupt):
+        with ctrl_c.at_once():
+            try:  # code that turns the interrupt into an ordinary failure
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1.0)
+            except KeyboardInterrupt:
+                pass
