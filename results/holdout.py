@@ -60,7 +60,8 @@ def candidates(df: pd.DataFrame, objectives: Sequence[str] | str = query.DEFAULT
 
 def remeasure(rows: pd.DataFrame, config, log: Callable[[str], None] | None = None) -> pd.DataFrame:
     """``rows`` (of a study table, :func:`paretoken.results.query.load`) with :data:`HELD_OUT_METRICS`
-    measured on ``config``'s images; the study's values move to ``<metric>_search`` columns.
+    measured on ``config``'s images; the study's values move to ``<metric>_search`` columns. The
+    other columns, ``feasible`` (the study's budgets, judged on its own images) among them, stay.
 
     Each distinct plan is evaluated once, so rows of several studies of one model can be passed
     together. ``log`` gets a line per plan measured.
