@@ -250,8 +250,11 @@ class _CtrlC:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        """The handler for the block (main thread only; elsewhere Python delivers no signal)."""
-        if threading.current_thread() is not threading.main_thread():
+        """The handler for the block. Not installed off the main thread (Python delivers no signal
+        there), nor where SIGINT is ignored: a process started that way (``cmd &`` in a script,
+        ``nohup``) is meant to outlive Ctrl-C, as Python itself leaves it."""
+        if threading.current_thread() is not threading.main_thread() \
+                or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
             yield
             return
         previous = signal.signal(signal.SIGINT, self._handle)

@@ -102,8 +102,10 @@ def test_ctrl_c_fails_the_running_trial_and_enqueues_its_plan_at_once(checkpoint
     storage = f"sqlite:///{tmp_path}/c.db"
     # trials of a few seconds, so the one seen RUNNING is still running when the signal lands (on a busy machine too)
     cmd = search_command("c", storage, checkpoint, 50, images=480)
+    # Ctrl-C as from a terminal, also where this test runs with SIGINT ignored (a background job of a script)
     proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         def mid_trial():
             states = [t.state.name for t in load("c", storage).get_trials(deepcopy=False)]
@@ -126,7 +128,15 @@ def test_ctrl_c_fails_the_running_trial_and_enqueues_its_plan_at_once(checkpoint
     assert interrupted[0].params.items() <= waiting[0].system_attrs["fixed_params"].items()
 
 
-def test_ctrl_c_is_held_outside_a_trial_and_raised_at_once_inside_one():
+@pytest.fixture
+def sigint_default():
+    """SIGINT raising KeyboardInterrupt, as in a terminal, whatever this process was started with."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_is_held_outside_a_trial_and_raised_at_once_inside_one(sigint_default):
     from paretoken.search.run import _CtrlC
 
     ctrl_c = _CtrlC()
@@ -154,3 +164,15 @@ def test_ctrl_c_is_held_outside_a_trial_and_raised_at_once_inside_one():
                 time.sleep(1.0)
             except KeyboardInterrupt:
                 pass
+
+
+def test_a_search_started_to_ignore_ctrl_c_keeps_ignoring_it(sigint_default):
+    from paretoken.search.run import _CtrlC
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ctrl_c = _CtrlC()
+    with ctrl_c.installed(), ctrl_c.at_once():
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+    assert not ctrl_c.received
