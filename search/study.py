@@ -378,7 +378,7 @@ def reference_point(base: dict[str, float] | None, objectives: Sequence[str],
     return ref
 
 
-def trial_losses(trials, objectives: Sequence[str]) -> np.ndarray:
+def _losses(trials, objectives: Sequence[str]) -> np.ndarray:
     """The trials' ``values`` as minimisation, shape (n, len(objectives)): maximised objectives negated."""
     rows = [[-v if DIRECTIONS[o] == "maximize" else v for o, v in zip(objectives, t.values)] for t in trials]
     return np.asarray(rows, dtype=float).reshape(len(rows), len(objectives))
@@ -402,7 +402,7 @@ def hypervolume(trials, objectives: Sequence[str], reference: dict[str, float] |
         return 0.0
     from optuna._hypervolume import compute_hypervolume
 
-    points = trial_losses(trials, objectives)
+    points = _losses(trials, objectives)
     ref = np.array([-reference[o] if DIRECTIONS[o] == "maximize" else reference[o] for o in objectives])
     points = points[np.all(np.isfinite(points), axis=1) & np.all(points < ref, axis=1)]
     if len(points) == 0:
