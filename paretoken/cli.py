@@ -32,9 +32,15 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _resolve_plan(args: argparse.Namespace):
+    import os
+
     import paretoken
+    from paretoken.compress.presets import PRESETS
 
     if args.plan:
+        if args.plan in PRESETS and not os.path.exists(args.plan):
+            raise ParetokenError(f"plan: file {args.plan!r} does not exist; for the published schedule "
+                                 f"pass --preset {args.plan}")
         return paretoken.load_plan(args.plan)
     if args.preset:
         return paretoken.preset(args.preset)

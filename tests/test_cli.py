@@ -73,3 +73,12 @@ def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("paretoken: error: "), (args, out.stderr)
         assert needle in lines[0], (args, lines[0])
         assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_plan_flag_given_a_preset_name_points_to_preset(tmp_path, monkeypatch, capsys):
+    from paretoken.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no file named like the preset here
+    assert main(["flops", "--plan", "tome-r13"]) == 2
+    assert capsys.readouterr().err.strip() == ("paretoken: error: plan: file 'tome-r13' does not exist; "
+                                               "for the published schedule pass --preset tome-r13")
