@@ -8,14 +8,18 @@ order and asks whether a searched plan dominates each preset there, where one im
 points. This re-measures, for each of its studies, the presets and the searched plans on the
 study's front on the next ``--held-out`` test images of the same order, disjoint from the
 search's (:mod:`paretoken.results.holdout`, what ``paretoken holdout`` does for one study), and
-counts again the presets that a searched plan dominates. GFLOPs are the study's own (plans that
-keep a per-image token count were counted on the search's first images). Each distinct plan is
-measured once over all the studies; figures go to bench/results/front_holdout.json.
+counts again the presets that a searched plan dominates. It also pits each preset against the
+searched plan its study would pick for it (the most top-1 on the search's images at no more GFLOPs,
+:func:`~paretoken.results.holdout.preset_challenges`) and says whether the held-out difference is
+beyond the noise (paired 95 % interval). GFLOPs are the study's own (plans that keep a per-image
+token count were counted on the search's first images). Each distinct plan is measured once over
+all the studies; figures go to bench/results/front_holdout.json (``--out NAME``: NAME.json).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import optuna
@@ -34,6 +38,7 @@ def main() -> None:
     parser.add_argument("--studies", default="mixed-*-n60-i500-d10",
                         help="glob of study names in bench/results/search_quality/ [mixed-*-n60-i500-d10]")
     parser.add_argument("--held-out", type=int, default=2500, help="test images after the search's to measure on [2500]")
+    parser.add_argument("--out", default="front_holdout", help="results file name under bench/results/ [front_holdout]")
     args = parser.parse_args()
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -49,6 +54,7 @@ def main() -> None:
     rows = []
     for name, table in held.groupby("study", sort=True):
         figures = holdout.summary(table)
+        challenges = holdout.preset_challenges(table)
         presets = table[table["preset"].isin(figures["presets"])]
         searched = table[table["preset"].isna()]
         rows.append({
@@ -60,13 +66,18 @@ def main() -> None:
                                  for p in presets.itertuples()},
             "front_held_out": [{"trial": t.number, "plan": t.plan_str, "top1": t.top1, "top1_search": t.top1_search,
                                 "gflops": t.gflops} for t in searched.itertuples()],
+            "verdicts": challenges["verdict"].value_counts().to_dict(),
+            "challenges": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in c.items()}
+                           for c in challenges.to_dict("records")],
         })
         r = rows[-1]
         print(f"{name}: presets dominated {r['presets_dominated_search_images']}/{r['presets']} on the "
               f"{images} search images, {r['presets_dominated_held_out']}/{r['presets']} on the "
-              f"{config.images} held-out ones (front of {r['front']})", flush=True)
-    out = RESULTS / "front_holdout.json"
-    out.write_text(json.dumps({"command": f"python bench/front_holdout.py --held-out {args.held_out}",
+              f"{config.images} held-out ones (front of {r['front']}); against its challenger: "
+              + ", ".join(f"{c.preset} {c.delta_held_out:+.2f} [{c.ci_low:+.2f}, {c.ci_high:+.2f}]"
+                          for c in challenges.itertuples() if c.challenger is not None), flush=True)
+    out = RESULTS / f"{args.out}.json"
+    out.write_text(json.dumps({"command": f"python bench/front_holdout.py --held-out {args.held_out} --out {args.out}",
                                "studies": args.studies,
                                "search_images": images, "held_out_images": config.images,
                                "environment": environment(), "runs": rows}, indent=2) + "\n")

@@ -121,6 +121,12 @@ def _bench(config: EvalConfig) -> _Bench:
 
 def evaluate(plan: Plan, config: EvalConfig = EvalConfig()) -> dict[str, float]:
     """Measure ``plan`` on ``config``'s model and data; returns the metrics in :data:`METRICS`."""
+    return evaluate_per_image(plan, config)[0]
+
+
+def evaluate_per_image(plan: Plan, config: EvalConfig = EvalConfig()) -> tuple[dict[str, float], torch.Tensor]:
+    """:func:`evaluate`'s metrics and which images the plan classifies right: a (n,) bool tensor on the
+    CPU, in the order of ``config``'s evaluation images (what paired comparisons of plans need)."""
     bench = _bench(config)
     model, device = bench.model, bench.images.device
     apply(model, plan)
@@ -147,7 +153,7 @@ def evaluate(plan: Plan, config: EvalConfig = EvalConfig()) -> dict[str, float]:
         "peak_mem_mb": peak,
         "padding_pct": padding_pct,
     }
-    return metrics
+    return metrics, (pred == bench.labels).cpu()
 
 
 def _version(package: str) -> str:

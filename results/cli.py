@@ -1,4 +1,4 @@
-"""`paretoken front`, `paretoken export` and `paretoken finetune`; hooked in by paretoken.cli.build_parser."""
+"""`paretoken front`, `holdout`, `export` and `finetune`; hooked in by paretoken.cli.build_parser."""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +6,12 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from paretoken.errors import ParetokenError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 TABLE_COLUMNS = ("number", "preset", "top1", "agreement", "kl", "gflops", "img_per_s", "latency_ms", "plan_str")
@@ -51,7 +55,7 @@ def _cell(column: str, value) -> str:
         return f"{value:.2f}"
     if column == "img_per_s":
         return f"{value:.0f}"
-    if column in ("gflops", "best_gflops"):
+    if column in ("gflops", "best_gflops", "challenger_gflops"):
         return f"{value:.4f}"
     if column in ("latency_ms", "peak_mem_mb", "duration_s"):
         return f"{value:.2f}"
@@ -62,7 +66,7 @@ def _table(df, columns) -> str:
     shown = [c for c in columns if c in df.columns and not (df[c].dtype == float and df[c].isna().all())]
     cells = [[_cell(c, row[c]) for c in shown] for _, row in df.iterrows()]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(shown)]
-    left = ("plan_str", "best_plan", "study")
+    left = ("plan_str", "best_plan", "study", "verdict")
     lines = ["  ".join(c.ljust(w) if c in left else c.rjust(w) for c, w in zip(shown, widths)).rstrip()]
     for r in cells:
         lines.append("  ".join(v.ljust(w) if c in left else v.rjust(w) for c, v, w in zip(shown, r, widths)).rstrip())
@@ -149,6 +153,17 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _challenge_cells(challenges: pd.DataFrame) -> pd.DataFrame:
+    """:func:`paretoken.results.holdout.preset_challenges` with signed differences and the interval as text."""
+    def signed(value: float) -> str:
+        return "-" if math.isnan(value) else f"{value:+.2f}"
+
+    return challenges.assign(
+        delta_search=challenges["delta_search"].map(signed), delta_held_out=challenges["delta_held_out"].map(signed),
+        ci_95=[("-" if math.isnan(low) else f"[{signed(low)}, {signed(high)}]")
+               for low, high in zip(challenges["ci_low"], challenges["ci_high"])])
+
+
 def cmd_holdout(args: argparse.Namespace) -> int:
     from paretoken.evaluators.evaluate import device_name
     from paretoken.results import holdout, query
@@ -170,6 +185,7 @@ def cmd_holdout(args: argparse.Namespace) -> int:
               f"{config.skip}", flush=True)
     held = holdout.remeasure(rows, config, log=None if args.json else lambda line: print(line, flush=True))
     figures = holdout.summary(held, objectives)
+    challenges = holdout.preset_challenges(held)
     if args.plot:
         plot_front(held, objectives, args.plot, title=f"study {args.study}: front and presets on {config.images} "
                                                        f"held-out test images")
@@ -177,7 +193,8 @@ def cmd_holdout(args: argparse.Namespace) -> int:
         columns = ["number", "preset", "plan", "plan_str", *[c for m in holdout.HELD_OUT_METRICS
                                                              for c in (m, f"{m}_search")], "gflops"]
         print(json.dumps({"study": args.study, "objectives": list(objectives), "held_out": held.attrs["held_out"],
-                          **figures, "trials": _records(held, columns)}, allow_nan=False))
+                          **figures, "trials": _records(held, columns),
+                          "challenges": _records(challenges, challenges.columns)}, allow_nan=False))
         return 0
     marks = {n: "search" for n in figures["front_search"]}
     for n in figures["front_held_out"]:
@@ -191,6 +208,10 @@ def cmd_holdout(args: argparse.Namespace) -> int:
     print(f"presets dominated by a searched plan: {len(figures['presets_dominated_search'])} of {n} on the "
           f"search's images, {len(figures['presets_dominated_held_out'])} of {n} on the held-out ones"
           + (f" (not there: {', '.join(left)})" if left else ""))
+    print(f"\neach preset against the searched plan the search's images favour at no more GFLOPs, compared on "
+          f"the {config.images} held-out images (paired; top-1 points, challenger minus preset):")
+    print(_table(_challenge_cells(challenges), ("preset", "gflops", "challenger", "challenger_gflops",
+                                                "delta_search", "delta_held_out", "ci_95", "verdict")))
     if args.plot:
         print(f"plot written to {args.plot}")
     return 0
