@@ -1,5 +1,5 @@
 """run_search: an Optuna multi-objective study driven by an ask/tell loop, trials evaluated
-in process (``local``) or on Ray workers (``ray``).
+in process (``local``) or as Ray Tune trials on Ray workers (``ray``, :mod:`paretoken.search.ray_tune`).
 
 The driver is the only process that writes the study: it asks Optuna for a trial,
 turns it into a plan (the space, or a fixed enqueued plan), hands the plan to a
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import threading
 import time
@@ -77,114 +76,6 @@ class LocalExecutor:
 
     def close(self) -> None:
         pass
-
-
-def _quiet_ray_env() -> None:
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-
-
-class RayExecutor:
-    """K Ray actors, each declaring ``cpus``/``gpus`` and evaluating one trial at a time.
-
-    Actors live for the whole search, so each keeps the evaluator's cached model and baseline
-    logits; a worker that dies fails its trial with the reason and is replaced.
-    """
-
-    def __init__(self, workers: int, cpus: float, gpus: float, address: str | None,
-                 log: Callable[[str], None], start_timeout: float = 180.0) -> None:
-        import logging
-
-        _quiet_ray_env()
-        import ray
-
-        from paretoken.search.worker import RayEvaluator
-
-        self.ray, self.log = ray, log
-        self.started = False
-        if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR,
-                                      "log_to_driver": False, "configure_logging": True}
-            try:
-                if address:
-                    ray.init(address=address, **kwargs)
-                else:
-                    num_gpus = 0
-                    if gpus > 0:
-                        import torch
-
-                        num_gpus = torch.cuda.device_count()
-                    # address="local": always a fresh local Ray, never a cluster left in /tmp/ray by `ray start`
-                    ray.init(address="local", num_cpus=max(1, math.ceil(workers * cpus)), num_gpus=num_gpus,
-                             **kwargs)
-            except Exception as exc:  # noqa: BLE001 - unreachable cluster, bad address
-                where = f"connect to the Ray cluster at {address!r}" if address else "start a local Ray"
-                hint = ("; a cluster with token authentication needs RAY_AUTH_MODE=token in this environment "
-                        "(and its token in RAY_AUTH_TOKEN or ~/.ray/auth_token)"
-                        if address and not os.environ.get("RAY_AUTH_MODE") else "")
-                raise ParetokenError(f"ray: cannot {where} ({' '.join(str(exc).split())[:200]}){hint}") from None
-            self.started = True
-        self.options = {"num_cpus": cpus, "num_gpus": gpus, "max_restarts": 0}
-        self.threads = max(1, int(cpus))
-        self.actor_cls = ray.remote(RayEvaluator)
-        self.idle = [self._new_actor() for _ in range(workers)]
-        try:
-            pids = ray.get([a.pid.remote() for a in self.idle], timeout=start_timeout)
-        except ray.exceptions.GetTimeoutError:
-            have = ray.cluster_resources()
-            self.close()
-            raise ParetokenError(
-                f"ray: {workers} workers with {cpus:g} CPU and {gpus:g} GPU each do not fit in "
-                f"{have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU; lower --workers, --cpus-per-trial or "
-                "--gpus-per-trial") from None
-        self.pending: dict[Any, tuple[int, Any]] = {}
-        resources = ray.cluster_resources()
-        log(f"ray: {workers} workers (pids {', '.join(map(str, pids))}), {cpus:g} CPU + {gpus:g} GPU per trial, "
-            f"cluster {resources.get('CPU', 0):g} CPU / {resources.get('GPU', 0):g} GPU")
-
-    def _new_actor(self):
-        return self.actor_cls.options(**self.options).remote(self.threads)
-
-    def free(self) -> bool:
-        return bool(self.idle)
-
-    def submit(self, key: int, plan: dict[str, Any], config: dict[str, Any]) -> None:
-        actor = self.idle.pop()
-        self.pending[actor.run.remote(plan, config)] = (key, actor)
-
-    def busy(self) -> bool:
-        return bool(self.pending)
-
-    def wait(self, timeout: float) -> list[tuple[int, dict[str, Any]]]:
-        ready, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=timeout)
-        done = []
-        for ref in ready:
-            key, actor = self.pending.pop(ref)
-            try:
-                result = self.ray.get(ref)
-                self.idle.append(actor)
-            except Exception as exc:  # noqa: BLE001 - the worker process died (OOM kill, segfault)
-                reason = " ".join(str(exc).split())[:300]
-                result = {"error": f"worker died: {type(exc).__name__}: {reason}", "duration_s": math.nan}
-                try:
-                    self.ray.kill(actor)
-                except Exception:  # noqa: BLE001
-                    pass
-                self.idle.append(self._new_actor())
-            done.append((key, result))
-        return done
-
-    def close(self) -> None:
-        for actor in list(self.idle) + [a for _, a in getattr(self, "pending", {}).values()]:
-            try:
-                self.ray.kill(actor)
-            except Exception:  # noqa: BLE001
-                pass
-        if self.started:
-            self.ray.shutdown()
 
 
 class _Beater(threading.Thread):
@@ -345,9 +236,9 @@ def run_search(study_name: str, storage: str | None = None, space: str = "mixed"
     objectives: metric names; top1, agreement, img_per_s are maximised, gflops, latency_ms, kl,
       peak_mem_mb, padding_pct minimised.
     sampler: tpe, nsga2, gp or random, seeded with ``seed``.
-    backend: ``local`` (in process, one trial at a time) or ``ray`` (``workers`` Ray actors with
-      ``cpus_per_trial``/``gpus_per_trial`` each, on a local Ray or ``ray_address``; default one GPU
-      per trial when the evaluation device is CUDA).
+    backend: ``local`` (in process, one trial at a time) or ``ray`` (Ray Tune trials, ``workers`` at
+      once, with ``cpus_per_trial``/``gpus_per_trial`` each, on a local Ray or ``ray_address``; default
+      one GPU per trial when the evaluation device is CUDA).
     max_gflops / min_top1 / max_top1_drop: budgets (GFLOPs per image at most; top-1 % at least; top-1
       points lost against the uncompressed model at most), recorded as Optuna constraints
       (``trial.set_constraint``): infeasible trials stay in the study but leave the front, and the
@@ -451,7 +342,9 @@ def _run(study_name, url, space_obj, objectives, sampler, n_trials, backend, wor
     if backend == "ray":
         gpus = gpus_per_trial if gpus_per_trial is not None else (1.0 if str(config.device).startswith("cuda")
                                                                   else 0.0)
-        executor: Any = RayExecutor(workers, cpus_per_trial, gpus, ray_address, log)
+        from paretoken.search.ray_tune import TuneExecutor
+
+        executor: Any = TuneExecutor(workers, cpus_per_trial, gpus, ray_address, log)
     else:
         executor = LocalExecutor(ctrl_c)
     liveness = st.Liveness(study, heartbeat_s, grace_s, log)

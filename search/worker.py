@@ -97,20 +97,3 @@ def nan_objectives(metrics: dict[str, float], objectives) -> list[str]:
         if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
             bad.append(name)
     return bad
-
-
-class RayEvaluator:
-    """Body of the Ray actor: one per worker slot, keeping the evaluator's cached model and
-    baseline logits between trials."""
-
-    def __init__(self, threads: int | None = None) -> None:
-        if threads:
-            import torch
-
-            torch.set_num_threads(max(1, int(threads)))
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def run(self, plan: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-        return run_trial(plan, config)
