@@ -354,8 +354,9 @@ def _run(study_name, url, space_obj, objectives, sampler, n_trials, backend, wor
     with ctrl_c.installed():
         try:
             _loop(state, executor, liveness, beater, poll_s, ctrl_c)
-        except KeyboardInterrupt:
-            state.abandon(liveness)
+        except BaseException:  # Ctrl-C, or an error that stops the search (Ray Tune gone, storage lost)
+            with contextlib.suppress(Exception):  # what stopped the search is the error to show
+                state.abandon(liveness)
             raise
         finally:
             beater.stop()
@@ -474,7 +475,8 @@ class _LoopState:
                  f"front {len(front)}, hypervolume {_fmt(hv)}")
 
     def abandon(self, liveness) -> None:
-        """On Ctrl-C: fail this process's running trials at once and enqueue their plans again."""
+        """On Ctrl-C or an error that stops the search: fail this process's running trials at once and
+        enqueue their plans again (what a resumed search would do once their heartbeats went stale)."""
         import optuna
         from optuna.trial import TrialState
 
