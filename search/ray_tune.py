@@ -135,7 +135,7 @@ class TuneExecutor:
         self.crash: BaseException | None = None
         self.thread = threading.Thread(target=self._fit, name="paretoken-ray-tune", daemon=True)
         self.thread.start()
-        at_once = min(workers, int(have.get("CPU", 0) // cpus) if cpus else workers,
+        at_once = min(workers, int(have.get("CPU", 0) // cpus),  # cpus > 0: run_search checks it
                       int(have.get("GPU", 0) // gpus) if gpus else workers)
         log(f"ray: {workers} workers (Ray Tune trials), {cpus:g} CPU + {gpus:g} GPU per trial, cluster "
             f"{have.get('CPU', 0):g} CPU / {have.get('GPU', 0):g} GPU"
