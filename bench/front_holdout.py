@@ -77,7 +77,7 @@ def main() -> None:
               + ", ".join(f"{c.preset} {c.delta_held_out:+.2f} [{c.ci_low:+.2f}, {c.ci_high:+.2f}]"
                           for c in challenges.itertuples() if c.challenger is not None), flush=True)
     out = RESULTS / f"{args.out}.json"
-    out.write_text(json.dumps({"command": f"python bench/front_holdout.py --held-out {args.held_out} --out {args.out}",
+    out.write_text(json.dumps({"command": f"python bench/front_holdout.py --studies '{args.studies}' --held-out {args.held_out} --out {args.out}",
                                "studies": args.studies,
                                "search_images": images, "held_out_images": config.images,
                                "environment": environment(), "runs": rows}, indent=2) + "\n")

@@ -30,6 +30,7 @@ from paretoken.search.worker import run_trial
 #: Tune pickles its search algorithm (into its experiment state); the feeds' queues stay here, by token.
 _CHANNELS: dict[int, "_Channel"] = {}
 _TOKENS = itertools.count()
+IDLE_WAIT_S = 5.0  # longest a suggest() waits for the driver's next plan while no trial runs
 WORKER_DIED = ("worker died: the Ray worker process ended before the trial reported "
                "(killed, out of memory or crashed)")
 
@@ -58,9 +59,13 @@ class PlanFeed(Searcher):
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         channel = self.channel
         try:
-            key, config = channel.todo.get_nowait()
+            # With no trial of ours running, Tune's loop has nothing else to do and would poll an
+            # empty feed once a second: wait here instead, so the driver's next plan starts at once.
+            key, config = channel.todo.get(timeout=IDLE_WAIT_S if not channel.keys else 0)
         except queue.Empty:
             return Searcher.FINISHED if channel.closing.is_set() else None
+        if key is None:  # close()'s wake-up
+            return Searcher.FINISHED
         channel.keys[trial_id] = key
         return config
 
@@ -201,6 +206,7 @@ class TuneExecutor:
         """Let Tune finish; with trials still running (Ctrl-C, an error), a Ray this executor
         started is shut down under them."""
         self.feed.channel.closing.set()
+        self.feed.channel.todo.put((None, None))
         if not self.pending:
             self.thread.join(timeout=60)
         self._shutdown()

@@ -6,13 +6,16 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
-from paretoken.search.ray_tune import WORKER_DIED, TuneExecutor  # noqa: E402
+from ray.tune.search import Searcher  # noqa: E402
+
+from paretoken.search.ray_tune import WORKER_DIED, PlanFeed, TuneExecutor  # noqa: E402
 
 
 def echo_or_die(config: dict) -> None:
@@ -23,6 +26,24 @@ def echo_or_die(config: dict) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     tune.report({"paretoken": json.dumps({"worker_pid": os.getpid(), "metrics": {"x": config["plan"]["x"]},
                                           "threads": config["threads"]})})
+
+
+def test_an_idle_feed_waits_for_the_next_plan_and_finishes_when_closed():
+    """With none of its trials running, suggest() waits for the driver's next plan (Tune would
+    otherwise poll it once a second) and a close wakes it up; with one running it never waits."""
+    feed = PlanFeed()
+    try:
+        channel = feed.channel
+        threading.Timer(0.2, channel.todo.put, args=((7, {"plan": "p"}),)).start()
+        assert feed.suggest("a") == {"plan": "p"} and channel.keys == {"a": 7}
+        assert feed.suggest("b") is None  # "a" is running: no waiting, nothing to start
+        feed.on_trial_complete("a", {"paretoken": json.dumps({"metrics": {}})})
+        assert channel.done.get_nowait() == (7, {"metrics": {}}) and not channel.keys
+        channel.closing.set()
+        threading.Timer(0.2, channel.todo.put, args=((None, None),)).start()
+        assert feed.suggest("c") == Searcher.FINISHED
+    finally:
+        feed.release()
 
 
 def test_trials_run_on_tune_workers_and_a_dead_worker_fails_only_its_trial():
