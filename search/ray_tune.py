@@ -17,10 +17,11 @@ import math
 import os
 import queue
 import shutil
+import socket
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ray.tune.search import Searcher
 
@@ -101,6 +102,26 @@ def quiet_ray_env() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's older reporter, which verbose=0 silences
 
 
+def _unreachable(address: str, timeout_s: float = 5.0) -> str | None:
+    """Why nothing answers at a ``host:port`` (or ``ray://host:port``) address; None when something
+    does or the address has another form ("auto"). ``ray.init`` itself retries for minutes."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+    return None
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or during, innermost last."""
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 class TuneExecutor:
     """Trials on Ray Tune: ``workers`` at once, each declaring ``cpus`` CPUs and ``gpus`` GPUs, on a
     local Ray it starts or the cluster at ``address``. The executor interface of the search loop:
@@ -153,6 +174,12 @@ class TuneExecutor:
             return False
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR,
                                   "log_to_driver": False, "configure_logging": True}
+        unreachable = _unreachable(address) if address else None
+        if unreachable:
+            raise ParetokenError(
+                f"ray: cannot connect to the Ray cluster at {address!r}: nothing answers there ({unreachable}); "
+                "valid: host:port of a running head node (port 6379 unless `ray start --head --port` chose "
+                "another), 'auto' on a node of the cluster, or no --ray-address for a local Ray")
         try:
             if address:
                 ray.init(address=address, **kwargs)
@@ -166,9 +193,9 @@ class TuneExecutor:
                 ray.init(address="local", num_cpus=max(1, math.ceil(workers * cpus)), num_gpus=num_gpus, **kwargs)
         except Exception as exc:  # noqa: BLE001 - unreachable cluster, bad address
             where = f"connect to the Ray cluster at {address!r}" if address else "start a local Ray"
-            hint = ("; a cluster with token authentication needs RAY_AUTH_MODE=token in this environment "
-                    "(and its token in RAY_AUTH_TOKEN or ~/.ray/auth_token)"
-                    if address and not os.environ.get("RAY_AUTH_MODE") else "")
+            hint = ("; the cluster uses token authentication: set RAY_AUTH_MODE=token here, with its token in "
+                    "RAY_AUTH_TOKEN or ~/.ray/auth_token (Ray does this by itself only for --ray-address auto)"
+                    if any("AuthenticationError" in f"{type(e).__name__}: {e}" for e in _chain(exc)) else "")
             raise ParetokenError(f"ray: cannot {where} ({' '.join(str(exc).split())[:200]}){hint}") from None
         return True
 

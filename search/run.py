@@ -294,11 +294,60 @@ def _quiet_warnings() -> None:
 def _run(study_name, url, space_obj, objectives, sampler, n_trials, backend, workers, ray_address, cpus_per_trial,
          gpus_per_trial, budgets, config, seed, presets, heartbeat_s, grace_s, poll_s, log, depth,
          settings, config_dict) -> SearchResult:
-    import optuna
-
     storage_obj = open_storage(url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
                                stale_callback=st.stale_callback(log))
     sampler_obj = st.make_sampler(sampler, seed, objectives)
+    ctrl_c = _CtrlC()
+    if backend == "ray":  # joined before the study is touched: an unreachable cluster writes nothing to it
+        gpus = gpus_per_trial if gpus_per_trial is not None else (1.0 if str(config.device).startswith("cuda")
+                                                                  else 0.0)
+        from paretoken.search.ray_tune import TuneExecutor
+
+        executor: Any = TuneExecutor(workers, cpus_per_trial, gpus, ray_address, log)
+    else:
+        executor = LocalExecutor(ctrl_c)
+    try:
+        study = _open_study(study_name, url, storage_obj, sampler_obj, space_obj, objectives, sampler, seed,
+                            n_trials, presets, depth, settings, log)
+        liveness = st.Liveness(study, heartbeat_s, grace_s, log)
+        beater = _Beater(liveness)
+        beater.start()
+        state = _LoopState(study, space_obj, depth, objectives, n_trials, budgets, config_dict, log)
+        with ctrl_c.installed():
+            try:
+                _loop(state, executor, liveness, beater, poll_s, ctrl_c)
+            except BaseException:  # Ctrl-C, or an error that stops the search (Ray Tune gone, storage lost)
+                with contextlib.suppress(Exception):  # what stopped the search is the error to show
+                    state.abandon(liveness)
+                raise
+            finally:
+                beater.stop()
+    finally:
+        executor.close()
+
+    c = st.counts(study)
+    ref = st.reference_point(st.baseline(study), objectives)
+    fr = st.front_trials(study)
+    hv = st.hypervolume(fr, objectives, ref)
+    table = st.front_table(study, objectives)
+    log(f"done: {c.complete} complete, {c.failed} failed, {c.interrupted} interrupted and re-run; "
+        f"front {len(fr)}, hypervolume {_fmt(hv)}" + (f" (reference {ref})" if ref else ""))
+    if not table.empty:
+        import pandas as pd
+
+        with pd.option_context("display.width", 200, "display.max_colwidth", 70):
+            log("Pareto front:\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    line = _presets_line(study, objectives)
+    if line:
+        log(line)
+    return SearchResult(study_name, url, c, table, hv, ref, state.ran, study)
+
+
+def _open_study(study_name, url, storage_obj, sampler_obj, space_obj, objectives, sampler, seed, n_trials,
+                presets, depth, settings, log):
+    """Create the study (settings stored, presets enqueued) or load it after checking its settings."""
+    import optuna
+
     try:
         study = optuna.create_study(study_name=study_name, storage=storage_obj, sampler=sampler_obj,
                                     directions=st.directions(objectives))
@@ -337,47 +386,7 @@ def _run(study_name, url, space_obj, objectives, sampler, n_trials, backend, wor
         f"{c0.running} running, {c0.waiting} waiting")
         + f"; space {space_obj.name}, objectives {','.join(objectives)}, sampler {sampler} (seed {seed}), "
           f"target {n_trials} trials")
-
-    ctrl_c = _CtrlC()
-    if backend == "ray":
-        gpus = gpus_per_trial if gpus_per_trial is not None else (1.0 if str(config.device).startswith("cuda")
-                                                                  else 0.0)
-        from paretoken.search.ray_tune import TuneExecutor
-
-        executor: Any = TuneExecutor(workers, cpus_per_trial, gpus, ray_address, log)
-    else:
-        executor = LocalExecutor(ctrl_c)
-    liveness = st.Liveness(study, heartbeat_s, grace_s, log)
-    beater = _Beater(liveness)
-    beater.start()
-    state = _LoopState(study, space_obj, depth, objectives, n_trials, budgets, config_dict, log)
-    with ctrl_c.installed():
-        try:
-            _loop(state, executor, liveness, beater, poll_s, ctrl_c)
-        except BaseException:  # Ctrl-C, or an error that stops the search (Ray Tune gone, storage lost)
-            with contextlib.suppress(Exception):  # what stopped the search is the error to show
-                state.abandon(liveness)
-            raise
-        finally:
-            beater.stop()
-            executor.close()
-
-    c = st.counts(study)
-    ref = st.reference_point(st.baseline(study), objectives)
-    fr = st.front_trials(study)
-    hv = st.hypervolume(fr, objectives, ref)
-    table = st.front_table(study, objectives)
-    log(f"done: {c.complete} complete, {c.failed} failed, {c.interrupted} interrupted and re-run; "
-        f"front {len(fr)}, hypervolume {_fmt(hv)}" + (f" (reference {ref})" if ref else ""))
-    if not table.empty:
-        import pandas as pd
-
-        with pd.option_context("display.width", 200, "display.max_colwidth", 70):
-            log("Pareto front:\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    line = _presets_line(study, objectives)
-    if line:
-        log(line)
-    return SearchResult(study_name, url, c, table, hv, ref, state.ran, study)
+    return study
 
 
 def _presets_line(study, objectives: Sequence[str]) -> str | None:

@@ -4,6 +4,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -229,6 +233,50 @@ def test_ray_backend_runs_trials_on_two_worker_processes(config, tmp_path, monke
     for t in trials:
         assert {"plan", "top1", "gflops", "device", "duration_s", "versions"} <= set(t.user_attrs)
     assert any(line.startswith("ray: 2 workers") for line in lines)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """A Ray cluster started the way a user starts one (`ray start --head`, 2 CPUs); stopped afterwards."""
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    port = _free_port()
+    subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+                    "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True,
+                   timeout=180)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=180)
+
+
+def test_ray_backend_joins_a_running_cluster_and_leaves_it_running(config, tmp_path, monkeypatch, lines,
+                                                                   ray_head):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # `ray start` clusters use token authentication
+    result = run_search("joined", space="evit", n_trials=3, backend="ray", workers=2, ray_address=ray_head,
+                        eval_config=config, log=lines.append)
+    trials = _load("joined", result.storage).get_trials()
+    assert len(trials) == 3 and all(t.state.name == "COMPLETE" for t in trials)
+    assert os.getpid() not in {t.user_attrs["worker_pid"] for t in trials}
+    assert "ray: 2 workers (Ray Tune trials), 1 CPU + 0 GPU per trial, cluster 2 CPU / 0 GPU" in lines
+    status = subprocess.run([str(Path(sys.executable).with_name("ray")), "status", f"--address={ray_head}"],
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and "2.0 CPU" in status.stdout.replace("/", " ")  # still up for others
+
+
+def test_unreachable_ray_cluster_is_one_line_and_writes_no_study(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    with pytest.raises(ParetokenError, match=rf"^ray: cannot connect to the Ray cluster at '{address}': nothing "
+                                             r"answers there \(.+\); valid: host:port of a running head node"):
+        run_search("nowhere", space="evit", n_trials=2, backend="ray", ray_address=address, eval_config=config)
+    assert optuna.get_all_study_names(default_storage("nowhere")) == []
 
 
 def test_cli_search_and_spaces(config, tmp_path, monkeypatch, capsys):
