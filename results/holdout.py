@@ -132,7 +132,7 @@ def preset_challenges(held: pd.DataFrame) -> pd.DataFrame:
     ``verdict``: "searched better" (interval above 0), "preset better" (below 0), "within noise"
     (it contains 0) or "no searched plan at its GFLOPs".
     """
-    presets = query._preset_rows(held).drop_duplicates("preset")
+    presets = query.preset_rows(held).drop_duplicates("preset")
     searched = held[held["preset"].isna()]
     rows = []
     for _, preset in presets.iterrows():

@@ -64,8 +64,7 @@ def _parts(df: pd.DataFrame, objectives, max_gflops, min_top1, max_top1_drop=Non
     done = df[(df["state"] == "COMPLETE") & df[x].notna() & df[y].notna()]
     fr = query.front(df, objectives, max_gflops, min_top1, max_top1_drop=max_top1_drop).sort_values(x)
     rest = done.drop(index=fr.index)
-    presets = done[done["preset"].notna() & (done["preset"] != query.UNCOMPRESSED)] \
-        if "preset" in done.columns else done.iloc[:0]
+    presets = query.preset_rows(done) if "preset" in done.columns else done.iloc[:0]
     base = done[done["plan"].map(lambda p: isinstance(p, Mapping) and not p.get("stages"))] \
         if "plan" in done.columns else done.iloc[:0]
     return objectives, x, y, done, fr, rest, presets, base

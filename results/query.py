@@ -367,14 +367,15 @@ def front(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJECTIVES
     return out.sort_values(list(objectives), ascending=[not MAXIMIZE[o] for o in objectives], kind="stable")
 
 
-def _preset_rows(df: pd.DataFrame) -> pd.DataFrame:
+def preset_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The COMPLETE rows of presets, feasible or not (the uncompressed model is not one)."""
     done = budget(df, feasible_only=False)
     return done[done["preset"].notna() & (done["preset"] != UNCOMPRESSED)]
 
 
 def preset_names(df: pd.DataFrame) -> list[str]:
     """Names of the presets with a COMPLETE row (the uncompressed model is not one), each once, in order."""
-    return list(dict.fromkeys(_preset_rows(df)["preset"]))
+    return list(dict.fromkeys(preset_rows(df)["preset"]))
 
 
 def presets_dominated(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJECTIVES,
@@ -387,7 +388,7 @@ def presets_dominated(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAUL
     that amount of the preset in each objective (:func:`dominating`), e.g. one evaluation image of top-1.
     """
     objectives = _check_objectives(objectives, df)
-    presets = _preset_rows(df)
+    presets = preset_rows(df)
     found = losses(budget(df[df["preset"].isna()]), objectives)
     margin = None if slack is None else np.array([float(slack.get(o, 0.0)) for o in objectives])
     return list(dict.fromkeys(name for name, point in zip(presets["preset"], losses(presets, objectives))

@@ -10,6 +10,7 @@ experiment files go to a temporary folder that is removed at the end: the study 
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -18,6 +19,7 @@ import os
 import queue
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -115,6 +117,22 @@ def _unreachable(address: str, timeout_s: float = 5.0) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """Send this process's file descriptor 2 to /dev/null: Ray's C++ core logs each failed attempt
+    to join a cluster there (a line a second, for about 20 s); the caller reports the failure once."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as sink:
+        os.dup2(sink.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _chain(exc: BaseException | None) -> Iterator[BaseException]:
     """``exc`` and the exceptions it was raised from or during, innermost last."""
     while exc is not None:
@@ -182,7 +200,8 @@ class TuneExecutor:
                 "another), 'auto' on a node of the cluster, or no --ray-address for a local Ray")
         try:
             if address:
-                ray.init(address=address, **kwargs)
+                with _stderr_silenced():
+                    ray.init(address=address, **kwargs)
             else:
                 num_gpus = 0
                 if gpus > 0:

@@ -258,7 +258,20 @@ def ray_head():
 def test_ray_backend_joins_a_running_cluster_and_leaves_it_running(config, tmp_path, monkeypatch, lines,
                                                                    ray_head):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # `ray start` clusters use token authentication
+    # `ray start` clusters use token authentication, which a driver joining by host:port must opt into
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    refused = subprocess.run([sys.executable, "-m", "paretoken.cli", "search", "--study", "refused", "--space",
+                              "evit", "--trials", "2", "--backend", "ray", "--ray-address", ray_head],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    [line] = refused.stderr.strip().splitlines()
+    assert line.startswith(f"paretoken: error: ray: cannot connect to the Ray cluster at '{ray_head}' (")
+    assert line.endswith("; the cluster uses token authentication: set RAY_AUTH_MODE=token here, with its token "
+                         "in RAY_AUTH_TOKEN or ~/.ray/auth_token (Ray does this by itself only for --ray-address "
+                         "auto)")
+    assert optuna.get_all_study_names(default_storage("refused")) == []
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
     result = run_search("joined", space="evit", n_trials=3, backend="ray", workers=2, ray_address=ray_head,
                         eval_config=config, log=lines.append)
     trials = _load("joined", result.storage).get_trials()
