@@ -404,6 +404,23 @@ def _presets_line(study, objectives: Sequence[str]) -> str | None:
             + "; `paretoken holdout` re-measures the front on test images the search never saw")
 
 
+def _measured_before(study, plan: dict[str, Any]):
+    """The first COMPLETE trial of ``study`` that measured ``plan`` (dict form), or None."""
+    from optuna.trial import TrialState
+
+    return next((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                 if t.user_attrs.get("plan") == plan), None)
+
+
+def _stored_result(trial) -> dict[str, Any]:
+    """A COMPLETE trial's metrics as a worker reports them (null, i.e. not measured, back to NaN)."""
+    from paretoken.evaluators.evaluate import METRICS
+
+    attrs = trial.user_attrs
+    return {"metrics": {k: math.nan if attrs[k] is None else attrs[k] for k in METRICS if k in attrs},
+            "device": attrs.get("device"), "duration_s": 0.0}
+
+
 class _LoopState:
     def __init__(self, study, space, depth, objectives, n_trials, budgets, config, log) -> None:
         self.study, self.space, self.depth, self.objectives = study, space, depth, objectives
@@ -412,23 +429,28 @@ class _LoopState:
         self.ran = 0
         self.reference: dict[str, float] | None = None
 
-    def launch(self, executor, liveness, beater) -> bool:
-        """Ask for one trial and submit it; False when the trial failed before reaching a worker."""
+    def launch(self, executor, liveness, beater) -> None:
+        """Ask for one trial and submit it. A trial whose plan cannot be built fails here; one whose
+        plan a COMPLETE trial measured already takes that trial's values (``same_plan_as``)."""
         trial = self.study.ask()
         self.in_flight[trial.number] = trial
         beater.add(trial._trial_id)
         liveness.beat([trial._trial_id])
         try:
-            plan = _resolve_plan(trial, self.space, self.depth)
-            trial.set_user_attr("plan", plan.to_dict())
+            plan = _resolve_plan(trial, self.space, self.depth).to_dict()
+            trial.set_user_attr("plan", plan)
             trial.set_user_attr("space", self.space.name)
         except Exception as exc:  # noqa: BLE001 - a space or enqueued plan that cannot be built
             from paretoken.search.worker import one_line
 
             self.finish(trial, {"error": one_line(exc)}, beater)
-            return False
-        executor.submit(trial.number, plan.to_dict(), self.config)
-        return True
+            return
+        earlier = _measured_before(self.study, plan)
+        if earlier is not None:  # same model, images and plan: the same figures (samplers repeat on small grids)
+            trial.set_user_attr("same_plan_as", earlier.number)
+            self.finish(trial, _stored_result(earlier), beater)
+            return
+        executor.submit(trial.number, plan, self.config)
 
     def finish(self, trial, result: dict[str, Any], beater) -> None:
         """Write the worker's result into the study and print the progress line."""
@@ -477,6 +499,8 @@ class _LoopState:
         what = ("FAIL  " + error) if error else "COMPLETE " + "  ".join(
             f"{o} {_fmt(metrics.get(o))}" for o in self.objectives)
         extra = f" [{preset}]" if preset else ""
+        if trial.user_attrs.get("same_plan_as") is not None:
+            extra += f" [same plan as trial {trial.user_attrs['same_plan_as']}: its values, not measured again]"
         if trial.user_attrs.get("retry_of") is not None:
             extra += f" [re-run of trial {trial.user_attrs['retry_of']}]"
         self.log(f"trial {trial.number:4d} {what}{extra} ({_fmt(result.get('duration_s'))} s, "

@@ -172,6 +172,25 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(config, tmp_path, mo
                                                                    if l.startswith("trial")][-1]]
 
 
+def test_a_plan_measured_before_takes_its_values_without_a_second_run(config, tmp_path, monkeypatch, lines):
+    monkeypatch.chdir(tmp_path)
+    run_search("dup", space="evit", n_trials=0, eval_config=config, presets=False, log=lines.append)
+    study = _load("dup", default_storage("dup"))
+    for label in ("first", "again"):
+        enqueue_plan(study, paretoken.preset("evit-0.7"), label=label)
+    measured: list = []
+    real = ev.evaluate
+    monkeypatch.setattr(ev, "evaluate", lambda plan, cfg: measured.append(plan) or real(plan, cfg))
+    result = run_search("dup", space="evit", n_trials=3, eval_config=config, presets=False, log=lines.append)
+    by_label = {t.user_attrs.get("preset"): t for t in _load("dup", result.storage).get_trials()}
+    first, again = by_label["first"], by_label["again"]
+    assert measured == [paretoken.Plan(()), paretoken.preset("evit-0.7")]  # the repeat never reached a worker
+    assert again.state.name == "COMPLETE" and again.values == first.values
+    assert again.user_attrs["same_plan_as"] == first.number and again.user_attrs["duration_s"] == 0.0
+    assert {k: again.user_attrs[k] for k in METRICS} == {k: first.user_attrs[k] for k in METRICS}
+    assert any(f"[same plan as trial {first.number}: its values, not measured again]" in line for line in lines)
+
+
 def test_budgets_are_optuna_constraints(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run_search("budget", space="tome", n_trials=4, eval_config=config, max_gflops=0.12, min_top1=1.0,
