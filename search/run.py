@@ -428,6 +428,7 @@ class _LoopState:
         self.in_flight: dict[int, Any] = {}
         self.ran = 0
         self.reference: dict[str, float] | None = None
+        self.front: list[int] = []  # trial numbers on the front at the last progress line
 
     def launch(self, executor, liveness, beater) -> None:
         """Ask for one trial and submit it. A trial whose plan cannot be built fails here; one whose
@@ -506,6 +507,12 @@ class _LoopState:
         self.log(f"trial {trial.number:4d} {what}{extra} ({_fmt(result.get('duration_s'))} s, "
                  f"pid {result.get('worker_pid', '?')}) | done {c.finished}/{self.n_trials}, failed {c.failed}, "
                  f"front {len(front)}, hypervolume {_fmt(hv)}")
+        front = sorted(front, key=lambda t: t.values[-1])
+        if [t.number for t in front] != self.front:
+            self.front = [t.number for t in front]
+            self.log(f"  front now ({'/'.join(self.objectives)}): " + ", ".join(
+                f"#{t.number}" + (f" {t.user_attrs['preset']}" if t.user_attrs.get("preset") else "") + " "
+                + "/".join(_fmt(v) for v in t.values) for t in front))
 
     def abandon(self, liveness) -> None:
         """On Ctrl-C or an error that stops the search: fail this process's running trials at once and

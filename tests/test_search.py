@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from paretoken.results import query
 from paretoken.evaluators import evaluate as ev
 from paretoken.evaluators.models import build_default_architecture
 from paretoken.search import enqueue_plan, run_search
+from paretoken.search.run import _fmt
 from paretoken.search.storage import default_storage, journal_path, open_storage
 
 METRICS = ("top1", "top1_drop", "agreement", "kl", "gflops", "img_per_s", "latency_ms", "peak_mem_mb",
@@ -74,6 +76,11 @@ def test_local_search_stores_every_trial_and_resumes_without_repeating(config, t
     progress = [line for line in lines if line.startswith("trial ")]
     assert len(progress) == 5 and "done 5/5, failed 0" in progress[-1] and "hypervolume" in progress[-1]
     assert any(line.startswith("Pareto front:") for line in lines)
+    # and the front itself whenever it changed, cheapest first
+    fronts = [line for line in lines if line.startswith("  front now (top1/gflops): ")]
+    best = sorted(study.best_trials, key=lambda t: t.values[1])
+    assert 1 <= len(fronts) <= 5 and re.findall(r"#(\d+)", fronts[-1]) == [str(t.number) for t in best]
+    assert fronts[0].endswith("#0 uncompressed " + "/".join(_fmt(v) for v in trials[0].values))
     beaten = [line for line in lines if line.startswith("presets dominated by a searched plan: ")]
     df = query.trials_frame(study)
     assert len(beaten) == 1 and f"{len(query.presets_dominated(df))} of 2" in beaten[0]
