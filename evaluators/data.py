@@ -129,15 +129,15 @@ def _seeded_indices(total: int, n: int | None, seed: int, source: str, from_end:
 
 
 def _load_fashion_mnist_split(root: Path, model: torch.nn.Module, split: Split, n: int | None, seed: int,
-                              skip: int):
+                              skip: int, load: int | None):
     part = "test" if split == "eval" else "train"
     images, labels = load_fashion_mnist(part, root)
-    idx = _seeded_indices(len(images), n, seed, f"{root} ({part})", skip=skip)
+    idx = _seeded_indices(len(images), n, seed, f"{root} ({part})", skip=skip)[:load]
     return fashion_mnist_to_model(images[idx], model), torch.from_numpy(labels[idx])
 
 
 def _load_image_folder_split(root: Path, model: torch.nn.Module, split: Split, n: int | None, seed: int,
-                             skip: int):
+                             skip: int, load: int | None):
     from PIL import Image
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
@@ -160,7 +160,7 @@ def _load_image_folder_split(root: Path, model: torch.nn.Module, split: Split, n
             f"data: {root} is neither a Fashion-MNIST directory nor an image folder ({first_line}); "
             "pass a folder laid out as DIR/<class>/*.jpeg|png or the Fashion-MNIST idx.gz files"
         ) from None
-    idx = _seeded_indices(len(dataset), n, seed, str(root), from_end=split == "calib", skip=skip)
+    idx = _seeded_indices(len(dataset), n, seed, str(root), from_end=split == "calib", skip=skip)[:load]
     images = torch.stack([dataset[int(i)][0] for i in idx])
     labels = torch.tensor([dataset.targets[int(i)] for i in idx], dtype=torch.int64)
     return images, labels
@@ -173,6 +173,7 @@ def load_split(
     n: int | None,
     seed: int = 0,
     skip: int = 0,
+    load: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load `n` preprocessed images of one split for `model`.
 
@@ -183,12 +184,14 @@ def load_split(
     n: number of images, None for the whole pool of that split.
     skip: images of the split's seeded order passed over first; ``skip=k`` returns images disjoint
         from those of ``n=k`` (held out from a search that measured on k images).
+    load: read only the first ``load`` of the n images, once all n are known to exist (1: check a
+        data source without reading it all).
     Returns (images float32 (n, C, H, W) normalised for the model, labels int64 (n,)).
     """
     if split not in ("eval", "calib"):
         raise ParetokenError(f"split: {split!r} is not valid; use 'eval' or 'calib'")
     if data is None or str(data) == "fashion-mnist":
-        return _load_fashion_mnist_split(FASHION_MNIST_DIR, model, split, n, seed, skip)
+        return _load_fashion_mnist_split(FASHION_MNIST_DIR, model, split, n, seed, skip, load)
     root = Path(data)
     if not root.is_dir():
         raise ParetokenError(
@@ -196,5 +199,5 @@ def load_split(
             "or an ImageNet-style folder DIR/<class>/<image>"
         )
     if is_fashion_mnist_dir(root):
-        return _load_fashion_mnist_split(root, model, split, n, seed, skip)
-    return _load_image_folder_split(root, model, split, n, seed, skip)
+        return _load_fashion_mnist_split(root, model, split, n, seed, skip, load)
+    return _load_image_folder_split(root, model, split, n, seed, skip, load)

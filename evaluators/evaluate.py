@@ -24,7 +24,7 @@ import math
 import os
 import platform
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
@@ -88,6 +88,22 @@ def _resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise ParetokenError(f"device: {name!r} is unknown; valid: cpu, cuda, cuda:N") from None
+
+
+def checked_config(config: EvalConfig) -> EvalConfig:
+    """``config`` with relative ``checkpoint`` and ``data`` paths made absolute, once its device,
+    model, checkpoint and data are known to work: the model built with its weights, the number of
+    images checked against the data and one image read. Otherwise the :class:`ParetokenError` that
+    names the field. A search calls it before it writes to a study; its trials may run in another
+    working directory (Ray Tune's)."""
+    def absolute(path: str | None) -> str | None:
+        return path if path is None or path == "fashion-mnist" else os.path.abspath(path)
+
+    config = replace(config, checkpoint=absolute(config.checkpoint), data=absolute(config.data))
+    _resolve_device(config.device)
+    model = create_model(config.model, checkpoint=config.checkpoint, pretrained=config.pretrained)
+    load_split(config.data, model, "eval", n=config.images, seed=config.seed, skip=config.skip, load=1)
+    return config
 
 
 def _forward_all(model, images, batch_size) -> tuple[torch.Tensor, list[float], float]:

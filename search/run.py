@@ -252,7 +252,7 @@ def run_search(study_name: str, storage: str | None = None, space: str = "mixed"
     """
     import optuna
 
-    from paretoken.evaluators.evaluate import EvalConfig
+    from paretoken.evaluators.evaluate import EvalConfig, checked_config
     from paretoken.spaces import get_space
 
     log = log or (lambda line: print(line, flush=True))
@@ -269,6 +269,7 @@ def run_search(study_name: str, storage: str | None = None, space: str = "mixed"
     grace_s = int(grace_s) if grace_s is not None else 3 * heartbeat_s
     if grace_s <= heartbeat_s:
         raise ParetokenError(f"grace: {grace_s} s must exceed the heartbeat interval {heartbeat_s} s")
+    config = checked_config(config)  # a missing model, checkpoint or data is one line, not a study of failures
     depth = model_depth(config)
     url = storage or default_storage(study_name)
     config_dict = config_to_dict(config)

@@ -57,6 +57,10 @@ def _bad_inputs(tmp_path):
         (["eval", "--skip", "10000"], "skip: 10000 is not in 0..9999"),
         (["eval", "--skip", "9990", "--images", "20"], "images: 20 is not in 1..10 (images available in"),
         (["eval", "--device", "cuda:7"] if not _has_cuda() else ["eval", "--device", "tpu"], "device:"),
+        (["search", "--study", "bad", "--storage", f"sqlite:///{tmp_path}/bad.db", "--checkpoint",
+          str(tmp_path / "missing.pth")], "checkpoint: "),
+        (["search", "--study", "bad", "--storage", f"sqlite:///{tmp_path}/bad.db", "--data",
+          str(tmp_path / "no-such-dir")], "data: "),
     ]
 
 
@@ -73,6 +77,7 @@ def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("paretoken: error: "), (args, out.stderr)
         assert needle in lines[0], (args, lines[0])
         assert "Traceback" not in out.stderr + out.stdout
+    assert not (tmp_path / "bad.db").exists()  # the searches stopped before opening their study
 
 
 def test_plan_flag_given_a_preset_name_points_to_preset(tmp_path, monkeypatch, capsys):

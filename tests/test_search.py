@@ -136,6 +136,34 @@ def test_bad_input_is_a_one_line_error(config, tmp_path, monkeypatch, kwargs, me
     assert "\n" not in str(err.value) and "secret" not in str(err.value)
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"checkpoint": "missing.safetensors"}, r"^checkpoint: {cwd}/missing.safetensors does not exist; pass --checkpoint"),
+    ({"data": "no-such-dir"}, r"^data: {cwd}/no-such-dir is not a directory; pass 'fashion-mnist', a Fashion-MNIST"),
+    ({"images": 10_001}, r"^images: 10001 is not in 1..10000 \(images available in .*fashion-mnist \(test\)\)"),
+    ({"model": "vit_nonexistent"}, r"^model: 'vit_nonexistent' is not 'default' nor a timm model name"),
+])
+def test_a_model_checkpoint_or_data_that_does_not_load_is_one_line_and_no_study(config, tmp_path, monkeypatch,
+                                                                               change, message):
+    """Checked before the study is touched, not found out trial by trial (each a FAIL)."""
+    monkeypatch.chdir(tmp_path)
+    bad = ev.EvalConfig(**{**config.__dict__, **change})
+    with pytest.raises(ParetokenError, match=message.format(cwd=re.escape(str(tmp_path)))):
+        run_search("unloadable", space="evit", n_trials=2, eval_config=bad, log=lambda _: None)
+    assert not (tmp_path / "studies").exists()
+
+
+def test_relative_checkpoint_and_data_paths_are_stored_absolute(config, tmp_path, monkeypatch):
+    """Trials may run in another working directory (Ray Tune's), so the study keeps absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.safetensors").write_bytes(open(config.checkpoint, "rb").read())
+    os.symlink("/usr/share/datasets/fashion-mnist", tmp_path / "fm")
+    rel = ev.EvalConfig(**{**config.__dict__, "checkpoint": "w.safetensors", "data": "fm"})
+    result = run_search("rel", space="evit", n_trials=1, eval_config=rel, log=lambda _: None)
+    stored = result.study.user_attrs["paretoken"]["measurement"]
+    assert stored["checkpoint"] == str(tmp_path / "w.safetensors") and stored["data"] == str(tmp_path / "fm")
+    assert result.counts.complete == 1
+
+
 def test_journal_url_forms():
     assert str(journal_path("journal:studies/a.log")) == "studies/a.log"
     assert str(journal_path("journal:///tmp/a.log")) == "/tmp/a.log"
@@ -250,8 +278,11 @@ def test_gp_models_noise_only_for_measured_objectives():
 
 def test_ray_backend_runs_trials_on_two_worker_processes(config, tmp_path, monkeypatch, lines):
     monkeypatch.chdir(tmp_path)
+    # a checkpoint path relative to here, where the search runs; Tune runs trials in working dirs of its own
+    (tmp_path / "w.safetensors").write_bytes(open(config.checkpoint, "rb").read())
+    relative = ev.EvalConfig(**{**config.__dict__, "checkpoint": "w.safetensors"})
     result = run_search("ray", space="evit", n_trials=6, backend="ray", workers=2, cpus_per_trial=1,
-                        eval_config=config, log=lines.append)
+                        eval_config=relative, log=lines.append)
     trials = _load("ray", result.storage).get_trials()
     assert len(trials) == 6 and all(t.state.name == "COMPLETE" for t in trials)
     pids = {t.user_attrs["worker_pid"] for t in trials}
