@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 
 
@@ -70,8 +71,10 @@ def _has_cuda() -> bool:
 
 
 def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path):
-    for args, needle in _bad_inputs(tmp_path):
-        out = run(*args)
+    cases = _bad_inputs(tmp_path)
+    with ThreadPoolExecutor(4) as pool:  # independent processes, mostly Python start-up: run them together
+        outs = list(pool.map(lambda case: run(*case[0]), cases))
+    for (args, needle), out in zip(cases, outs):
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2, (args, out.stderr)
         assert len(lines) == 1 and lines[0].startswith("paretoken: error: "), (args, out.stderr)
