@@ -1,22 +1,6 @@
 """Evaluate one plan: accuracy against labels and the uncompressed model, FLOPs, speed.
 
-Metrics (units):
-  top1         % of evaluation images whose top-1 class is the label.
-  top1_drop    points of top-1 lost against the uncompressed model on the same
-               images (uncompressed top1 minus top1; negative when it gains).
-  agreement    % of images whose top-1 equals the uncompressed model's.
-  kl           mean KL(uncompressed || compressed) of the class distributions, nats.
-  gflops       fvcore GFLOPs per image (one multiply-add = one FLOP); per-image
-               plans average over up to ``flops_images`` images run alone.
-  img_per_s    images per second at ``batch_size``: median over the timed
-               batches of the evaluation pass, the first batch a warm-up;
-               model only (images are preloaded tensors); AMP and
-               ``torch.cuda.synchronize`` on GPU.
-  latency_ms   batch-1 latency, median of ``latency_repeats`` after warm-up.
-  peak_mem_mb  CUDA peak allocated memory of the evaluation pass; NaN on CPU,
-               where PyTorch offers no allocator peak.
-  padding_pct  % of token slots in the batched pass that were padding (per-image
-               plans only; 0 otherwise): what batching per-image counts costs.
+Metrics, their units and directions: :mod:`paretoken.evaluators.metrics`.
 """
 from __future__ import annotations
 
@@ -34,12 +18,9 @@ from paretoken.compress import Plan, apply, token_counts
 from paretoken.errors import ParetokenError
 from paretoken.evaluators.data import load_split
 from paretoken.evaluators.flops import count_flops
+from paretoken.evaluators.metrics import METRICS
 from paretoken.evaluators.models import create_model
 from paretoken.evaluators.speed import latency_ms, timed_forward
-
-METRICS = ("top1", "top1_drop", "agreement", "kl", "gflops", "img_per_s", "latency_ms", "peak_mem_mb",
-           "padding_pct")
-
 
 @dataclass(frozen=True)
 class EvalConfig:

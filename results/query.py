@@ -27,11 +27,8 @@ import numpy as np
 import pandas as pd
 
 from paretoken.errors import ParetokenError
+from paretoken.evaluators.metrics import METRICS
 from paretoken.search.study import DEFAULT_OBJECTIVES, DIRECTIONS, UNCOMPRESSED, check_objectives, reference_value
-
-#: Metric columns, in the evaluators' order (kept here so reading a study never imports torch).
-METRICS = ("top1", "top1_drop", "agreement", "kl", "gflops", "img_per_s", "latency_ms", "peak_mem_mb",
-           "padding_pct")
 
 #: Whether each objective is maximised (True) or minimised (False).
 MAXIMIZE: dict[str, bool] = {name: way == "maximize" for name, way in DIRECTIONS.items()} | {"duration_s": False}

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from paretoken.errors import ParetokenError
+from paretoken.evaluators.metrics import METRICS
 from paretoken.search import study as st
 from paretoken.search.storage import check_study_name, default_storage, open_storage, redact
 from paretoken.search.worker import config_to_dict, nan_objectives, run_trial
@@ -415,8 +416,6 @@ def _measured_before(study, plan: dict[str, Any]):
 
 def _stored_result(trial) -> dict[str, Any]:
     """A COMPLETE trial's metrics as a worker reports them (null, i.e. not measured, back to NaN)."""
-    from paretoken.evaluators.evaluate import METRICS
-
     attrs = trial.user_attrs
     return {"metrics": {k: math.nan if attrs[k] is None else attrs[k] for k in METRICS if k in attrs},
             "device": attrs.get("device"), "duration_s": 0.0}

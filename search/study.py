@@ -19,13 +19,8 @@ import numpy as np
 import optuna
 
 from paretoken.errors import ParetokenError
+from paretoken.evaluators.metrics import DIRECTIONS
 
-#: Objectives and whether each is maximised.
-DIRECTIONS: dict[str, str] = {
-    "top1": "maximize", "agreement": "maximize", "img_per_s": "maximize",
-    "top1_drop": "minimize", "gflops": "minimize", "latency_ms": "minimize", "kl": "minimize",
-    "peak_mem_mb": "minimize", "padding_pct": "minimize",
-}
 DEFAULT_OBJECTIVES = ("top1", "gflops")
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 SPEED_OBJECTIVES = ("img_per_s", "latency_ms")

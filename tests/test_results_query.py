@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import subprocess
+import sys
 import random
 
 import numpy as np
@@ -70,6 +72,12 @@ def storage(tmp_path):
     return f"sqlite:///{tmp_path / 'studies.db'}"
 
 
+def test_reading_studies_never_imports_torch():
+    code = "import sys; from paretoken.results import query; print('torch' in sys.modules, query.METRICS[0])"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.split() == ["False", "top1"]
+
+
 def test_load_one_row_per_trial_with_every_column(storage):
     make_study(storage, "s", POINTS, failed=1, max_gflops=3.0)
     df = query.load("s", storage)
@@ -77,9 +85,6 @@ def test_load_one_row_per_trial_with_every_column(storage):
     assert list(df["state"]) == ["COMPLETE"] * len(POINTS) + ["FAIL"]
     for metric in query.METRICS:
         assert metric in df.columns and df[metric].dtype == float
-    from paretoken.evaluators.evaluate import METRICS
-
-    assert query.METRICS == METRICS
     first = df.iloc[0]
     assert first["plan"] == {"version": 1, "stages": []} and first["plan_str"] == "none"
     assert first["top1"] == 80.0 and first["gflops"] == 4.0 and math.isnan(first["peak_mem_mb"])

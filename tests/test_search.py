@@ -19,13 +19,11 @@ import paretoken
 from paretoken.errors import ParetokenError
 from paretoken.results import query
 from paretoken.evaluators import evaluate as ev
+from paretoken.evaluators.metrics import METRICS
 from paretoken.evaluators.models import build_default_architecture
 from paretoken.search import enqueue_plan, run_search
 from paretoken.search.run import _fmt
 from paretoken.search.storage import default_storage, journal_path, open_storage
-
-METRICS = ("top1", "top1_drop", "agreement", "kl", "gflops", "img_per_s", "latency_ms", "peak_mem_mb",
-           "padding_pct")
 
 
 @pytest.fixture(scope="module")
