@@ -129,3 +129,31 @@ def reference_forward(model, image: torch.Tensor, stages: list[dict]) -> tuple[t
         counts.append(len(tokens))
     x = model.norm(torch.stack(tokens)[None])
     return model.forward_head(x)[0], counts
+
+
+def vit_gflops(tokens: int, dim: int, depth: int, mlp_hidden: int, classes: int, stem_macs: int) -> float:
+    """GFLOPs per image of an uncompressed pre-norm ViT with a class token, by hand, in fvcore's
+    convention (one multiply-add is one FLOP; a LayerNorm with affine counts 5 per element; softmax,
+    GELU and residual adds count zero).
+
+    tokens: sequence length including the class token; dim: width; mlp_hidden: MLP hidden width;
+    stem_macs: multiply-adds of the patch embedding. Per block: qkv (3) and proj (1) N*D^2, q@k^T and
+    attn@v N^2*D each, two MLP layers N*D*hidden each, two LayerNorms; then the final LayerNorm on
+    every token and the head on the class token.
+    """
+    block = 4 * tokens * dim * dim + 2 * tokens * tokens * dim + 2 * tokens * dim * mlp_hidden + 2 * 5 * tokens * dim
+    return (stem_macs + depth * block + 5 * tokens * dim + dim * classes) / 1e9
+
+
+def conv_macs(out_hw: int, in_ch: int, out_ch: int, kernel: int) -> int:
+    """Multiply-adds of a square convolution with an ``out_hw`` x ``out_hw`` output."""
+    return out_hw * out_hw * out_ch * in_ch * kernel * kernel
+
+
+#: The embedded default model (28x28x1 in; conv 3x3 to 32 channels at 28x28, conv 3x3 stride 2 to 64
+#: at 14x14: 196 patch tokens + class token; 12 blocks of width 64, MLP 256; 10 classes), by hand.
+DEFAULT_GFLOPS = vit_gflops(tokens=197, dim=64, depth=12, mlp_hidden=256, classes=10,
+                            stem_macs=conv_macs(28, 1, 32, 3) + conv_macs(14, 32, 64, 3))
+#: DeiT-S at 224 pixels (16x16 patches: 196 + class token; 12 blocks of width 384, MLP 1536; 1000 classes).
+DEIT_S_GFLOPS = vit_gflops(tokens=197, dim=384, depth=12, mlp_hidden=1536, classes=1000,
+                           stem_macs=conv_macs(14, 3, 384, 16))

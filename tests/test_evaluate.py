@@ -11,6 +11,7 @@ import paretoken
 from paretoken.evaluators import evaluate as ev
 from paretoken.evaluators.data import load_split
 from paretoken.evaluators.models import build_default_architecture
+from reference import DEFAULT_GFLOPS
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_uncompressed_metrics(config):
     assert 0.0 <= metrics["top1"] <= 100.0
     assert metrics["img_per_s"] > 0 and metrics["latency_ms"] > 0
     assert math.isnan(metrics["peak_mem_mb"])  # CPU: no allocator peak
-    assert metrics["gflops"] == pytest.approx(0.1812, abs=5e-4)
+    assert metrics["gflops"] == pytest.approx(DEFAULT_GFLOPS, rel=1e-12)
 
 
 def test_top1_agreement_and_kl_against_a_direct_computation(config):
@@ -52,7 +53,7 @@ def test_top1_agreement_and_kl_against_a_direct_computation(config):
     p = base.softmax(1)
     kl = (p * (p.log() - out.log_softmax(1))).sum(1).mean().item()
     assert metrics["kl"] == pytest.approx(kl, rel=1e-3, abs=1e-6)
-    assert metrics["agreement"] < 100.0 and metrics["gflops"] < 0.1812
+    assert metrics["agreement"] < 100.0 and metrics["gflops"] < DEFAULT_GFLOPS
 
 
 def test_baseline_is_computed_once_per_config(config):
@@ -68,7 +69,7 @@ def test_per_image_plan_reports_padding(config):
     plan = paretoken.Plan.from_dict({"stages": [{"layer": 2, "op": "threshold", "threshold": 1.0}]})
     metrics = ev.evaluate(plan, config)
     assert metrics["padding_pct"] > 0.0
-    assert metrics["gflops"] < 0.1812
+    assert metrics["gflops"] < DEFAULT_GFLOPS
 
 
 def test_bad_device():

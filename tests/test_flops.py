@@ -11,6 +11,7 @@ from fvcore.nn import FlopCountAnalysis
 from timm.models.vision_transformer import VisionTransformer
 
 from paretoken.evaluators.flops import count_flops, flops_by_module, sdpa_flop_jit
+from reference import DEIT_S_GFLOPS
 
 
 def _small_vit() -> VisionTransformer:
@@ -33,7 +34,8 @@ def _unfused(model: torch.nn.Module) -> torch.nn.Module:
 
 def test_deit_small_is_4_608_gflops():
     model = timm.create_model("deit_small_patch16_224", pretrained=False)
-    assert abs(count_flops(model, _images(1, 224)) - 4.608) < 5e-4
+    gflops = count_flops(model, _images(1, 224))
+    assert gflops == pytest.approx(DEIT_S_GFLOPS, rel=1e-12) and round(gflops, 3) == 4.608
 
 
 def test_sdpa_handle_equals_explicit_attention():
