@@ -2,13 +2,16 @@
 
     python bench/ramp_landscape.py                      # r_first 12..24, r_first + r_last >= 22, vs tome-r16
     python bench/ramp_landscape.py --min-r-first 0 --min-sum 0   # the whole 25 x 25 grid (~50 min on 2 cores)
+    python bench/ramp_landscape.py --images 1000 --held-out 4000 --out ramp_landscape_i1000
 
 bench/search_quality.py asks whether a 60-trial search finds a plan that dominates every preset on
 the first 500 seeded test images. The preset it misses, when it misses one, is tome-r16. This maps
 the two-parameter base of the mixed space (``r_first``, ``r_last``, no overrides) on those same
 images, to show how many ramps dominate the preset and whether they form a region a sampler can
 learn or isolated points that one or two images decide. Ramps outside the default window merge too
-little to reach the preset's GFLOPs. Figures go to bench/results/ramp_landscape.{json,png}.
+little to reach the preset's GFLOPs. With ``--held-out N`` each dominating ramp is measured again
+against the preset on the next N test images (disjoint from the scan's): paired difference in top-1
+points with its 95 % interval. Figures go to bench/results/OUT.{json,png} (``--out``).
 """
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ import numpy as np
 import optuna
 
 import paretoken
-from paretoken.evaluators.evaluate import EvalConfig, environment, evaluate
+from paretoken.evaluators.evaluate import EvalConfig, environment, evaluate, evaluate_per_image
 from paretoken.results import query
+from paretoken.results.holdout import paired_difference
 from paretoken.spaces.families import R_RAMP_MAX, MixedSpace
 
 RESULTS = Path(__file__).parent / "results"
@@ -34,6 +38,9 @@ def main() -> None:
     parser.add_argument("--min-r-first", type=int, default=12, help="smallest r_first measured [12]")
     parser.add_argument("--min-sum", type=int, default=22, help="smallest r_first + r_last measured [22]")
     parser.add_argument("--flops-images", type=int, default=4)
+    parser.add_argument("--held-out", type=int, default=0,
+                        help="re-measure the dominating ramps and the preset on this many unseen test images [0]")
+    parser.add_argument("--out", default="ramp_landscape", help="results name under bench/results [ramp_landscape]")
     args = parser.parse_args()
 
     config = EvalConfig(images=args.images, batch_size=min(100, args.images), speed=False,
@@ -48,7 +55,7 @@ def main() -> None:
             plan = space.sample(optuna.trial.FixedTrial({"r_first": first, "r_last": last, "overrides": 0}))
             m = evaluate(plan, config)
             point = np.array([[m["top1"], m["gflops"]]]) * sign
-            rows.append({"r_first": first, "r_last": last, "top1": m["top1"], "gflops": m["gflops"],
+            rows.append({"r_first": first, "r_last": last, "plan": plan, "top1": m["top1"], "gflops": m["gflops"],
                          "dominates": bool(query.dominating(point, target)[0]),
                          "within_one_image": bool(query.dominating(point, target, one_image)[0])})
         print(f"r_first {first}: {sum(r['dominates'] for r in rows)} ramps dominate {args.preset} so far",
@@ -61,11 +68,16 @@ def main() -> None:
     print(f"{args.preset}: top1 {preset['top1']:.2f} % at {preset['gflops']:.4f} GFLOPs on {args.images} images; "
           f"{len(summary['dominate'])} of {len(rows)} ramps dominate it ({summary['within_one_image']} within one "
           f"image): {summary['dominate']}; {len(cheaper)} ramps are at or under its GFLOPs")
+    if args.held_out:
+        summary["held_out"] = held_out(args, paretoken.preset(args.preset), [r for r in rows if r["dominates"]])
+    for r in rows:
+        del r["plan"]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "ramp_landscape.json"
+    out = RESULTS / f"{args.out}.json"
     out.write_text(json.dumps({
         "command": f"python bench/ramp_landscape.py --images {args.images} --preset {args.preset} "
-                   f"--min-r-first {args.min_r_first} --min-sum {args.min_sum} --flops-images {args.flops_images}",
+                   f"--min-r-first {args.min_r_first} --min-sum {args.min_sum} --flops-images {args.flops_images}"
+                   f" --held-out {args.held_out} --out {args.out}",
         "environment": environment(), "preset": {"name": args.preset, "top1": preset["top1"],
                                                  "gflops": preset["gflops"]},
         "summary": summary, "ramps": rows}, indent=1) + "\n")
@@ -91,6 +103,24 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
     print(f"saved {out.with_suffix('.png')}")
+
+
+def held_out(args: argparse.Namespace, preset: paretoken.Plan, dominating: list[dict]) -> dict:
+    """The preset and each dominating ramp on the ``args.held_out`` test images after the scan's:
+    top-1 % each, and each ramp's paired difference from the preset (points, 95 % interval)."""
+    config = EvalConfig(images=args.held_out, skip=args.images, batch_size=min(100, args.held_out), speed=False,
+                        flops_images=args.flops_images)
+    base, base_correct = evaluate_per_image(preset, config)
+    out = {"images": args.held_out, "skip": args.images, "preset_top1": base["top1"], "ramps": []}
+    for r in dominating:
+        m, correct = evaluate_per_image(r["plan"], config)
+        diff, se = paired_difference(correct.numpy(), base_correct.numpy())
+        out["ramps"].append({"r_first": r["r_first"], "r_last": r["r_last"], "top1": m["top1"], "minus_preset": diff,
+                             "interval95": [diff - 1.96 * se, diff + 1.96 * se]})
+        print(f"held out ({args.held_out} images): ramp {r['r_first']}->{r['r_last']} {m['top1']:.2f} % against "
+              f"{args.preset} {base['top1']:.2f} %: {diff:+.2f} [{diff - 1.96 * se:+.2f}, {diff + 1.96 * se:+.2f}]",
+              flush=True)
+    return out
 
 
 if __name__ == "__main__":
