@@ -25,7 +25,7 @@ import optuna
 import paretoken
 from paretoken.evaluators.evaluate import EvalConfig, environment, evaluate, evaluate_per_image
 from paretoken.results import query
-from paretoken.results.holdout import paired_difference
+from paretoken.results.holdout import Z_95, paired_difference
 from paretoken.spaces.families import R_RAMP_MAX, MixedSpace
 
 RESULTS = Path(__file__).parent / "results"
@@ -49,13 +49,12 @@ def main() -> None:
     sign = np.array([-1.0, 1.0])  # (top1, gflops) as minimisation
     target = np.array([preset["top1"], preset["gflops"]]) * sign
     one_image = np.array([100.0 / args.images + 1e-4, 0.0])  # + float32 rounding, no GFLOPs slack
-    space, rows = MixedSpace(), []
+    rows = []
     for first in range(args.min_r_first, R_RAMP_MAX + 1):
         for last in range(max(0, args.min_sum - first), R_RAMP_MAX + 1):
-            plan = space.sample(optuna.trial.FixedTrial({"r_first": first, "r_last": last, "overrides": 0}))
-            m = evaluate(plan, config)
+            m = evaluate(ramp(first, last), config)
             point = np.array([[m["top1"], m["gflops"]]]) * sign
-            rows.append({"r_first": first, "r_last": last, "plan": plan, "top1": m["top1"], "gflops": m["gflops"],
+            rows.append({"r_first": first, "r_last": last, "top1": m["top1"], "gflops": m["gflops"],
                          "dominates": bool(query.dominating(point, target)[0]),
                          "within_one_image": bool(query.dominating(point, target, one_image)[0])})
         print(f"r_first {first}: {sum(r['dominates'] for r in rows)} ramps dominate {args.preset} so far",
@@ -70,8 +69,6 @@ def main() -> None:
           f"image): {summary['dominate']}; {len(cheaper)} ramps are at or under its GFLOPs")
     if args.held_out:
         summary["held_out"] = held_out(args, paretoken.preset(args.preset), [r for r in rows if r["dominates"]])
-    for r in rows:
-        del r["plan"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{args.out}.json"
     out.write_text(json.dumps({
@@ -105,6 +102,11 @@ def main() -> None:
     print(f"saved {out.with_suffix('.png')}")
 
 
+def ramp(r_first: int, r_last: int) -> paretoken.Plan:
+    """The mixed space's pure ToMe ramp from ``r_first`` tokens merged in block 0 to ``r_last`` in the last."""
+    return MixedSpace().sample(optuna.trial.FixedTrial({"r_first": r_first, "r_last": r_last, "overrides": 0}))
+
+
 def held_out(args: argparse.Namespace, preset: paretoken.Plan, dominating: list[dict]) -> dict:
     """The preset and each dominating ramp on the ``args.held_out`` test images after the scan's:
     top-1 % each, and each ramp's paired difference from the preset (points, 95 % interval)."""
@@ -113,13 +115,13 @@ def held_out(args: argparse.Namespace, preset: paretoken.Plan, dominating: list[
     base, base_correct = evaluate_per_image(preset, config)
     out = {"images": args.held_out, "skip": args.images, "preset_top1": base["top1"], "ramps": []}
     for r in dominating:
-        m, correct = evaluate_per_image(r["plan"], config)
+        m, correct = evaluate_per_image(ramp(r["r_first"], r["r_last"]), config)
         diff, se = paired_difference(correct.numpy(), base_correct.numpy())
+        low, high = diff - Z_95 * se, diff + Z_95 * se
         out["ramps"].append({"r_first": r["r_first"], "r_last": r["r_last"], "top1": m["top1"], "minus_preset": diff,
-                             "interval95": [diff - 1.96 * se, diff + 1.96 * se]})
+                             "interval95": [low, high]})
         print(f"held out ({args.held_out} images): ramp {r['r_first']}->{r['r_last']} {m['top1']:.2f} % against "
-              f"{args.preset} {base['top1']:.2f} %: {diff:+.2f} [{diff - 1.96 * se:+.2f}, {diff + 1.96 * se:+.2f}]",
-              flush=True)
+              f"{args.preset} {base['top1']:.2f} %: {diff:+.2f} [{low:+.2f}, {high:+.2f}]", flush=True)
     return out
 
 
