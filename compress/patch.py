@@ -225,7 +225,8 @@ def _attach_predictor(model: torch.nn.Module, layer: int, init: bool) -> None:
     block = model.blocks[layer]
     if isinstance(getattr(block, "token_predictor", None), learn.TokenPredictor):
         return
-    predictor = learn.TokenPredictor(model.embed_dim).to(next(model.parameters()).device)
+    weight = next(model.parameters())
+    predictor = learn.TokenPredictor(model.embed_dim).to(device=weight.device, dtype=weight.dtype)
     prefix = f"blocks.{layer}.token_predictor."
     saved = {k[len(prefix):]: v for k, v in getattr(model, "_pt_predictor_state", {}).items() if k.startswith(prefix)}
     if saved:

@@ -52,15 +52,15 @@ def compact(x: torch.Tensor, size: torch.Tensor, keep: torch.Tensor) -> tuple[to
     """Keep the tokens where ``keep`` (B, N) is True, in order, padded at the end.
 
     Returns x (B, M, C) and size (B, M) with M = max kept count; padding slots
-    get size 0. Tokens with size 0 are never kept.
+    get size 0 and zero features. Tokens with size 0 are never kept.
     """
     keep = keep & (size > 0)
     counts = keep.sum(dim=1)
     m = int(counts.max())
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :m]
-    x = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
-    size = size.gather(1, order) * (torch.arange(m, device=x.device)[None] < counts[:, None])
-    return x, size
+    valid = torch.arange(m, device=x.device)[None] < counts[:, None]
+    x = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1])).masked_fill(~valid[..., None], 0)
+    return x, size.gather(1, order) * valid
 
 
 def _rank_desc(score: torch.Tensor) -> torch.Tensor:
@@ -119,7 +119,8 @@ def _merge_into(x, size, src: torch.Tensor, dst: torch.Tensor):
     xs = x * (size - w)[..., None].to(x.dtype)
     xs = xs.scatter_add(1, dst[..., None].expand_as(x), x * w[..., None].to(x.dtype))
     size = (size - w).scatter_add(1, dst, w)
-    return xs / size.clamp(min=torch.finfo(size.dtype).tiny)[..., None].to(x.dtype), size
+    # merged-away rows (size 0) are 0 / 1, not 0 / 0: a clamp to float32's tiny is 0 in half precision
+    return xs / torch.where(size > 0, size, 1).to(x.dtype)[..., None], size
 
 
 def bipartite_merge(x, size, metric, prefix: int, keep: float | None = None, r: int | None = None):

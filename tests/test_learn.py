@@ -122,6 +122,15 @@ def test_predictor_stages_train_with_gumbel_and_prune_by_keep_probability():
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
 
 
+def test_predictors_take_the_model_dtype():
+    model = _model().to(torch.bfloat16)
+    paretoken.apply(model, paretoken.Plan((paretoken.Stage(3, "prune", keep=0.5, score="predictor"),)),
+                    init_predictors=True)
+    assert {p.dtype for p in model.blocks[3].token_predictor.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
 def test_predictor_weights_round_trip_through_a_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = build_default_architecture()
