@@ -166,6 +166,14 @@ def _load_image_folder_split(root: Path, model: torch.nn.Module, split: Split, n
     return images, labels
 
 
+def canonical_data(data: str | Path | None) -> str | None:
+    """None for Debian's Fashion-MNIST however it is named (None, "fashion-mnist" or its directory),
+    else ``data`` as a string: two settings that read the same images compare equal."""
+    if data is None or str(data) == "fashion-mnist" or Path(data).resolve() == FASHION_MNIST_DIR.resolve():
+        return None
+    return str(data)
+
+
 def load_split(
     data: str | Path | None,
     model: torch.nn.Module,

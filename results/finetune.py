@@ -137,13 +137,17 @@ def _predict(model, images: torch.Tensor, batch_size: int, device: torch.device)
     return torch.cat(logits), torch.cat(counts).mean().item()
 
 
-def _resolve(plan: Plan, config: FinetuneConfig) -> tuple[str, str | None, str | None]:
+def _resolve(plan: Plan, config: FinetuneConfig) -> tuple[str, str | None, bool, str | None]:
+    """(model, checkpoint, pretrained, data): the config's where given, else the exported plan's meta
+    (its weights only for its own model)."""
     meta = dict(plan.meta or {})
     model = config.model or meta.get("model") or "default"
+    same_model = model == meta.get("model", model)
     checkpoint = config.checkpoint if config.checkpoint is not None else (
-        meta.get("checkpoint") if model == meta.get("model", model) else None)
+        meta.get("checkpoint") if same_model else None)
+    pretrained = config.pretrained or (config.checkpoint is None and same_model and bool(meta.get("pretrained")))
     data = config.data if config.data is not None else meta.get("data")
-    return model, checkpoint, data
+    return model, checkpoint, pretrained, data
 
 
 def _say(log: TextIO | None, text: str) -> None:
@@ -173,12 +177,12 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ParetokenError(f"finetune: --out {str(out)!r} must end in .safetensors")
-    model_name, checkpoint, data = _resolve(plan, config)
+    model_name, checkpoint, pretrained, data = _resolve(plan, config)
     device = _resolve_device(config.device)
     torch.manual_seed(config.seed)
 
-    teacher = create_model(model_name, checkpoint=checkpoint, pretrained=config.pretrained).to(device).eval()
-    student = create_model(model_name, checkpoint=checkpoint, pretrained=config.pretrained).to(device)
+    teacher = create_model(model_name, checkpoint=checkpoint, pretrained=pretrained).to(device).eval()
+    student = create_model(model_name, checkpoint=checkpoint, pretrained=pretrained).to(device)
     apply(teacher, Plan())
     apply(student, Plan(plan.stages), init_predictors=True)
     thresholds = learn_thresholds(student) if config.learn_thresholds else {}

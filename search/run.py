@@ -274,7 +274,7 @@ def run_search(study_name: str, storage: str | None = None, space: str = "mixed"
     depth = model_depth(config)
     url = storage or default_storage(study_name)
     config_dict = config_to_dict(config)
-    settings = st.study_settings(space_obj.name, objectives, budgets, config_dict, depth)
+    settings = st.study_settings(space_obj.name, objectives, budgets, config_dict, depth, heartbeat_s, grace_s)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():
@@ -479,11 +479,13 @@ class _LoopState:
                     trial.set_constraint("min_top1", self.budgets["min_top1"] - metrics["top1"])
                 if self.budgets["max_top1_drop"] is not None:
                     trial.set_constraint("max_top1_drop", metrics["top1_drop"] - self.budgets["max_top1_drop"])
-                self.study.tell(trial, [metrics[o] for o in self.objectives])
+                told = self.study.tell(trial, [metrics[o] for o in self.objectives], skip_if_finished=True)
             else:
                 trial.set_user_attr("error", error)
-                self.study.tell(trial, state=TrialState.FAIL)
+                told = self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         except optuna.exceptions.UpdateFinishedTrialError:
+            told = None
+        if told is None or (error is None and told.state != TrialState.COMPLETE):  # failed by another's sweep
             self.log(f"trial {trial.number}: already failed as stale by another process; result dropped "
                      "(its plan was enqueued again)")
             return

@@ -26,7 +26,8 @@ SAMPLERS = ("tpe", "nsga2", "gp", "random")
 SPEED_OBJECTIVES = ("img_per_s", "latency_ms")
 NOISY_OBJECTIVES = (*SPEED_OBJECTIVES, "peak_mem_mb")  # measured, so they vary between runs of one plan
 #: The measurement settings that must match to add trials to an existing study.
-MEASUREMENT_KEYS = ("model", "checkpoint", "pretrained", "data", "images", "seed", "skip")
+MEASUREMENT_KEYS = ("model", "checkpoint", "pretrained", "data", "images", "seed", "skip", "batch_size",
+                    "flops_images")
 UNCOMPRESSED = "uncompressed"
 HEARTBEAT_ATTR = "paretoken:heartbeat"
 NSGA2_POPULATION = 16
@@ -130,17 +131,20 @@ def make_sampler(name: str, seed: int = 0, objectives: Sequence[str] = DEFAULT_O
 
 # --------------------------------------------------------------------------- create / resume
 def study_settings(space: str, objectives: Sequence[str], budgets: dict[str, float | None],
-                   config: dict[str, Any], depth: int) -> dict[str, Any]:
+                   config: dict[str, Any], depth: int, heartbeat_s: int, grace_s: int) -> dict[str, Any]:
     """What a resumed study must match: space, objectives, budgets (max_gflops, min_top1, max_top1_drop),
-    measurement and model depth."""
+    measurement, model depth, and the heartbeat and grace period (s) by which every process judges
+    the others' running trials (a process with a shorter grace would fail live trials as stale)."""
     return {"space": space, "objectives": list(objectives), **budgets,
-            "measurement": {k: config.get(k) for k in MEASUREMENT_KEYS}, "depth": depth}
+            "measurement": {k: config.get(k) for k in MEASUREMENT_KEYS}, "depth": depth,
+            "heartbeat_s": heartbeat_s, "grace_s": grace_s}
 
 
 def check_settings(study_name: str, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
     """One-line error when a study is resumed with settings that would mix incomparable trials."""
     labels = {"space": "--space", "objectives": "--objectives", "max_gflops": "--max-gflops",
-              "min_top1": "--min-top1", "max_top1_drop": "--max-top1-drop", "depth": "the model depth"}
+              "min_top1": "--min-top1", "max_top1_drop": "--max-top1-drop", "depth": "the model depth",
+              "heartbeat_s": "--heartbeat", "grace_s": "grace_s"}
     def shown(value: Any) -> str:
         return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else repr(value)
 
@@ -148,10 +152,15 @@ def check_settings(study_name: str, stored: dict[str, Any], wanted: dict[str, An
         if key in stored and stored[key] != wanted[key]:
             raise ParetokenError(f"study: {study_name!r} was created with {key} {shown(stored[key])}, not "
                                  f"{shown(wanted[key])}; pass {flag} as before or start a new --study")
+    from paretoken.evaluators.data import canonical_data
+
     for key, value in (stored.get("measurement") or {}).items():
-        if wanted["measurement"].get(key) != value:
+        same = (canonical_data(value) == canonical_data(wanted["measurement"].get(key)) if key == "data"
+                else wanted["measurement"].get(key) == value)
+        if not same:
             raise ParetokenError(f"study: {study_name!r} measures with {key} {value!r}, not "
-                                 f"{wanted['measurement'].get(key)!r}; pass the same --{key} or start a new --study")
+                                 f"{wanted['measurement'].get(key)!r}; pass the same --{key.replace('_', '-')} "
+                                 "or start a new --study")
 
 
 def wait_for_settings(study, timeout: float = 15.0, key: str = "paretoken") -> Any:
@@ -221,7 +230,8 @@ def requeue(study, trial) -> bool:
         return False
     attrs = {k: trial.user_attrs[k] for k in ("preset", "enqueued_plan") if k in trial.user_attrs}
     attrs["retry_of"] = trial.number
-    study.enqueue_trial(dict(trial.params), user_attrs=attrs)
+    # an enqueued trial killed before its space sampled has no params yet, only the enqueued ones
+    study.enqueue_trial({**trial.system_attrs.get("fixed_params", {}), **trial.params}, user_attrs=attrs)
     return True
 
 

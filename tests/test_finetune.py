@@ -109,3 +109,16 @@ def test_bad_finetune_requests(checkpoint, tmp_path):
         finetune(paretoken.Plan(), FinetuneConfig(checkpoint=str(checkpoint)), out=tmp_path / "x.pt")
     with pytest.raises(ParetokenError, match="alpha"):
         finetune(paretoken.Plan(), FinetuneConfig(alpha=2.0), out=tmp_path / "x.safetensors")
+
+
+def test_an_exported_plan_names_the_weights_it_was_searched_with():
+    from paretoken.results.finetune import _resolve
+
+    meta = {"model": "deit_tiny_patch16_224", "checkpoint": None, "pretrained": True, "data": "/imagenet"}
+    plan = paretoken.Plan(meta=meta)
+    assert _resolve(plan, FinetuneConfig()) == ("deit_tiny_patch16_224", None, True, "/imagenet")
+    assert _resolve(plan, FinetuneConfig(checkpoint="mine.pth")) == ("deit_tiny_patch16_224", "mine.pth", False,
+                                                                     "/imagenet")
+    assert _resolve(plan, FinetuneConfig(model="default")) == ("default", None, False, "/imagenet")
+    searched = paretoken.Plan(meta={"model": "default", "checkpoint": "/w/s.safetensors", "pretrained": False})
+    assert _resolve(searched, FinetuneConfig()) == ("default", "/w/s.safetensors", False, None)

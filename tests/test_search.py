@@ -112,6 +112,15 @@ def test_resuming_with_other_settings_is_a_one_line_error(config, tmp_path, monk
     other = ev.EvalConfig(**{**config.__dict__, "images": 32})
     with pytest.raises(ParetokenError, match="images 16"):
         run_search("s", space="tome", n_trials=0, eval_config=other, log=lambda _: None)
+    other = ev.EvalConfig(**{**config.__dict__, "flops_images": 1})  # per-image GFLOPs average other images
+    with pytest.raises(ParetokenError, match="flops_images 2, not 1; pass the same --flops-images"):
+        run_search("s", space="tome", n_trials=0, eval_config=other, log=lambda _: None)
+    # a shorter grace would fail the other processes' live trials as stale
+    with pytest.raises(ParetokenError, match="heartbeat_s 10, not 1; pass --heartbeat as before"):
+        run_search("s", space="tome", n_trials=0, eval_config=config, heartbeat_s=1, log=lambda _: None)
+    # Debian's Fashion-MNIST named by its directory is the default data, not other data
+    default_dir = ev.EvalConfig(**{**config.__dict__, "data": "/usr/share/datasets/fashion-mnist"})
+    assert run_search("s", space="tome", n_trials=0, eval_config=default_dir, log=lambda _: None).ran == 0
 
 
 @pytest.mark.parametrize("kwargs, message", [

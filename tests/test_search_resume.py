@@ -176,3 +176,42 @@ def test_a_search_started_to_ignore_ctrl_c_keeps_ignoring_it(sigint_default):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
     assert not ctrl_c.received
+
+
+def test_an_enqueued_trial_killed_before_its_plan_was_sampled_reruns_the_enqueued_plan():
+    from paretoken.search.study import requeue
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.enqueue_trial({"r_first": 8, "r_last": 8, "overrides": 0}, user_attrs={"preset": "tome-r8"})
+    killed = study.ask()  # the process dies here, before the space samples: no params yet
+    assert killed.params == {}
+    study._storage.set_trial_state_values(killed._trial_id, optuna.trial.TrialState.FAIL)
+    assert requeue(study, study.trials[0])
+    rerun = study.ask()
+    assert rerun.user_attrs == {"preset": "tome-r8", "retry_of": 0}
+    assert [rerun.suggest_int(k, 0, 24) for k in ("r_first", "r_last", "overrides")] == [8, 8, 0]
+
+
+def test_a_result_for_a_trial_another_process_failed_as_stale_is_dropped_not_raised():
+    from paretoken.search.run import _LoopState
+
+    class Beater:
+        def discard(self, trial_id):
+            pass
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    lines: list[str] = []
+    state = _LoopState(study, None, 12, ("top1", "gflops"), 1,
+                       {"max_gflops": None, "min_top1": None, "max_top1_drop": None}, {}, lines.append)
+    tell = study.tell
+
+    def swept_just_before_tell(trial, *args, **kwargs):  # another process's sweep lands in between
+        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        return tell(trial, *args, **kwargs)
+
+    study.tell = swept_just_before_tell
+    state.finish(study.ask(), {"metrics": {"top1": 80.0, "gflops": 0.1}}, Beater())
+    assert study.trials[-1].state == optuna.trial.TrialState.FAIL and state.ran == 0
+    assert "already failed as stale by another process" in lines[-1]
+    state.finish(study.ask(), {"error": "out of memory"}, Beater())  # failed either way: no error raised
+    assert study.trials[-1].state == optuna.trial.TrialState.FAIL
