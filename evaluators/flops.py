@@ -12,13 +12,17 @@ explicit ``q @ k.transpose(-2, -1)`` and ``attn @ v`` path is counted.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
+
+with warnings.catch_warnings():  # fvcore's import calls torch.jit.script, which torch >= 2.10 deprecates
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
 
 __all__ = ["count_flops", "flops_by_module", "sdpa_flop_jit"]
 

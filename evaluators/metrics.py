@@ -28,5 +28,8 @@ DIRECTIONS: dict[str, str] = {
     "padding_pct": "minimize",
 }
 METRICS: tuple[str, ...] = tuple(DIRECTIONS)
+#: For help texts: "top1, agreement, img_per_s (maximised); top1_drop, ... (minimised)".
+OBJECTIVES_HELP = "; ".join(", ".join(m for m, d in DIRECTIONS.items() if d == way) + f" ({said})"
+                            for way, said in (("maximize", "maximised"), ("minimize", "minimised")))
 
-__all__ = ["DIRECTIONS", "METRICS"]
+__all__ = ["DIRECTIONS", "METRICS", "OBJECTIVES_HELP"]

@@ -23,6 +23,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'paretoken' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
 def count_flops(model, images, max_images: int = 32) -> float:
     """GFLOPs per image of ``model`` on ``images`` (B, C, H, W), fvcore convention.
 

@@ -5,11 +5,12 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import warnings
 
 from paretoken.errors import ParetokenError
-from paretoken.results.cli import add_results_parsers
+from paretoken.results.cli import add_results_parsers, format_metric
 from paretoken.search.cli import add_search_parser, add_spaces_parser
 
 
@@ -105,7 +106,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"model {args.model} on {args.images} images{after} of {args.data or 'fashion-mnist'}; {env['device']}, "
           f"{env['threads']} threads, batch {args.batch_size}\nplan  {plan.describe()}")
     for name, value in metrics.items():
-        shown = "n/a" if math.isnan(value) else f"{value:.4f}" if name == "kl" else f"{value:.2f}"
+        shown = "n/a" if math.isnan(value) else format_metric(name, float(value))
         print(f"  {name:12s} {shown:>10s}  {units[name]}")
     return 0
 
@@ -181,8 +182,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.getLogger("fvcore").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="fvcore")
-    # fvcore's import calls torch.jit.script, which torch >= 2.10 deprecates: not the user's concern.
-    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     try:
         return args.func(args)
     except ParetokenError as err:
@@ -191,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("paretoken: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped early (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as err:  # an output path that cannot be written, a disk that is full, ...
+        where = f": {err.filename}" if err.filename else ""
+        print(f"paretoken: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from paretoken.errors import ParetokenError
+from paretoken.evaluators.metrics import OBJECTIVES_HELP
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -17,16 +18,23 @@ if TYPE_CHECKING:
 TABLE_COLUMNS = ("number", "preset", "top1", "agreement", "kl", "gflops", "img_per_s", "latency_ms", "plan_str")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def _storage_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", metavar="URL",
-                        help="Optuna storage: sqlite:///FILE.db, postgresql://USER@HOST/DB or journal:///FILE "
+                        help="Optuna storage: sqlite:///FILE.db, journal:FILE or postgresql://USER@HOST/DB "
                              "[default: sqlite:///studies/<study>.db]")
 
 
 def _budget_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-gflops", type=float, metavar="X", help="only trials with at most X GFLOPs per image")
-    parser.add_argument("--min-top1", type=float, metavar="Y", help="only trials with top-1 of at least Y %%")
-    parser.add_argument("--max-top1-drop", type=float, metavar="D",
+    parser.add_argument("--max-gflops", type=_finite, metavar="X", help="only trials with at most X GFLOPs per image")
+    parser.add_argument("--min-top1", type=_finite, metavar="Y", help="only trials with top-1 of at least Y %%")
+    parser.add_argument("--max-top1-drop", type=_finite, metavar="D",
                         help="only trials at most D top-1 points below the uncompressed model (same images)")
 
 
@@ -44,7 +52,8 @@ def _records(df, columns) -> list[dict]:
     return [{c: _plain(row[c]) for c in columns if c in df.columns} for _, row in df.iterrows()]
 
 
-def _cell(column: str, value) -> str:
+def format_metric(column: str, value) -> str:
+    """A metric or table cell as printed: GFLOPs to 4 decimals, top-1 to 2, throughput whole."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if not isinstance(value, float):
@@ -64,7 +73,7 @@ def _cell(column: str, value) -> str:
 
 def _table(df, columns) -> str:
     shown = [c for c in columns if c in df.columns and not (df[c].dtype == float and df[c].isna().all())]
-    cells = [[_cell(c, row[c]) for c in shown] for _, row in df.iterrows()]
+    cells = [[format_metric(c, row[c]) for c in shown] for _, row in df.iterrows()]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(shown)]
     left = ("plan_str", "best_plan", "study", "verdict")
     lines = ["  ".join(c.ljust(w) if c in left else c.rjust(w) for c, w in zip(shown, widths)).rstrip()]
@@ -148,7 +157,7 @@ def _compare(args: argparse.Namespace) -> int:
                          allow_nan=False))
         return 0
     print("reference " + ", ".join(f"{k} {v:.4g}" for k, v in table.attrs["reference"].items()))
-    print(_table(table, ("study", "trials", "complete", "failed", "front_size", "best_top1", "best_gflops",
+    print(_table(table, ("study", "trials", "complete", "failed", "interrupted", "front_size", "best_top1", "best_gflops",
                          "best_trial", "hypervolume", "best_plan")))
     return 0
 
@@ -225,7 +234,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                   min_top1=args.min_top1, out=args.out, max_top1_drop=args.max_top1_drop, cheapest=args.cheapest)
     meta = load_plan(path).meta
     metrics = meta["metrics"]
-    shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in ("top1", "agreement", "gflops", "img_per_s") if k in metrics)
+    shown = ", ".join(f"{k} {format_metric(k, float(metrics[k]))}" for k in ("top1", "agreement", "gflops", "img_per_s")
+                      if k in metrics)
     print(f"trial {meta['provenance']['trial']} of study {args.study}: {meta['plan_str']}\n"
           f"  {shown}\n  model {meta['model']}, weights {meta['checkpoint'] or meta['weights'].get('file') or 'timm'}"
           f"\nsaved {path}")
@@ -256,8 +266,7 @@ def add_results_parsers(sub) -> None:
                    help="study name (repeat to compare studies)")
     _storage_args(p)
     p.add_argument("--objectives", default="top1,gflops", metavar="A,B",
-                   help="objectives, comma-separated: top1, agreement, img_per_s (max); gflops, latency_ms, kl, "
-                        "peak_mem_mb (min) [top1,gflops]")
+                   help=f"objectives, comma-separated: {OBJECTIVES_HELP} [top1,gflops]")
     _budget_args(p)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="machine-readable output on stdout")
@@ -327,6 +336,6 @@ def add_results_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="[0]")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [cpu]")
     p.add_argument("--out", default="finetuned.safetensors", metavar="FILE",
-                   help="checkpoint to write (.safetensors); the plan is written beside it as FILE.yaml")
+                   help="checkpoint to write (NAME.safetensors); the plan is written beside it as NAME.yaml")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_finetune)

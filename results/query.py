@@ -411,7 +411,8 @@ def reference_point(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_
         if math.isnan(value):
             column = done[o].dropna()
             if column.empty:
-                raise ParetokenError(f"reference: no COMPLETE trial has {o!r}; pass a reference point")
+                raise ParetokenError(f"objectives: no COMPLETE trial has {o!r} (not measured in this study); "
+                                     f"valid here: {', '.join(c for c in METRICS if c in done and done[c].notna().any())}")
             value = column.min() if MAXIMIZE[o] else column.max()
         ref[o] = float(value)
     return ref
@@ -504,7 +505,7 @@ def compare(studies: Sequence[tuple[str, str | None]] | Sequence[str],
             min_top1: float | None = None,
             reference: Mapping[str, float] | Sequence[float] | None = None, *,
             max_top1_drop: float | None = None) -> pd.DataFrame:
-    """One table of several studies: trials, complete, failed, front size, best top1 within the budgets
+    """One table of several studies: trials, complete, failed, interrupted, front size, best top1 within the budgets
     (and its GFLOPs and plan), hypervolume against one shared reference point.
 
     ``studies``: (name, storage) pairs, or names for the default storage. Without ``reference``
@@ -527,7 +528,8 @@ def compare(studies: Sequence[tuple[str, str | None]] | Sequence[str],
             "storage": _redact(df.attrs.get("storage", "")),
             "trials": len(df),
             "complete": int((df["state"] == "COMPLETE").sum()),
-            "failed": int((df["state"] == "FAIL").sum()),
+            "failed": int(((df["state"] == "FAIL") & ~df["interrupted"]).sum()),
+            "interrupted": int(df["interrupted"].sum()),  # killed or Ctrl-C, their plans re-run
             "within_budget": len(within),
             "front_size": len(front(df, objectives, max_gflops, min_top1, max_top1_drop=max_top1_drop)),
             "best_top1": math.nan if top is None else float(top["top1"]),

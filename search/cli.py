@@ -9,6 +9,7 @@ import argparse
 import json
 
 from paretoken.errors import ParetokenError
+from paretoken.evaluators.metrics import OBJECTIVES_HELP
 
 SPACE_NAMES = ("tome", "evit", "dynamicvit", "asvit", "jmp", "slim", "mixed")  # kept in step with spaces.SPACES
 
@@ -50,8 +51,7 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
     g = p.add_argument_group("search")
     g.add_argument("--space", default="mixed", help=f"search space: {', '.join(SPACE_NAMES)} [mixed]")
     g.add_argument("--objectives", default="top1,gflops",
-                   help="comma-separated: top1, agreement, img_per_s (maximised); gflops, latency_ms, kl, "
-                        "peak_mem_mb (minimised) [top1,gflops]")
+                   help=f"comma-separated: {OBJECTIVES_HELP} [top1,gflops]")
     g.add_argument("--sampler", default="tpe", help="tpe, nsga2, gp or random [tpe]")
     g.add_argument("--trials", type=_positive_int, default=40,
                    help="target number of finished trials in the study (a resumed run runs the missing ones) [40]")

@@ -284,6 +284,17 @@ def run_search(study_name: str, storage: str | None = None, space: str = "mixed"
                     grace_s, poll_s, log, depth, settings, config_dict)
 
 
+def _check_existing(study_name: str, storage, settings: dict[str, Any]) -> None:
+    """The one-line settings error for a study that exists already, without touching it."""
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return
+    stored = storage.get_study_user_attrs(study_id).get("paretoken")
+    if stored:
+        st.check_settings(study_name, stored, settings)
+
+
 def _quiet_warnings() -> None:
     import optuna
 
@@ -300,6 +311,7 @@ def _run(study_name, url, space_obj, objectives, sampler, n_trials, backend, wor
                                stale_callback=st.stale_callback(log))
     sampler_obj = st.make_sampler(sampler, seed, objectives)
     ctrl_c = _CtrlC()
+    _check_existing(study_name, storage_obj, settings)  # before Ray's start-up (tens of seconds)
     if backend == "ray":  # joined before the study is touched: an unreachable cluster writes nothing to it
         gpus = gpus_per_trial if gpus_per_trial is not None else (1.0 if str(config.device).startswith("cuda")
                                                                   else 0.0)
@@ -332,8 +344,9 @@ def _run(study_name, url, space_obj, objectives, sampler, n_trials, backend, wor
     fr = st.front_trials(study)
     hv = st.hypervolume(fr, objectives, ref)
     table = st.front_table(study, objectives)
+    shown_ref = f" (reference {', '.join(f'{k} {v:.4g}' for k, v in ref.items())})" if ref else ""
     log(f"done: {c.complete} complete, {c.failed} failed, {c.interrupted} interrupted and re-run; "
-        f"front {len(fr)}, hypervolume {_fmt(hv)}" + (f" (reference {ref})" if ref else ""))
+        f"front {len(fr)}, hypervolume {_fmt(hv)}{shown_ref}")
     if not table.empty:
         import pandas as pd
 

@@ -433,5 +433,6 @@ def front_table(study, objectives: Sequence[str]):
         row["plan"] = label if len(label) <= 90 else label[:87] + "..."
         rows.append(row)
     df = pd.DataFrame(rows, columns=["trial", "preset", *metrics, "plan"])
+    df = df.drop(columns=[m for m in metrics if m not in objectives and df[m].isna().all()])  # e.g. --no-speed
     first = objectives[0]
     return df.sort_values(first, ascending=DIRECTIONS[first] == "minimize", kind="stable").reset_index(drop=True)

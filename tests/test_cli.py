@@ -90,3 +90,14 @@ def test_plan_flag_given_a_preset_name_points_to_preset(tmp_path, monkeypatch, c
     assert main(["flops", "--plan", "tome-r13"]) == 2
     assert capsys.readouterr().err.strip() == ("paretoken: error: plan: file 'tome-r13' does not exist; "
                                                "for the published schedule pass --preset tome-r13")
+
+
+def test_output_that_cannot_be_written_or_is_cut_short():
+    proc = subprocess.Popen([sys.executable, "-m", "paretoken.cli", "spaces", "--presets"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # a reader gone before the output came, as `| head -1` is after its line
+    assert proc.wait(timeout=60) == 1 and proc.stderr.read() == ""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "paretoken.cli", "spaces", "--presets"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr == "paretoken: error: No space left on device\n"

@@ -95,6 +95,9 @@ def test_export_cli(storage, tmp_path, capsys):
     (["front", "--study", "s", "--plot", "front.gif"], "valid: .png"),
     (["export", "--study", "s", "--trial", "6"], "trial 6 is FAIL (RuntimeError: out of memory)"),
     (["export", "--study", "s", "--best", "--max-gflops", "0.1"], "no COMPLETE trial within 0.1 GFLOPs"),
+    (["front", "--study", "s", "--objectives", "top1,peak_mem_mb"], "no COMPLETE trial has 'peak_mem_mb'"),
+    (["front", "--study", "s", "--plot", "/proc/no/front.png"], "/proc/no"),
+    (["front", "--study", "s", "--csv", "/dev/null/front.csv"], "/dev/null"),
 ])
 def test_bad_input_is_one_line_exit_2(storage, tmp_path, capsys, args, needle):
     assert main([*args, "--storage", storage]) == 2

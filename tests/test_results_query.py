@@ -279,9 +279,12 @@ def test_compare_studies(tmp_path):
     a, b = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
     make_study(a, "tpe", POINTS)
     make_study(b, "random", POINTS[:3], failed=2)
+    optuna.load_study(study_name="random", storage=b).add_trial(  # killed: no error, its plan re-run
+        optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={"plan": keep_plan(0.7).to_dict()}))
     table = query.compare([("tpe", a), ("random", b)], max_gflops=3.0)
     assert table["study"].tolist() == ["tpe", "random"]
-    assert table["trials"].tolist() == [7, 5] and table["failed"].tolist() == [1, 2]
+    assert table["trials"].tolist() == [7, 6] and table["failed"].tolist() == [1, 2]
+    assert table["interrupted"].tolist() == [0, 1]
     assert table["front_size"].tolist() == [4, 2]
     assert table["best_top1"].tolist() == [79.5, 79.5] and table["best_trial"].tolist() == [1, 1]
     assert table.attrs["reference"] == {"top1": 70.0, "gflops": 4.0}

@@ -107,6 +107,12 @@ def test_resuming_with_other_settings_is_a_one_line_error(config, tmp_path, monk
     run_search("s", space="tome", n_trials=0, eval_config=config, log=lambda _: None)
     with pytest.raises(ParetokenError, match="created with space 'tome'.*--space"):
         run_search("s", space="evit", n_trials=0, eval_config=config, log=lambda _: None)
+    import ray
+
+    assert not ray.is_initialized()
+    with pytest.raises(ParetokenError, match="created with space 'tome'"):  # said before Ray starts
+        run_search("s", space="evit", backend="ray", workers=2, n_trials=0, eval_config=config, log=lambda _: None)
+    assert not ray.is_initialized()
     with pytest.raises(ParetokenError, match="objectives top1,gflops"):
         run_search("s", space="tome", objectives="top1,kl", n_trials=0, eval_config=config, log=lambda _: None)
     other = ev.EvalConfig(**{**config.__dict__, "images": 32})
