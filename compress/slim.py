@@ -19,10 +19,14 @@ from paretoken.errors import ParetokenError
 
 
 def pyramid_plan(counts: dict[int, int], patches: int, score: str = "cls_attn") -> Plan:
-    """A slim plan keeping ``counts[layer]`` patch tokens after each listed layer (non-increasing)."""
+    """A slim plan keeping ``counts[layer]`` patch tokens after each listed layer (non-increasing).
+
+    A layer that keeps every token it gets has no stage: it would only pay for its scores.
+    """
     stages, current = [], patches
     for layer in sorted(counts):
-        stages.append(Stage(layer, "slim", r=current - counts[layer], score=score))
+        if counts[layer] < current:
+            stages.append(Stage(layer, "slim", r=current - counts[layer], score=score))
         current = counts[layer]
     return Plan(tuple(stages))
 
@@ -40,11 +44,11 @@ def smallest_passing(lo: int, hi: int, passes: Callable[[int], bool]) -> int:
 
 @torch.inference_mode()
 def fit_slim(model: torch.nn.Module, images: torch.Tensor, layers: Sequence[int], tolerance: float = 0.05,
-             score: str = "cls_attn", batch_size: int = 256) -> Plan:
+             score: str = "cls_attn", batch_size: int = 256, log: Callable[[str], None] | None = None) -> Plan:
     """Choose a slim pyramid top-down for ``model`` on calibration ``images`` (B, C, H, W).
 
-    ``layers``: the blocks that get a slim stage. Returns the plan; the model is
-    left with an empty plan applied.
+    ``layers``: the blocks that may get a slim stage. ``log`` receives a line per layer chosen.
+    Returns the plan; the model is left with an empty plan applied.
     """
     if not layers:
         raise ParetokenError("layers: no layers given; valid: block indices, e.g. 1-11")
@@ -69,5 +73,7 @@ def fit_slim(model: torch.nn.Module, images: torch.Tensor, layers: Sequence[int]
     for layer in sorted(set(layers), reverse=True):
         counts[layer] = smallest_passing(floor, patches, lambda c: kl_of(counts | {layer: c}) <= tolerance)
         floor = counts[layer]
+        if log is not None:
+            log(f"layer {layer}: {counts[layer]} of {patches} patch tokens (KL {kl_of(counts):.4f} nats)")
     apply(model, Plan())
     return pyramid_plan(counts, patches, score)

@@ -129,7 +129,9 @@ def cmd_slim(args: argparse.Namespace) -> int:
 
     model = create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained)
     images, _ = load_split(args.data, model, "calib", n=args.images, seed=args.seed)
-    plan = fit_slim(model, images, args.layers, tolerance=args.tolerance)
+    print(f"choosing a Patch Slimming pyramid top-down on {len(images)} calibration images "
+          f"(KL within {args.tolerance:g} nats of the uncompressed model)", flush=True)
+    plan = fit_slim(model, images, args.layers, tolerance=args.tolerance, log=lambda line: print(line, flush=True))
     plan.save(args.out)
     print(f"{plan.describe()}\nsaved {args.out}")
     return 0

@@ -197,7 +197,8 @@ def enqueue_presets(study, space, depth: int, presets: bool = True,
         _enqueue(study, params, plan, {"preset": name})
         names.append(name)
     if log and names:
-        log(f"enqueued first: {', '.join(names)}")
+        log(f"enqueued first: {', '.join(names)} (the first {len(names)} trials measure them; "
+            "the sampler's own plans follow)")
     return names
 
 

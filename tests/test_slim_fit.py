@@ -27,11 +27,11 @@ def test_top_down_pyramid_is_minimal_and_within_tolerance():
     tolerance = 0.02
     plan = fit_slim(model, images, layers=[2, 5, 8], tolerance=tolerance)
 
-    assert [s.layer for s in plan.stages] == [2, 5, 8] and all(s.op == "slim" for s in plan.stages)
-    counts, current = {}, 36
-    for s in plan.stages:
-        current -= s.r
-        counts[s.layer] = current
+    assert {s.layer for s in plan.stages} <= {2, 5, 8} and all(s.op == "slim" and s.r > 0 for s in plan.stages)
+    counts, current, r = {}, 36, {s.layer: s.r for s in plan.stages}
+    for layer in (2, 5, 8):  # a layer without a stage keeps what it gets
+        current -= r.get(layer, 0)
+        counts[layer] = current
     assert counts[2] >= counts[5] >= counts[8] >= 1  # never grows with depth
     assert counts[8] < 36  # it did compress
     assert _kl(model, images, plan, base) <= tolerance
