@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from paretoken.evaluators.evaluate import EvalConfig, environment
+from paretoken.evaluators.metrics import Budgets
 from paretoken.results import query
 from paretoken.search import run_search
 from paretoken.search import study as st
@@ -82,7 +83,7 @@ def main() -> None:
                 "" if args.no_budget else f"-d{args.max_top1_drop:g}")
             result = run_search(name, storage=f"sqlite:///{studies / name}.db", space=args.space,
                                 objectives=objectives, sampler=sampler, n_trials=args.trials, eval_config=config,
-                                max_top1_drop=max_top1_drop, seed=seed, log=lambda line: None)
+                                budgets=Budgets(max_top1_drop=max_top1_drop), seed=seed, log=lambda line: None)
             study = result.study
             done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
             preset_trials = [t for t in done if t.user_attrs.get("preset")]

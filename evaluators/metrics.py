@@ -1,4 +1,5 @@
-"""The metrics a plan is measured by: names (in table order), units and which way is better.
+"""The metrics a plan is measured by: names (in table order), units, which way is better,
+and the budgets that bound them.
 
 Torch-free, so that reading a study never imports torch.
 
@@ -21,6 +22,11 @@ Torch-free, so that reading a study never imports torch.
 """
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+
+from paretoken.errors import ParetokenError
+
 #: Whether a larger (``maximize``) or smaller (``minimize``) value is better, per metric, in table order.
 DIRECTIONS: dict[str, str] = {
     "top1": "maximize", "top1_drop": "minimize", "agreement": "maximize", "kl": "minimize",
@@ -32,4 +38,48 @@ METRICS: tuple[str, ...] = tuple(DIRECTIONS)
 OBJECTIVES_HELP = "; ".join(", ".join(m for m, d in DIRECTIONS.items() if d == way) + f" ({said})"
                             for way, said in (("maximize", "maximised"), ("minimize", "minimised")))
 
-__all__ = ["DIRECTIONS", "METRICS", "OBJECTIVES_HELP"]
+#: Each budget bounds one metric: budget name -> (metric, "<=" or ">=").
+BOUNDS: dict[str, tuple[str, str]] = {"max_gflops": ("gflops", "<="), "min_top1": ("top1", ">="),
+                                      "max_top1_drop": ("top1_drop", "<=")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Budgets:
+    """Bounds a plan must keep; None: no bound.
+
+    max_gflops: GFLOPs per image at most. min_top1: top-1 % at least. max_top1_drop: top-1 points
+    lost against the uncompressed model on the same images at most.
+    """
+    max_gflops: float | None = None
+    min_top1: float | None = None
+    max_top1_drop: float | None = None
+
+    def bounds(self) -> list[tuple[str, str, str, float]]:
+        """(budget, metric, "<=" or ">=", value) for each budget that is set."""
+        return [(name, metric, op, getattr(self, name)) for name, (metric, op) in BOUNDS.items()
+                if getattr(self, name) is not None]
+
+    def constraints(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """Optuna constraint values (``trial.set_constraint``): <= 0 within a budget, else by how much over."""
+        return {name: metrics[metric] - value if op == "<=" else value - metrics[metric]
+                for name, metric, op, value in self.bounds()}
+
+    def check(self) -> Budgets:
+        """``self``, or the one-line error naming the flag of a budget no plan could sensibly have."""
+        if self.max_gflops is not None and not self.max_gflops > 0:
+            raise ParetokenError(f"max-gflops: {self.max_gflops!r} is invalid; valid: > 0")
+        if self.min_top1 is not None and not 0 <= self.min_top1 <= 100:
+            raise ParetokenError(f"min-top1: {self.min_top1!r} is invalid; valid: 0..100 (%)")
+        if self.max_top1_drop is not None and not 0 <= self.max_top1_drop <= 100:
+            raise ParetokenError(f"max-top1-drop: {self.max_top1_drop!r} is invalid; valid: 0..100 (points)")
+        return self
+
+    def as_dict(self) -> dict[str, float | None]:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        """``gflops <= 0.1, top1 >= 80``; empty without budgets."""
+        return ", ".join(f"{metric} {op} {value:g}" for _, metric, op, value in self.bounds())
+
+
+__all__ = ["BOUNDS", "DIRECTIONS", "METRICS", "OBJECTIVES_HELP", "Budgets"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from paretoken.errors import ParetokenError
-from paretoken.evaluators.metrics import OBJECTIVES_HELP
+from paretoken.evaluators.metrics import BOUNDS, OBJECTIVES_HELP, Budgets
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -23,6 +23,10 @@ def _finite(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
+
+
+def _budgets(args: argparse.Namespace) -> Budgets:
+    return Budgets(args.max_gflops, args.min_top1, args.max_top1_drop)
 
 
 def _storage_args(parser: argparse.ArgumentParser) -> None:
@@ -89,15 +93,15 @@ def cmd_front(args: argparse.Namespace) -> int:
     if len(args.study) > 1:
         return _compare(args)
     df = query.load(args.study[0], args.storage)
-    drop = args.max_top1_drop
-    fr = query.front(df, args.objectives, args.max_gflops, args.min_top1, max_top1_drop=drop)
+    budgets = _budgets(args)
+    fr = query.front(df, args.objectives, budgets)
     reference = query.reference_point(df, args.objectives) if (df["state"] == "COMPLETE").any() else None
-    within = query.budget(df, args.max_gflops, args.min_top1, max_top1_drop=drop)
+    within = query.budget(df, budgets)
     hv = query.hypervolume(within, args.objectives, reference) if reference else math.nan
     if args.plot:
         from paretoken.results.plots import plot_front
 
-        plot_front(df, args.objectives, args.plot, args.max_gflops, args.min_top1, max_top1_drop=drop)
+        plot_front(df, args.objectives, args.plot, budgets)
     if args.history:
         from paretoken.results.plots import plot_hypervolume_history
 
@@ -111,29 +115,23 @@ def cmd_front(args: argparse.Namespace) -> int:
     states = df["state"].where(~df["interrupted"], "INTERRUPTED") if "interrupted" in df else df["state"]
     counts = states.value_counts().to_dict()
     settings = df.attrs.get("user_attrs", {}).get("paretoken") or {}
-    study_budgets = {k: settings[k] for k in ("max_gflops", "min_top1", "max_top1_drop")
-                     if settings.get(k) is not None}
+    study_budgets = Budgets(**{k: settings.get(k) for k in BOUNDS})
     if args.json:
         columns = ["number", "state", "preset", "plan", "plan_str", *query.METRICS,
                    *[c for c in df.columns if c.startswith("constraint:")], "feasible", "device", "duration_s"]
         print(json.dumps({"study": args.study[0], "storage": query._redact(df.attrs["storage"]),
                           "objectives": list(args.objectives),
-                          "budgets": {"max_gflops": args.max_gflops, "min_top1": args.min_top1,
-                                      "max_top1_drop": drop},
-                          "study_budgets": study_budgets,
+                          "budgets": budgets.as_dict(),
+                          "study_budgets": {k: v for k, v in study_budgets.as_dict().items() if v is not None},
                           "trials": {k: int(v) for k, v in counts.items()},
                           "reference": reference, "hypervolume": _plain(hv),
                           "front": _records(fr, columns)}, allow_nan=False))
         return 0
-    budgets = ", ".join(b for b in (f"gflops <= {args.max_gflops:g}" if args.max_gflops is not None else "",
-                                    f"top1 >= {args.min_top1:g}" if args.min_top1 is not None else "",
-                                    f"top1_drop <= {drop:g}" if drop is not None else "") if b)
     print(f"study {args.study[0]} ({query._redact(df.attrs['storage'])}): {len(df)} trials, "
           + ", ".join(f"{v} {k.lower()}" for k, v in counts.items())
           + (f"; searched with {settings['space']} space" if settings.get("space") else "")
-          + ("; study budgets " + ", ".join(f"{k} {v:g}" for k, v in study_budgets.items())
-             + " (infeasible trials leave the front)" if study_budgets else ""))
-    print(f"front on {', '.join(args.objectives)}" + (f" within {budgets}" if budgets else "")
+          + (f"; study budgets {study_budgets} (infeasible trials leave the front)" if str(study_budgets) else ""))
+    print(f"front on {', '.join(args.objectives)}" + (f" within {budgets}" if str(budgets) else "")
           + f": {len(fr)} trials" + (f"; hypervolume {hv:.4g} (reference "
                                      + ", ".join(f"{k} {v:.4g}" for k, v in reference.items()) + ")"
                                      if reference else ""))
@@ -148,8 +146,7 @@ def cmd_front(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from paretoken.results import query
 
-    table = query.compare([(name, args.storage) for name in args.study], args.objectives, args.max_gflops,
-                          args.min_top1, max_top1_drop=args.max_top1_drop)
+    table = query.compare([(name, args.storage) for name in args.study], args.objectives, _budgets(args))
     if args.csv:
         table.to_csv(args.csv, index=False)
     if args.json:
@@ -157,8 +154,8 @@ def _compare(args: argparse.Namespace) -> int:
                          allow_nan=False))
         return 0
     print("reference " + ", ".join(f"{k} {v:.4g}" for k, v in table.attrs["reference"].items()))
-    print(_table(table, ("study", "trials", "complete", "failed", "interrupted", "front_size", "best_top1", "best_gflops",
-                         "best_trial", "hypervolume", "best_plan")))
+    print(_table(table, ("study", "trials", "complete", "failed", "interrupted", "front_size", "best_top1",
+                         "best_gflops", "best_trial", "hypervolume", "best_plan")))
     return 0
 
 
@@ -230,8 +227,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from paretoken.compress.plan import load_plan
     from paretoken.results.export import export
 
-    path = export(args.study, args.storage, trial=args.trial, best=args.best, max_gflops=args.max_gflops,
-                  min_top1=args.min_top1, out=args.out, max_top1_drop=args.max_top1_drop, cheapest=args.cheapest)
+    path = export(args.study, args.storage, trial=args.trial, best=args.best, budgets=_budgets(args), out=args.out,
+                  cheapest=args.cheapest)
     meta = load_plan(path).meta
     metrics = meta["metrics"]
     shown = ", ".join(f"{k} {format_metric(k, float(metrics[k]))}" for k in ("top1", "agreement", "gflops", "img_per_s")

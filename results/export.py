@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from paretoken.errors import ParetokenError
+from paretoken.evaluators.metrics import Budgets
 from paretoken.results import query
 
 _EVALUATION_KEYS = ("images", "seed", "skip", "batch_size", "flops_images")  # what meta.evaluation records
@@ -114,19 +115,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def choose_trial(df, trial: int | None = None, best: bool = False, max_gflops: float | None = None,
-                 min_top1: float | None = None, max_top1_drop: float | None = None, *, cheapest: bool = False):
-    """The row of ``df`` to export: trial number ``trial``; with ``best``, the best top1 within the
-    budgets; with ``cheapest``, the fewest GFLOPs within them (ties: the better top1)."""
+def choose_trial(df, trial: int | None = None, best: bool = False, budgets: Budgets | None = None, *,
+                 cheapest: bool = False):
+    """The row of ``df`` to export: trial number ``trial``; with ``best``, the best top1 within
+    ``budgets``; with ``cheapest``, the fewest GFLOPs within them (ties: the better top1)."""
     if (trial is not None) + best + cheapest != 1:
         raise ParetokenError("export: give exactly one of --trial N, --best or --cheapest")
-    limits = [f for f in (f"{max_gflops:g} GFLOPs" if max_gflops is not None else "",
-                          f"top1 >= {min_top1:g}" if min_top1 is not None else "",
-                          f"top1_drop <= {max_top1_drop:g}" if max_top1_drop is not None else "") if f]
+    limits = str(budgets or "")
     if best or cheapest:
-        row = query.best(df, "top1" if best else "gflops", max_gflops, min_top1, max_top1_drop=max_top1_drop)
+        row = query.best(df, "top1" if best else "gflops", budgets)
         if row is None:
-            within = " within " + " and ".join(limits) if limits else ""
+            within = f" within {limits}" if limits else ""
             low = df.loc[df["state"] == "COMPLETE", "gflops"].min() if len(df) else math.nan
             hint = f"; the fewest GFLOPs of a COMPLETE trial is {low:.4g}" if not math.isnan(low) else ""
             raise ParetokenError(f"export: no COMPLETE trial{within}{hint}")
@@ -189,9 +188,8 @@ def export_meta(study, row, storage: str) -> dict[str, Any]:
 
 
 def export(study: str, storage: str | None = None, trial: int | None = None, best: bool = False,
-           max_gflops: float | None = None, min_top1: float | None = None,
-           out: str | Path = "plan.yaml", max_top1_drop: float | None = None, *, cheapest: bool = False) -> Path:
-    """Write trial ``trial`` of ``study`` (or, with ``best``, the best top1 within the budgets; with
+           budgets: Budgets | None = None, out: str | Path = "plan.yaml", *, cheapest: bool = False) -> Path:
+    """Write trial ``trial`` of ``study`` (or, with ``best``, the best top1 within ``budgets``; with
     ``cheapest``, the fewest GFLOPs within them) as a plan file with ``meta`` (model, weights, input
     size, metrics, provenance); returns its path.
 
@@ -202,7 +200,7 @@ def export(study: str, storage: str | None = None, trial: int | None = None, bes
     storage = storage or query.default_storage(study)
     opened = query.load_study(study, storage)
     df = query.trials_frame(opened)
-    row = choose_trial(df, trial, best, max_gflops, min_top1, max_top1_drop, cheapest=cheapest)
+    row = choose_trial(df, trial, best, budgets, cheapest=cheapest)
     if not isinstance(row["plan"], Mapping):
         raise ParetokenError(f"export: trial {int(row['number'])} stores no plan (user attr 'plan')")
     plan = Plan.from_dict({k: v for k, v in row["plan"].items() if k != "meta"})

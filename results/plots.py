@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from paretoken.errors import ParetokenError
+from paretoken.evaluators.metrics import Budgets
 from paretoken.results import query
 
 _STATIC = (".png", ".svg", ".pdf")
@@ -37,32 +38,29 @@ def plot_suffix(path: str | Path) -> str:
     return suffix
 
 
-def _budget_lines(objectives: Sequence[str], max_gflops: float | None, min_top1: float | None,
-                  max_top1_drop: float | None = None, base_top1: float | None = None):
+def _budget_lines(objectives: Sequence[str], budgets: Budgets | None, base_top1: float | None = None):
     """(axis 'x'|'y', value, label) for each budget on a plotted objective; ``max_top1_drop`` is
-    drawn as a top-1 floor ``max_top1_drop`` points below ``base_top1`` (the uncompressed model's)."""
-    x, y = objectives[1], objectives[0]
+    drawn as a top-1 floor that many points below ``base_top1`` (the uncompressed model's)."""
+    axes = {objectives[1]: "x", objectives[0]: "y"}
     lines = []
-    floor = base_top1 - max_top1_drop if max_top1_drop is not None and base_top1 is not None else None
-    for name, value, label in (("gflops", max_gflops, f"max {max_gflops:g} GFLOPs" if max_gflops is not None else ""),
-                               ("top1", min_top1, f"min top-1 {min_top1:g}%" if min_top1 is not None else ""),
-                               ("top1", floor, f"max top-1 drop {max_top1_drop:g}" if floor is not None else "")):
-        if value is None:
-            continue
-        if name == x:
-            lines.append(("x", value, label))
-        elif name == y:
-            lines.append(("y", value, label))
+    for name, metric, op, value in (budgets or Budgets()).bounds():
+        label = f"{metric} {op} {value:g}"
+        if metric == "top1_drop":
+            if base_top1 is None:
+                continue
+            metric, value = "top1", base_top1 - value
+        if metric in axes:
+            lines.append((axes[metric], value, label))
     return lines
 
 
-def _parts(df: pd.DataFrame, objectives, max_gflops, min_top1, max_top1_drop=None):
+def _parts(df: pd.DataFrame, objectives, budgets: Budgets | None):
     objectives = query._check_objectives(objectives, df)
     if len(objectives) < 2:
         raise ParetokenError("plot: needs at least two objectives (the first is drawn on y, the second on x)")
     x, y = objectives[1], objectives[0]
     done = df[(df["state"] == "COMPLETE") & df[x].notna() & df[y].notna()]
-    fr = query.front(df, objectives, max_gflops, min_top1, max_top1_drop=max_top1_drop).sort_values(x)
+    fr = query.front(df, objectives, budgets).sort_values(x)
     rest = done.drop(index=fr.index)
     presets = query.preset_rows(done) if "preset" in done.columns else done.iloc[:0]
     base = done[done["plan"].map(lambda p: isinstance(p, Mapping) and not p.get("stages"))] \
@@ -80,25 +78,25 @@ def _title(df: pd.DataFrame, fr: pd.DataFrame, done: pd.DataFrame, title: str | 
 
 
 def plot_front(df: pd.DataFrame, objectives: Sequence[str] | str = query.DEFAULT_OBJECTIVES,
-               path: str | Path = "front.png", max_gflops: float | None = None, min_top1: float | None = None,
-               title: str | None = None, *, max_top1_drop: float | None = None) -> Path:
+               path: str | Path = "front.png", budgets: Budgets | None = None, title: str | None = None) -> Path:
     """Draw the front of ``df`` on ``objectives`` to ``path`` (.png/.svg/.pdf or .html); returns the path.
 
     With more than two objectives the front is non-dominated on all of them and drawn on the first two.
+    The front is taken within ``budgets``, which are drawn as lines where they bound a plotted objective.
     """
     suffix = plot_suffix(path)
-    objectives, x, y, done, fr, rest, presets, base = _parts(df, objectives, max_gflops, min_top1, max_top1_drop)
+    objectives, x, y, done, fr, rest, presets, base = _parts(df, objectives, budgets)
     if done.empty:
         raise ParetokenError("plot: the study has no COMPLETE trial with " + " and ".join((y, x)))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     heading = _title(df, fr, done, title)
     base_top1 = float(base["top1"].iloc[0]) if len(base) and "top1" in base else None
-    budgets = _budget_lines(objectives, max_gflops, min_top1, max_top1_drop, base_top1)
+    lines = _budget_lines(objectives, budgets, base_top1)
     if suffix == ".html":
-        _front_html(df, x, y, fr, rest, presets, base, budgets, heading, path)
+        _front_html(df, x, y, fr, rest, presets, base, lines, heading, path)
     else:
-        _front_static(x, y, fr, rest, presets, base, budgets, heading, path)
+        _front_static(x, y, fr, rest, presets, base, lines, heading, path)
     return path
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from paretoken.errors import ParetokenError
-from paretoken.evaluators.metrics import METRICS
+from paretoken.evaluators.metrics import METRICS, Budgets
 from paretoken.search.study import DEFAULT_OBJECTIVES, DIRECTIONS, UNCOMPRESSED, check_objectives, reference_value
 
 #: Whether each objective is maximised (True) or minimised (False).
@@ -291,21 +291,17 @@ def losses(df: pd.DataFrame, objectives: Sequence[str]) -> np.ndarray:
                             for o in objectives]) if len(df) else np.empty((0, len(objectives)))
 
 
-def budget(df: pd.DataFrame, max_gflops: float | None = None, min_top1: float | None = None,
-           feasible_only: bool = True, *, max_top1_drop: float | None = None) -> pd.DataFrame:
-    """The COMPLETE rows within the budgets (``gflops <= max_gflops``, ``top1 >= min_top1``,
-    ``top1_drop <= max_top1_drop``: top-1 points lost against the uncompressed model on the same
-    images) and, with ``feasible_only``, within the study's own constraints (column ``feasible``),
-    as the search's front is."""
+def budget(df: pd.DataFrame, budgets: Budgets | None = None, feasible_only: bool = True) -> pd.DataFrame:
+    """The COMPLETE rows within ``budgets`` and, with ``feasible_only``, within the study's own
+    constraints (column ``feasible``), as the search's front is. A study from before a budget's
+    metric (no such column) has no row within that budget."""
     keep = df["state"] == "COMPLETE" if "state" in df.columns else pd.Series(True, index=df.index)
     if feasible_only and "feasible" in df.columns:
         keep &= df["feasible"].astype(bool)
-    if max_gflops is not None:
-        keep &= df["gflops"] <= max_gflops
-    if min_top1 is not None:
-        keep &= df["top1"] >= min_top1
-    if max_top1_drop is not None:
-        keep &= df["top1_drop"] <= max_top1_drop if "top1_drop" in df.columns else False
+    for _, metric, op, value in (budgets or Budgets()).bounds():
+        if metric not in df.columns:
+            return df[keep & False]
+        keep &= df[metric] <= value if op == "<=" else df[metric] >= value
     return df[keep]
 
 
@@ -345,9 +341,8 @@ def non_dominated(points: np.ndarray) -> np.ndarray:
     return mask
 
 
-def front(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJECTIVES, max_gflops: float | None = None,
-          min_top1: float | None = None, feasible_only: bool = True, *,
-          max_top1_drop: float | None = None) -> pd.DataFrame:
+def front(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJECTIVES, budgets: Budgets | None = None,
+          feasible_only: bool = True) -> pd.DataFrame:
     """The non-dominated COMPLETE rows of ``df`` on ``objectives`` within the budgets (and, with
     ``feasible_only``, the study's constraints: infeasible trials stay in the table but leave the front).
 
@@ -356,7 +351,7 @@ def front(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJECTIVES
     the first objective, best first.
     """
     objectives = _check_objectives(objectives, df)
-    rows = budget(df, max_gflops, min_top1, feasible_only, max_top1_drop=max_top1_drop)
+    rows = budget(df, budgets, feasible_only)
     points = losses(rows, objectives)
     finite = np.all(np.isfinite(points), axis=1) if len(rows) else np.zeros(0, dtype=bool)
     rows, points = rows[finite], points[finite]
@@ -411,8 +406,9 @@ def reference_point(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_
         if math.isnan(value):
             column = done[o].dropna()
             if column.empty:
+                measured = [c for c in METRICS if c in done and done[c].notna().any()]
                 raise ParetokenError(f"objectives: no COMPLETE trial has {o!r} (not measured in this study); "
-                                     f"valid here: {', '.join(c for c in METRICS if c in done and done[c].notna().any())}")
+                                     f"valid here: {', '.join(measured)}")
             value = column.min() if MAXIMIZE[o] else column.max()
         ref[o] = float(value)
     return ref
@@ -487,12 +483,11 @@ def hypervolume_history(df: pd.DataFrame, objectives: Sequence[str] | str = DEFA
                          "hypervolume": values})
 
 
-def best(df: pd.DataFrame, metric: str = "top1", max_gflops: float | None = None,
-         min_top1: float | None = None, *, max_top1_drop: float | None = None) -> pd.Series | None:
+def best(df: pd.DataFrame, metric: str = "top1", budgets: Budgets | None = None) -> pd.Series | None:
     """The COMPLETE row with the best ``metric`` within the budgets (ties: fewer GFLOPs, or for
     ``metric="gflops"`` the higher top1, then the earlier trial); None when no row fits."""
     _check_objectives([metric], df)
-    rows = budget(df, max_gflops, min_top1, max_top1_drop=max_top1_drop).dropna(subset=[metric])
+    rows = budget(df, budgets).dropna(subset=[metric])
     if rows.empty:
         return None
     tie = "top1" if metric == "gflops" else "gflops"
@@ -501,10 +496,8 @@ def best(df: pd.DataFrame, metric: str = "top1", max_gflops: float | None = None
 
 
 def compare(studies: Sequence[tuple[str, str | None]] | Sequence[str],
-            objectives: Sequence[str] | str = DEFAULT_OBJECTIVES, max_gflops: float | None = None,
-            min_top1: float | None = None,
-            reference: Mapping[str, float] | Sequence[float] | None = None, *,
-            max_top1_drop: float | None = None) -> pd.DataFrame:
+            objectives: Sequence[str] | str = DEFAULT_OBJECTIVES, budgets: Budgets | None = None,
+            reference: Mapping[str, float] | Sequence[float] | None = None) -> pd.DataFrame:
     """One table of several studies: trials, complete, failed, interrupted, front size, best top1 within the budgets
     (and its GFLOPs and plan), hypervolume against one shared reference point.
 
@@ -521,8 +514,8 @@ def compare(studies: Sequence[tuple[str, str | None]] | Sequence[str],
         reference = reference_point(pd.concat([f for _, f in frames], ignore_index=True), objectives)
     rows = []
     for name, df in frames:
-        within = budget(df, max_gflops, min_top1, max_top1_drop=max_top1_drop)
-        top = best(df, "top1", max_gflops, min_top1, max_top1_drop=max_top1_drop) if "top1" in df else None
+        within = budget(df, budgets)
+        top = best(df, "top1", budgets) if "top1" in df else None
         rows.append({
             "study": name,
             "storage": _redact(df.attrs.get("storage", "")),
@@ -531,7 +524,7 @@ def compare(studies: Sequence[tuple[str, str | None]] | Sequence[str],
             "failed": int(((df["state"] == "FAIL") & ~df["interrupted"]).sum()),
             "interrupted": int(df["interrupted"].sum()),  # killed or Ctrl-C, their plans re-run
             "within_budget": len(within),
-            "front_size": len(front(df, objectives, max_gflops, min_top1, max_top1_drop=max_top1_drop)),
+            "front_size": len(front(df, objectives, budgets)),
             "best_top1": math.nan if top is None else float(top["top1"]),
             "best_gflops": math.nan if top is None else float(top["gflops"]),
             "best_trial": None if top is None else int(top["number"]),
@@ -543,6 +536,6 @@ def compare(studies: Sequence[tuple[str, str | None]] | Sequence[str],
     return out
 
 
-__all__ = ["DEFAULT_OBJECTIVES", "MAXIMIZE", "METRICS", "best", "budget", "compare", "default_storage", "dominating",
-           "front", "hypervolume", "hypervolume_history", "load", "load_study", "losses", "non_dominated", "open_storage",
-           "plan_label", "reference_point", "study_names", "trials_frame"]
+__all__ = ["DEFAULT_OBJECTIVES", "MAXIMIZE", "METRICS", "Budgets", "best", "budget", "compare", "default_storage",
+           "dominating", "front", "hypervolume", "hypervolume_history", "load", "load_study", "losses", "non_dominated",
+           "open_storage", "plan_label", "reference_point", "study_names", "trials_frame"]

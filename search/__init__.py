@@ -1,9 +1,9 @@
 """paretoken.search: multi-objective searches over plans, kept in an Optuna study.
 
-    from paretoken.search import run_search
+    from paretoken.search import Budgets, run_search
     from paretoken.evaluators.evaluate import EvalConfig
     result = run_search("demo", space="mixed", objectives=("top1", "gflops"), n_trials=40,
-                        backend="local", eval_config=EvalConfig(images=500))
+                        backend="local", budgets=Budgets(max_top1_drop=2), eval_config=EvalConfig(images=500))
     print(result.front)
 
 The study (default ``sqlite:///studies/<study>.db``; ``journal:PATH``; ``postgresql://...``) is the
@@ -12,6 +12,7 @@ heavy parts (Optuna, torch, Ray) load on first use.
 """
 from __future__ import annotations
 
+from paretoken.evaluators.metrics import Budgets
 from paretoken.search.storage import default_storage, open_storage
 
 _LAZY = {
@@ -37,4 +38,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'paretoken.search' has no attribute {name!r}")
 
 
-__all__ = ["default_storage", "open_storage", *_LAZY]
+__all__ = ["Budgets", "default_storage", "open_storage", *_LAZY]

@@ -9,7 +9,7 @@ import argparse
 import json
 
 from paretoken.errors import ParetokenError
-from paretoken.evaluators.metrics import OBJECTIVES_HELP
+from paretoken.evaluators.metrics import OBJECTIVES_HELP, Budgets
 
 SPACE_NAMES = ("tome", "evit", "dynamicvit", "asvit", "jmp", "slim", "mixed")  # kept in step with spaces.SPACES
 
@@ -103,18 +103,18 @@ def cmd_search(args: argparse.Namespace) -> int:
                         images=args.images, batch_size=min(args.batch_size, args.images),
                         flops_images=max(1, min(args.flops_images, args.images)),
                         device=device_name(args.device), speed=not args.no_speed)
+    budgets = Budgets(args.max_gflops, args.min_top1, args.max_top1_drop)
     result = run_search(args.study, storage=args.storage, space=args.space, objectives=args.objectives,
                         sampler=args.sampler, n_trials=args.trials, backend=args.backend, workers=workers,
                         ray_address=args.ray_address, cpus_per_trial=args.cpus_per_trial,
-                        gpus_per_trial=args.gpus_per_trial, max_gflops=args.max_gflops, min_top1=args.min_top1,
-                        max_top1_drop=args.max_top1_drop, eval_config=config, seed=args.seed,
+                        gpus_per_trial=args.gpus_per_trial, budgets=budgets, eval_config=config, seed=args.seed,
                         presets=not args.no_presets, heartbeat_s=args.heartbeat)
     if args.plot:
         from paretoken.results.plots import plot_front
         from paretoken.results.query import trials_frame
 
         path = plot_front(trials_frame(result.study), list(result.study.user_attrs.get("objectives")), args.plot,
-                          max_gflops=args.max_gflops, min_top1=args.min_top1, max_top1_drop=args.max_top1_drop)
+                          budgets=budgets)
         print(f"front plot: {path}", flush=True)
     return 0
 

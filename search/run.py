@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from paretoken.errors import ParetokenError
-from paretoken.evaluators.metrics import METRICS
+from paretoken.evaluators.metrics import METRICS, Budgets
 from paretoken.search import study as st
 from paretoken.search.storage import check_study_name, default_storage, open_storage, redact
 from paretoken.search.worker import config_to_dict, nan_objectives, run_trial
@@ -205,13 +205,7 @@ def _check_inputs(objectives, backend, workers, n_trials, cpus_per_trial, gpus_p
         raise ParetokenError(f"cpus-per-trial: {cpus_per_trial!r} is invalid; valid: > 0")
     if gpus_per_trial is not None and not gpus_per_trial >= 0:
         raise ParetokenError(f"gpus-per-trial: {gpus_per_trial!r} is invalid; valid: >= 0")
-    max_gflops, min_top1, max_drop = budgets["max_gflops"], budgets["min_top1"], budgets["max_top1_drop"]
-    if max_gflops is not None and not max_gflops > 0:
-        raise ParetokenError(f"max-gflops: {max_gflops!r} is invalid; valid: > 0")
-    if min_top1 is not None and not 0 <= min_top1 <= 100:
-        raise ParetokenError(f"min-top1: {min_top1!r} is invalid; valid: 0..100 (%)")
-    if max_drop is not None and not 0 <= max_drop <= 100:
-        raise ParetokenError(f"max-top1-drop: {max_drop!r} is invalid; valid: 0..100 (points)")
+    budgets.check()
     if not config.speed:
         for o in objectives:
             if o in st.SPEED_OBJECTIVES:
@@ -225,8 +219,8 @@ def _check_inputs(objectives, backend, workers, n_trials, cpus_per_trial, gpus_p
 def run_search(study_name: str, storage: str | None = None, space: str = "mixed",
                objectives: Sequence[str] | str = st.DEFAULT_OBJECTIVES, sampler: str = "tpe", n_trials: int = 40,
                backend: str = "local", workers: int = 1, ray_address: str | None = None,
-               cpus_per_trial: float = 1.0, gpus_per_trial: float | None = None, max_gflops: float | None = None,
-               min_top1: float | None = None, max_top1_drop: float | None = None, eval_config=None, seed: int = 0,
+               cpus_per_trial: float = 1.0, gpus_per_trial: float | None = None, budgets: Budgets | None = None,
+               eval_config=None, seed: int = 0,
                presets: bool = True, heartbeat_s: int = 10, grace_s: int | None = None, poll_s: float = 1.0,
                log: Callable[[str], None] | None = None) -> SearchResult:
     """Run (or resume) study ``study_name`` until it holds ``n_trials`` finished trials.
@@ -240,8 +234,8 @@ def run_search(study_name: str, storage: str | None = None, space: str = "mixed"
     backend: ``local`` (in process, one trial at a time) or ``ray`` (Ray Tune trials, ``workers`` at
       once, with ``cpus_per_trial``/``gpus_per_trial`` each, on a local Ray or ``ray_address``; default
       one GPU per trial when the evaluation device is CUDA).
-    max_gflops / min_top1 / max_top1_drop: budgets (GFLOPs per image at most; top-1 % at least; top-1
-      points lost against the uncompressed model at most), recorded as Optuna constraints
+    budgets: :class:`~paretoken.evaluators.metrics.Budgets` (GFLOPs per image at most; top-1 % at least;
+      top-1 points lost against the uncompressed model at most), recorded as Optuna constraints
       (``trial.set_constraint``): infeasible trials stay in the study but leave the front, and the
       samplers learn to avoid them.
     eval_config: :class:`paretoken.evaluators.evaluate.EvalConfig` (default: EvalConfig()).
@@ -263,7 +257,7 @@ def run_search(study_name: str, storage: str | None = None, space: str = "mixed"
     config = eval_config if eval_config is not None else EvalConfig()
     if sampler not in st.SAMPLERS:
         raise ParetokenError(f"sampler: {sampler!r} is unknown; valid: {', '.join(st.SAMPLERS)}")
-    budgets = {"max_gflops": max_gflops, "min_top1": min_top1, "max_top1_drop": max_top1_drop}
+    budgets = budgets if budgets is not None else Budgets()
     _check_inputs(objectives, backend, workers, n_trials, cpus_per_trial, gpus_per_trial, budgets, config)
     if isinstance(heartbeat_s, bool) or not isinstance(heartbeat_s, int) or heartbeat_s < 1:
         raise ParetokenError(f"heartbeat: {heartbeat_s!r} is invalid; valid: an integer >= 1 (seconds)")
@@ -486,12 +480,8 @@ class _LoopState:
                 if bad:
                     error = f"objective {', '.join(bad)} is not a finite number (NaN or missing)"
             if error is None:
-                if self.budgets["max_gflops"] is not None:
-                    trial.set_constraint("max_gflops", metrics["gflops"] - self.budgets["max_gflops"])
-                if self.budgets["min_top1"] is not None:
-                    trial.set_constraint("min_top1", self.budgets["min_top1"] - metrics["top1"])
-                if self.budgets["max_top1_drop"] is not None:
-                    trial.set_constraint("max_top1_drop", metrics["top1_drop"] - self.budgets["max_top1_drop"])
+                for name, excess in self.budgets.constraints(metrics).items():
+                    trial.set_constraint(name, excess)
                 told = self.study.tell(trial, [metrics[o] for o in self.objectives], skip_if_finished=True)
             else:
                 trial.set_user_attr("error", error)

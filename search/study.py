@@ -19,7 +19,7 @@ import numpy as np
 import optuna
 
 from paretoken.errors import ParetokenError
-from paretoken.evaluators.metrics import DIRECTIONS
+from paretoken.evaluators.metrics import DIRECTIONS, Budgets
 
 DEFAULT_OBJECTIVES = ("top1", "gflops")
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
@@ -130,12 +130,12 @@ def make_sampler(name: str, seed: int = 0, objectives: Sequence[str] = DEFAULT_O
 
 
 # --------------------------------------------------------------------------- create / resume
-def study_settings(space: str, objectives: Sequence[str], budgets: dict[str, float | None],
+def study_settings(space: str, objectives: Sequence[str], budgets: Budgets,
                    config: dict[str, Any], depth: int, heartbeat_s: int, grace_s: int) -> dict[str, Any]:
     """What a resumed study must match: space, objectives, budgets (max_gflops, min_top1, max_top1_drop),
     measurement, model depth, and the heartbeat and grace period (s) by which every process judges
     the others' running trials (a process with a shorter grace would fail live trials as stale)."""
-    return {"space": space, "objectives": list(objectives), **budgets,
+    return {"space": space, "objectives": list(objectives), **budgets.as_dict(),
             "measurement": {k: config.get(k) for k in MEASUREMENT_KEYS}, "depth": depth,
             "heartbeat_s": heartbeat_s, "grace_s": grace_s}
 

@@ -16,6 +16,7 @@ import yaml
 import paretoken
 from paretoken.errors import ParetokenError
 from paretoken.evaluators import evaluate as ev
+from paretoken.evaluators.metrics import Budgets
 from paretoken.evaluators.models import build_default_architecture
 from paretoken.results import export as ex
 from paretoken.results import query
@@ -132,15 +133,16 @@ def test_exported_plans_rebuild_the_same_model_in_a_fresh_process(measured, tmp_
 def test_best_within_a_budget(measured, tmp_path):
     df = query.load("real", measured["storage"])
     full = df.loc[0, "gflops"]
-    path = ex.export("real", measured["storage"], best=True, max_gflops=full - 1e-6, out=tmp_path / "best.json")
+    path = ex.export("real", measured["storage"], best=True, budgets=Budgets(max_gflops=full - 1e-6),
+                     out=tmp_path / "best.json")
     meta = paretoken.load_plan(path).meta
     compressed = df[(df["state"] == "COMPLETE") & (df["gflops"] < full)]
     expected = compressed.sort_values(["top1", "gflops", "number"], ascending=[False, True, True]).iloc[0]
     assert meta["provenance"]["trial"] == expected["number"]
     assert json.loads(path.read_text())["meta"]["metrics"]["top1"] == expected["top1"]
     drop = float(compressed["top1_drop"].max())  # the worst compressed trial is still in
-    within = ex.export("real", measured["storage"], best=True, max_gflops=full - 1e-6, max_top1_drop=drop,
-                       out=tmp_path / "drop.json")
+    within = ex.export("real", measured["storage"], best=True,
+                       budgets=Budgets(max_gflops=full - 1e-6, max_top1_drop=drop), out=tmp_path / "drop.json")
     assert paretoken.load_plan(within).meta["provenance"]["trial"] == expected["number"]
     whole = ex.export("real", measured["storage"], best=True, out=tmp_path / "any.yaml")
     assert yaml.safe_load(whole.read_text())["meta"]["metrics"]["top1"] == df["top1"].max()
@@ -150,7 +152,7 @@ def test_cheapest_within_a_top1_drop(measured, tmp_path):
     df = query.load("real", measured["storage"])
     done = [r for r in df.to_dict("records") if r["state"] == "COMPLETE"]
     for drop in sorted({r["top1_drop"] for r in done}):
-        path = ex.export("real", measured["storage"], cheapest=True, max_top1_drop=drop,
+        path = ex.export("real", measured["storage"], cheapest=True, budgets=Budgets(max_top1_drop=drop),
                          out=tmp_path / f"cheapest-{drop}.json")
         fits = [r for r in done if r["top1_drop"] <= drop]
         low = min(r["gflops"] for r in fits)
@@ -168,11 +170,11 @@ def test_bad_exports_are_one_line(measured, tmp_path):
         (dict(), "exactly one of --trial N, --best or --cheapest"),
         (dict(trial=1, best=True), "exactly one of"),
         (dict(best=True, cheapest=True), "exactly one of"),
-        (dict(best=True, max_gflops=1e-6), "no COMPLETE trial within 1e-06 GFLOPs"),
-        (dict(trial=1, max_gflops=1.0), "go with --best or --cheapest"),
-        (dict(trial=1, max_top1_drop=1.0), "go with --best or --cheapest"),
-        (dict(cheapest=True, min_top1=101.0), "no COMPLETE trial within top1 >= 101"),
-        (dict(best=True, max_top1_drop=-1.0), "no COMPLETE trial within top1_drop <= -1"),
+        (dict(best=True, budgets=Budgets(max_gflops=1e-6)), "no COMPLETE trial within gflops <= 1e-06"),
+        (dict(trial=1, budgets=Budgets(max_gflops=1.0)), "go with --best or --cheapest"),
+        (dict(trial=1, budgets=Budgets(max_top1_drop=1.0)), "go with --best or --cheapest"),
+        (dict(cheapest=True, budgets=Budgets(min_top1=101.0)), "no COMPLETE trial within top1 >= 101"),
+        (dict(best=True, budgets=Budgets(max_top1_drop=-1.0)), "no COMPLETE trial within top1_drop <= -1"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ParetokenError, match=message.replace("(", r"\(").replace(")", r"\)")):

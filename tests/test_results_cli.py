@@ -94,7 +94,7 @@ def test_export_cli(storage, tmp_path, capsys):
     (["front", "--study", "s", "--objectives", "top1,acc"], "objectives: 'acc' is unknown; valid: top1"),
     (["front", "--study", "s", "--plot", "front.gif"], "valid: .png"),
     (["export", "--study", "s", "--trial", "6"], "trial 6 is FAIL (RuntimeError: out of memory)"),
-    (["export", "--study", "s", "--best", "--max-gflops", "0.1"], "no COMPLETE trial within 0.1 GFLOPs"),
+    (["export", "--study", "s", "--best", "--max-gflops", "0.1"], "no COMPLETE trial within gflops <= 0.1"),
     (["front", "--study", "s", "--objectives", "top1,peak_mem_mb"], "no COMPLETE trial has 'peak_mem_mb'"),
     (["front", "--study", "s", "--plot", "/proc/no/front.png"], "/proc/no"),
     (["front", "--study", "s", "--csv", "/dev/null/front.csv"], "/dev/null"),

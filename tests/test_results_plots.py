@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from paretoken.errors import ParetokenError
+from paretoken.evaluators.metrics import Budgets
 from paretoken.results import plots, query
 from test_results_query import POINTS, make_study
 
@@ -35,27 +36,34 @@ def _figure(html: str) -> list[dict]:
 
 
 def test_front_png(df, tmp_path):
-    path = plots.plot_front(df, ("top1", "gflops"), tmp_path / "out" / "front.png", max_gflops=3.0, min_top1=70)
+    path = plots.plot_front(df, ("top1", "gflops"), tmp_path / "out" / "front.png",
+                            budgets=Budgets(max_gflops=3.0, min_top1=70))
     image = matplotlib.image.imread(path)
     assert image.ndim == 3 and image.shape[0] > 400 and image.shape[1] > 600
     assert image[..., :3].std() > 0.05  # something is drawn
 
 
 def test_front_html_has_front_presets_and_budgets(df, tmp_path):
-    path = plots.plot_front(df, "top1,gflops", tmp_path / "front.html", max_gflops=2.6)
+    path = plots.plot_front(df, "top1,gflops", tmp_path / "front.html", budgets=Budgets(max_gflops=2.6))
     html = path.read_text()
     traces = {t["name"]: t for t in _figure(html)}
-    front = query.front(df, max_gflops=2.6).sort_values("gflops")
+    front = query.front(df, budgets=Budgets(max_gflops=2.6)).sort_values("gflops")
     assert traces[f"front ({len(front)})"]["x"] == front["gflops"].tolist()
     assert sorted(traces["published presets"]["text"]) == ["evit-0.7", "tome-r13"]
-    assert "uncompressed" in traces and "max 2.6 GFLOPs" in html
+    assert "uncompressed" in traces and plots._budget_lines(("top1", "gflops"), Budgets(max_gflops=2.6)) == [
+        ("x", 2.6, "gflops <= 2.6")]
+    assert "gflops <= 2.6" in html.replace("\\u003c", "<")  # the line's label (plotly escapes "<" in HTML)
     dominated = traces["dominated / over budget"]
     assert len(dominated["x"]) == (df["state"] == "COMPLETE").sum() - len(front)
 
-    html = plots.plot_front(df, "top1,gflops", tmp_path / "drop.html", max_top1_drop=2.0).read_text()
+    html = plots.plot_front(df, "top1,gflops", tmp_path / "drop.html", budgets=Budgets(max_top1_drop=2.0))\
+        .read_text()
     traces = {t["name"]: t for t in _figure(html)}
-    assert traces["front (3)"]["y"] == sorted(query.front(df, max_top1_drop=2.0)["top1"].tolist())
-    assert "max top-1 drop 2" in html
+    assert traces["front (3)"]["y"] == sorted(query.front(df, budgets=Budgets(max_top1_drop=2.0))["top1"].tolist())
+    # the drop is drawn as a top-1 floor below the uncompressed model's top-1
+    assert plots._budget_lines(("top1", "gflops"), Budgets(max_top1_drop=2.0), base_top1=80.0) == [
+        ("y", 78.0, "top1_drop <= 2")]
+    assert plots._budget_lines(("top1", "gflops"), Budgets(max_top1_drop=2.0)) == []  # no uncompressed trial
 
 
 def test_hypervolume_history_png_and_html(df, tmp_path):

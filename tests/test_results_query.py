@@ -16,6 +16,7 @@ import pytest
 
 import paretoken
 from paretoken.errors import ParetokenError
+from paretoken.evaluators.metrics import Budgets
 from paretoken.results import query
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -204,11 +205,11 @@ def test_front_matches_brute_force(seed, objectives):
 @pytest.mark.parametrize("seed", range(4))
 def test_front_budgets(seed):
     df = random_frame(seed)
-    got = query.front(df, ("top1", "gflops"), max_gflops=2.5, min_top1=3.0)
+    got = query.front(df, ("top1", "gflops"), budgets=Budgets(max_gflops=2.5, min_top1=3.0))
     within = df[(df["gflops"] <= 2.5) & (df["top1"] >= 3.0)]
     assert set(got["number"]) == brute_force_front(within, ("top1", "gflops"))
     assert (got["gflops"] <= 2.5).all() and (got["top1"] >= 3.0).all()
-    got = query.front(df, ("top1", "gflops"), max_top1_drop=4.0)
+    got = query.front(df, ("top1", "gflops"), budgets=Budgets(max_top1_drop=4.0))
     assert set(got["number"]) == brute_force_front(df[df["top1_drop"] <= 4.0], ("top1", "gflops"))
     assert len(got) and (got["top1"] >= 6.0).all()
 
@@ -217,15 +218,15 @@ def test_front_on_a_study(storage):
     make_study(storage, "s", POINTS)
     df = query.load("s", storage)
     assert query.front(df)["number"].tolist() == [0, 1, 2, 4, 5]
-    assert query.front(df, "top1,gflops", max_gflops=2.6)["number"].tolist() == [2, 4, 5]
-    assert query.front(df, max_gflops=2.6, min_top1=77.5)["number"].tolist() == [2]
-    assert query.front(df, max_gflops=0.5).empty
-    assert query.best(df, max_gflops=2.6)["number"] == 2
-    assert query.front(df, max_top1_drop=2.0)["number"].tolist() == [0, 1, 2]  # top1 >= 78 of 80
-    assert query.best(df, max_gflops=2.6, max_top1_drop=2.0)["number"] == 2
-    assert query.best(df, max_gflops=2.6, max_top1_drop=1.0) is None
-    assert query.front(df.drop(columns="top1_drop"), max_top1_drop=50.0).empty  # studies from before the metric
-    assert query.best(df, max_gflops=0.5) is None
+    assert query.front(df, "top1,gflops", budgets=Budgets(max_gflops=2.6))["number"].tolist() == [2, 4, 5]
+    assert query.front(df, budgets=Budgets(max_gflops=2.6, min_top1=77.5))["number"].tolist() == [2]
+    assert query.front(df, budgets=Budgets(max_gflops=0.5)).empty
+    assert query.best(df, budgets=Budgets(max_gflops=2.6))["number"] == 2
+    assert query.front(df, budgets=Budgets(max_top1_drop=2.0))["number"].tolist() == [0, 1, 2]  # top1 >= 78 of 80
+    assert query.best(df, budgets=Budgets(max_gflops=2.6, max_top1_drop=2.0))["number"] == 2
+    assert query.best(df, budgets=Budgets(max_gflops=2.6, max_top1_drop=1.0)) is None
+    assert query.front(df.drop(columns="top1_drop"), budgets=Budgets(max_top1_drop=50.0)).empty  # older studies
+    assert query.best(df, budgets=Budgets(max_gflops=0.5)) is None
 
 
 def test_bad_objectives_are_one_line():
@@ -281,7 +282,7 @@ def test_compare_studies(tmp_path):
     make_study(b, "random", POINTS[:3], failed=2)
     optuna.load_study(study_name="random", storage=b).add_trial(  # killed: no error, its plan re-run
         optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={"plan": keep_plan(0.7).to_dict()}))
-    table = query.compare([("tpe", a), ("random", b)], max_gflops=3.0)
+    table = query.compare([("tpe", a), ("random", b)], budgets=Budgets(max_gflops=3.0))
     assert table["study"].tolist() == ["tpe", "random"]
     assert table["trials"].tolist() == [7, 6] and table["failed"].tolist() == [1, 2]
     assert table["interrupted"].tolist() == [0, 1]

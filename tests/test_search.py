@@ -19,7 +19,7 @@ import paretoken
 from paretoken.errors import ParetokenError
 from paretoken.results import query
 from paretoken.evaluators import evaluate as ev
-from paretoken.evaluators.metrics import METRICS
+from paretoken.evaluators.metrics import METRICS, Budgets
 from paretoken.evaluators.models import build_default_architecture
 from paretoken.search import enqueue_plan, run_search
 from paretoken.search.run import _fmt
@@ -140,7 +140,7 @@ def test_resuming_with_other_settings_is_a_one_line_error(config, tmp_path, monk
     ({"storage": "postgresql://nobody:secret@127.0.0.1:1/none"}, "storage: cannot open postgresql://nobody:\\*\\*\\*@"),
     ({"storage": "mysql:/x"}, "not a storage URL"),
     ({"n_trials": -1}, "trials: -1 is invalid"),
-    ({"max_gflops": 0.0}, "max-gflops"),
+    ({"budgets": Budgets(max_gflops=0.0)}, "max-gflops"),
 ])
 def test_bad_input_is_a_one_line_error(config, tmp_path, monkeypatch, kwargs, message):
     monkeypatch.chdir(tmp_path)
@@ -241,8 +241,8 @@ def test_a_plan_measured_before_takes_its_values_without_a_second_run(config, tm
 
 def test_budgets_are_optuna_constraints(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = run_search("budget", space="tome", n_trials=4, eval_config=config, max_gflops=0.12, min_top1=1.0,
-                        log=lambda _: None)
+    result = run_search("budget", space="tome", n_trials=4, eval_config=config,
+                        budgets=Budgets(max_gflops=0.12, min_top1=1.0), log=lambda _: None)
     trials = _load("budget", result.storage).get_trials()
     for t in trials:
         assert t.constraints["max_gflops"] == pytest.approx(t.user_attrs["gflops"] - 0.12)
@@ -257,7 +257,8 @@ def test_budgets_are_optuna_constraints(config, tmp_path, monkeypatch):
 
 def test_top1_drop_budget_is_relative_to_the_uncompressed_trial(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = run_search("drop", space="evit", n_trials=4, eval_config=config, max_top1_drop=0.0, log=lambda _: None)
+    result = run_search("drop", space="evit", n_trials=4, eval_config=config, budgets=Budgets(max_top1_drop=0.0),
+                        log=lambda _: None)
     trials = _load("drop", result.storage).get_trials()
     base_top1 = trials[0].user_attrs["top1"]  # the uncompressed model, enqueued first
     assert trials[0].user_attrs["top1_drop"] == 0.0
@@ -267,9 +268,11 @@ def test_top1_drop_budget_is_relative_to_the_uncompressed_trial(config, tmp_path
     assert set(result.front["trial"]) <= {t.number for t in trials if t.user_attrs["top1"] >= base_top1}
     with pytest.raises(ParetokenError, match=r"^study: 'drop' was created with max_top1_drop 0\.0, not 2\.0; "
                                              r"pass --max-top1-drop as before"):
-        run_search("drop", space="evit", n_trials=5, eval_config=config, max_top1_drop=2.0, log=lambda _: None)
+        run_search("drop", space="evit", n_trials=5, eval_config=config, budgets=Budgets(max_top1_drop=2.0),
+                   log=lambda _: None)
     with pytest.raises(ParetokenError, match=r"^max-top1-drop: -1\.0 is invalid; valid: 0\.\.100 \(points\)$"):
-        run_search("drop2", space="evit", n_trials=1, eval_config=config, max_top1_drop=-1.0, log=lambda _: None)
+        run_search("drop2", space="evit", n_trials=1, eval_config=config, budgets=Budgets(max_top1_drop=-1.0),
+                   log=lambda _: None)
     assert not (tmp_path / "studies" / "drop2.db").exists()
 
 
