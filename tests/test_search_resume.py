@@ -12,6 +12,7 @@ import time
 import optuna
 import pytest
 
+from paretoken.evaluators.metrics import Budgets
 from paretoken.search.storage import open_storage
 
 TRIALS = 7
@@ -201,8 +202,7 @@ def test_a_result_for_a_trial_another_process_failed_as_stale_is_dropped_not_rai
 
     study = optuna.create_study(directions=["maximize", "minimize"])
     lines: list[str] = []
-    state = _LoopState(study, None, 12, ("top1", "gflops"), 1,
-                       {"max_gflops": None, "min_top1": None, "max_top1_drop": None}, {}, lines.append)
+    state = _LoopState(study, None, 12, ("top1", "gflops"), 1, Budgets(), {}, lines.append)
     tell = study.tell
 
     def swept_just_before_tell(trial, *args, **kwargs):  # another process's sweep lands in between
