@@ -44,10 +44,14 @@ def smallest_passing(lo: int, hi: int, passes: Callable[[int], bool]) -> int:
 
 @torch.inference_mode()
 def fit_slim(model: torch.nn.Module, images: torch.Tensor, layers: Sequence[int], tolerance: float = 0.05,
-             score: str = "cls_attn", batch_size: int = 256, log: Callable[[str], None] | None = None) -> Plan:
+             score: str = "cls_attn", batch_size: int = 256, log: Callable[[str], None] | None = None,
+             cost: Callable[[torch.nn.Module], float] | None = None) -> Plan:
     """Choose a slim pyramid top-down for ``model`` on calibration ``images`` (B, C, H, W).
 
     ``layers``: the blocks that may get a slim stage. ``log`` receives a line per layer chosen.
+    ``cost``: the cost of the model with a plan applied (e.g. GFLOPs per image); with it, a stage
+    that costs more in scores than it saves (one that drops a token or two) is dropped afterwards
+    when the plan stays within ``tolerance`` without it.
     Returns the plan; the model is left with an empty plan applied.
     """
     if not layers:
@@ -75,5 +79,32 @@ def fit_slim(model: torch.nn.Module, images: torch.Tensor, layers: Sequence[int]
         floor = counts[layer]
         if log is not None:
             log(f"layer {layer}: {counts[layer]} of {patches} patch tokens (KL {kl_of(counts):.4f} nats)")
+    if cost is not None:
+        counts = _drop_costly_stages(counts, patches, lambda c: cost(apply(model, pyramid_plan(c, patches, score))),
+                                     lambda c: kl_of(c) <= tolerance, log)
     apply(model, Plan())
     return pyramid_plan(counts, patches, score)
+
+
+def _drop_costly_stages(counts: dict[int, int], patches: int, cost: Callable[[dict[int, int]], float],
+                        passes: Callable[[dict[int, int]], bool],
+                        log: Callable[[str], None] | None = None) -> dict[int, int]:
+    """``counts`` without the stages, first to last, whose removal costs less and still ``passes``.
+    Removing layer l's stage keeps its input count until the next stage (l and the following layers
+    with l's count get the count above l)."""
+    current, changed = cost(counts), True
+    while changed:  # until no single stage can go: a removal can make an earlier one worth removing
+        changed = False
+        for layer in sorted(counts):
+            above = min([patches] + [counts[earlier] for earlier in counts if earlier < layer])
+            if counts[layer] == above:
+                continue
+            without = counts | {later: above for later in counts if later >= layer and counts[later] == counts[layer]}
+            lower = cost(without)
+            if lower < current and passes(without):
+                if log is not None:
+                    dropped = above - counts[layer]
+                    log(f"layer {layer}: no stage after all: dropping {dropped} token{'s' * (dropped != 1)} cost "
+                        f"{current:.4g}, keeping {'it' if dropped == 1 else 'them'} {lower:.4g}")
+                counts, current, changed = without, lower, True
+    return counts

@@ -123,6 +123,7 @@ def _layer_list(text: str) -> list[int]:
 
 
 def cmd_slim(args: argparse.Namespace) -> int:
+    import paretoken
     from paretoken.compress.slim import fit_slim
     from paretoken.evaluators.data import load_split
     from paretoken.evaluators.models import create_model
@@ -131,9 +132,15 @@ def cmd_slim(args: argparse.Namespace) -> int:
     images, _ = load_split(args.data, model, "calib", n=args.images, seed=args.seed)
     print(f"choosing a Patch Slimming pyramid top-down on {len(images)} calibration images "
           f"(KL within {args.tolerance:g} nats of the uncompressed model)", flush=True)
-    plan = fit_slim(model, images, args.layers, tolerance=args.tolerance, log=lambda line: print(line, flush=True))
+    def gflops(patched) -> float:
+        return paretoken.count_flops(patched, images[:1])
+
+    plan = fit_slim(model, images, args.layers, tolerance=args.tolerance, log=lambda line: print(line, flush=True),
+                    cost=gflops)
     plan.save(args.out)
-    print(f"{plan.describe()}\nsaved {args.out}")
+    full = gflops(model)  # fit_slim leaves the empty plan applied
+    slimmed = gflops(paretoken.apply(model, plan))
+    print(f"{plan.describe()}\nGFLOPs {slimmed:.4f} per image ({full:.4f} uncompressed)\nsaved {args.out}")
     return 0
 
 
