@@ -68,9 +68,14 @@ def fit_slim(model: torch.nn.Module, images: torch.Tensor, layers: Sequence[int]
 
     base = log_probs()
 
-    def kl_of(counts: dict[int, int]) -> float:
-        apply(model, pyramid_plan(counts, patches, score))
-        return F.kl_div(log_probs(), base, log_target=True, reduction="batchmean").item()
+    measured: dict[tuple[tuple[int, int], ...], float] = {}
+
+    def kl_of(counts: dict[int, int]) -> float:  # once per pyramid: the log line and the clean-up ask again
+        key = tuple(sorted(counts.items()))
+        if key not in measured:
+            apply(model, pyramid_plan(counts, patches, score))
+            measured[key] = F.kl_div(log_probs(), base, log_target=True, reduction="batchmean").item()
+        return measured[key]
 
     counts: dict[int, int] = {}
     floor = 1

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
 from paretoken.errors import ParetokenError
 
@@ -59,10 +60,15 @@ class Budgets:
         return [(name, metric, op, getattr(self, name)) for name, (metric, op) in BOUNDS.items()
                 if getattr(self, name) is not None]
 
-    def constraints(self, metrics: Mapping[str, float]) -> dict[str, float]:
-        """Optuna constraint values (``trial.set_constraint``): <= 0 within a budget, else by how much over."""
+    def constraints(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """Optuna constraint values (``trial.set_constraint``): <= 0 within a budget, else by how much
+        over. ``metrics`` may hold numbers or columns (a DataFrame: one value per row)."""
         return {name: metrics[metric] - value if op == "<=" else value - metrics[metric]
                 for name, metric, op, value in self.bounds()}
+
+    def labels(self) -> dict[str, str]:
+        """``{"max_gflops": "gflops <= 0.1", ...}`` for each budget that is set."""
+        return {name: f"{metric} {op} {value:g}" for name, metric, op, value in self.bounds()}
 
     def check(self) -> Budgets:
         """``self``, or the one-line error naming the flag of a budget no plan could sensibly have."""
@@ -79,7 +85,7 @@ class Budgets:
 
     def __str__(self) -> str:
         """``gflops <= 0.1, top1 >= 80``; empty without budgets."""
-        return ", ".join(f"{metric} {op} {value:g}" for _, metric, op, value in self.bounds())
+        return ", ".join(self.labels().values())
 
 
 __all__ = ["BOUNDS", "DIRECTIONS", "METRICS", "OBJECTIVES_HELP", "Budgets"]

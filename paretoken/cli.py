@@ -132,6 +132,7 @@ def cmd_slim(args: argparse.Namespace) -> int:
     images, _ = load_split(args.data, model, "calib", n=args.images, seed=args.seed)
     print(f"choosing a Patch Slimming pyramid top-down on {len(images)} calibration images "
           f"(KL within {args.tolerance:g} nats of the uncompressed model)", flush=True)
+
     def gflops(patched) -> float:
         return paretoken.count_flops(patched, images[:1])
 

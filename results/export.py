@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from paretoken.errors import ParetokenError
-from paretoken.evaluators.metrics import Budgets
+from paretoken.evaluators.metrics import BOUNDS, Budgets
 from paretoken.results import query
 
 _EVALUATION_KEYS = ("images", "seed", "skip", "batch_size", "flops_images")  # what meta.evaluation records
@@ -171,7 +171,7 @@ def export_meta(study, row, storage: str) -> dict[str, Any]:
         "metrics": {m: float(row[m]) for m in query.METRICS if m in row and not math.isnan(float(row[m]))},
         "plan_str": row.get("plan_str"),
         "preset": row.get("preset") if isinstance(row.get("preset"), str) else None,
-        "search": {k: settings[k] for k in ("space", "objectives", "max_gflops", "min_top1", "max_top1_drop")
+        "search": {k: settings[k] for k in ("space", "objectives", *BOUNDS)
                    if k in settings}
         or None,
         "provenance": {

@@ -43,14 +43,15 @@ def _budget_lines(objectives: Sequence[str], budgets: Budgets | None, base_top1:
     drawn as a top-1 floor that many points below ``base_top1`` (the uncompressed model's)."""
     axes = {objectives[1]: "x", objectives[0]: "y"}
     lines = []
-    for name, metric, op, value in (budgets or Budgets()).bounds():
-        label = f"{metric} {op} {value:g}"
+    budgets = budgets or Budgets()
+    labels = budgets.labels()
+    for name, metric, _, value in budgets.bounds():
         if metric == "top1_drop":
             if base_top1 is None:
                 continue
             metric, value = "top1", base_top1 - value
         if metric in axes:
-            lines.append((axes[metric], value, label))
+            lines.append((axes[metric], value, labels[name]))
     return lines
 
 

@@ -298,10 +298,11 @@ def budget(df: pd.DataFrame, budgets: Budgets | None = None, feasible_only: bool
     keep = df["state"] == "COMPLETE" if "state" in df.columns else pd.Series(True, index=df.index)
     if feasible_only and "feasible" in df.columns:
         keep &= df["feasible"].astype(bool)
-    for _, metric, op, value in (budgets or Budgets()).bounds():
-        if metric not in df.columns:
-            return df[keep & False]
-        keep &= df[metric] <= value if op == "<=" else df[metric] >= value
+    budgets = budgets or Budgets()
+    if any(metric not in df.columns for _, metric, _, _ in budgets.bounds()):
+        return df[keep & False]
+    for excess in budgets.constraints(df).values():
+        keep &= excess <= 0
     return df[keep]
 
 

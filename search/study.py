@@ -19,7 +19,7 @@ import numpy as np
 import optuna
 
 from paretoken.errors import ParetokenError
-from paretoken.evaluators.metrics import DIRECTIONS, Budgets
+from paretoken.evaluators.metrics import BOUNDS, DIRECTIONS, Budgets
 
 DEFAULT_OBJECTIVES = ("top1", "gflops")
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
@@ -142,9 +142,8 @@ def study_settings(space: str, objectives: Sequence[str], budgets: Budgets,
 
 def check_settings(study_name: str, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
     """One-line error when a study is resumed with settings that would mix incomparable trials."""
-    labels = {"space": "--space", "objectives": "--objectives", "max_gflops": "--max-gflops",
-              "min_top1": "--min-top1", "max_top1_drop": "--max-top1-drop", "depth": "the model depth",
-              "heartbeat_s": "--heartbeat", "grace_s": "grace_s"}
+    labels = {"space": "--space", "objectives": "--objectives", **{b: "--" + b.replace("_", "-") for b in BOUNDS},
+              "depth": "the model depth", "heartbeat_s": "--heartbeat", "grace_s": "grace_s"}
     def shown(value: Any) -> str:
         return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else repr(value)
 
