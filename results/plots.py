@@ -129,7 +129,14 @@ def _front_static(x, y, fr, rest, presets, base, budgets, heading, path: Path) -
                         textcoords="offset points", fontsize=8, color="0.3")
     ax.set_xlabel(LABELS.get(x, x) + (" (lower is better)" if not query.MAXIMIZE[x] else " (higher is better)"))
     ax.set_ylabel(LABELS.get(y, y) + (" (higher is better)" if query.MAXIMIZE[y] else " (lower is better)"))
-    ax.set_title(heading, fontsize=11)
+    _finish(fig, ax, heading, path)
+
+
+def _finish(fig, ax, heading: str, path: Path) -> None:
+    """Title, grid and legend on ``ax``; ``fig`` written to ``path`` and closed."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(heading, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -297,12 +304,7 @@ def plot_hypervolume_history(df: pd.DataFrame, objectives: Sequence[str] | str =
         ax.plot(failed["number"], failed["hypervolume"], "x", color="black", ms=6, label="failed trial")
     ax.set_xlabel("trial")
     ax.set_ylabel("hypervolume (" + " x ".join(objectives) + ")")
-    ax.set_title(heading, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(fig, ax, heading, path)
     return path
 
 
