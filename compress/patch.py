@@ -205,7 +205,8 @@ def _patched_class(cls: type) -> type:
     return _PATCHED_CLASSES[cls]
 
 
-def _check_model(model: torch.nn.Module) -> None:
+def check_model(model: torch.nn.Module) -> None:
+    """One-line error unless ``model`` is a class-token timm VisionTransformer of standard blocks."""
     name = getattr(model, "default_cfg", {}).get("architecture") or type(model).__name__
     if not isinstance(model, VisionTransformer):
         raise ParetokenError(f"model: {name} ({type(model).__name__}) is not a timm VisionTransformer; "
@@ -252,7 +253,7 @@ def apply(model: torch.nn.Module, plan: Plan, init_predictors: bool = False) -> 
     """
     if not isinstance(plan, Plan):
         raise ParetokenError(f"plan: expected a paretoken Plan, got {type(plan).__name__}")
-    _check_model(model)
+    check_model(model)
     plan.check_depth(len(model.blocks))
     for stage in plan.stages:
         if stage.score == "predictor":
@@ -306,7 +307,7 @@ def learned_plan(model: torch.nn.Module) -> Plan:
     for stage in plan.stages:
         module = getattr(model.blocks[stage.layer], "token_threshold", None)
         if module is not None:
-            stage = dataclasses.replace(stage, threshold=round(module.current(), 6))
+            stage = dataclasses.replace(stage, threshold=float(f"{module.current():.6g}"))
         stages.append(stage)
     return Plan(tuple(stages), plan.version, meta=plan.meta)
 

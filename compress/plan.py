@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -241,17 +242,40 @@ class Plan:
             for s in self.stages)
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats (``1e-3`` is a number, not the string YAML 1.1
+    makes it) and no duplicate keys (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=True) for key, _ in node.value]
+        for i, key in enumerate(keys):
+            if key in keys[:i]:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                        node.value[i][0].start_mark)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def load_plan(path: str | Path) -> Plan:
     """Read a plan written by :meth:`Plan.save` (YAML or JSON; an export file works too)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ParetokenError(f"plan: file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ParetokenError(f"plan: {str(path)!r} is not a regular file; valid: a YAML or JSON plan file")
     try:
-        data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # YAML is a superset of JSON
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+        where = f" (line {mark.line + 1}{': ' + problem if problem else ''})" if mark else ""
         raise ParetokenError(f"plan: {str(path)!r} is not valid YAML/JSON{where}") from None
+    except UnicodeDecodeError:
+        raise ParetokenError(f"plan: {str(path)!r} is not UTF-8 text; valid: a YAML or JSON plan file") from None
+    except RecursionError:
+        raise ParetokenError(f"plan: {str(path)!r} nests too deeply; valid: a YAML or JSON plan file") from None
     if isinstance(data, Mapping) and "plan" in data and "stages" not in data:
         data = data["plan"]  # an export file: the plan sits under 'plan'
     return Plan.from_dict(data)

@@ -32,8 +32,10 @@ def attention_bias(size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | Non
 
 
 def patch_counts(size: torch.Tensor, prefix: int) -> torch.Tensor:
-    """(B,) number of valid patch tokens (non-prefix, non-padding) per image."""
-    return (size[:, prefix:] > 0).sum(dim=1)
+    """(B,) number of valid patch tokens (non-prefix, non-padding) per image. In training, a token
+    a learned stage is dropping softly (keep factor 0 < size < 1, see :mod:`.learn`) counts as
+    that fraction, so later stages take their share of the tokens that will be left at inference."""
+    return size[:, prefix:].clamp(max=1.0).sum(dim=1).round().long()
 
 
 def count_to_keep(n: torch.Tensor, keep: float | None = None, r: int | None = None) -> torch.Tensor:

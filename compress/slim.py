@@ -8,6 +8,7 @@ the plan stores them as per-stage ``r``.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -56,10 +57,12 @@ def fit_slim(model: torch.nn.Module, images: torch.Tensor, layers: Sequence[int]
     """
     if not layers:
         raise ParetokenError("layers: no layers given; valid: block indices, e.g. 1-11")
-    if tolerance <= 0:
-        raise ParetokenError(f"tolerance: {tolerance} is out of range; valid: > 0 (nats of KL)")
+    if len(set(layers)) != len(layers):
+        raise ParetokenError(f"layers: {','.join(map(str, layers))} names a block twice; valid: distinct block indices")
+    if not 0 < tolerance < math.inf:
+        raise ParetokenError(f"tolerance: {tolerance} is out of range; valid: a finite number > 0 (nats of KL)")
     apply(model, Plan())
-    Plan((Stage(max(layers), "slim", keep=1.0),)).check_depth(len(model.blocks))
+    Plan(tuple(Stage(layer, "slim", keep=1.0) for layer in sorted(layers))).check_depth(len(model.blocks))
     patches = model.patch_embed.num_patches
 
     def log_probs() -> torch.Tensor:

@@ -16,6 +16,7 @@ overlaps the evaluation split:
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from paretoken.argtypes import MAX_SEED
 from paretoken.errors import ParetokenError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -45,7 +47,7 @@ def read_idx_gz(path: Path) -> np.ndarray:
     """
     try:
         raw = gzip.decompress(Path(path).read_bytes())
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise ParetokenError(f"data: cannot read {path} ({exc}); {_INSTALL_HINT}") from None
     magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else -1
     if magic not in _IDX_MAGIC:
@@ -118,6 +120,8 @@ def _seeded_indices(total: int, n: int | None, seed: int, source: str, from_end:
                     skip: int = 0) -> np.ndarray:
     """n indices out of range(total): the first (or, from_end, the last) n of one seeded permutation,
     after passing over its first (last) ``skip``."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ParetokenError(f"seed: {seed!r} is not in 0..{MAX_SEED}")
     if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip < total:
         raise ParetokenError(f"skip: {skip!r} is not in 0..{total - 1} (images available in {source})")
     n = total - skip if n is None else n

@@ -62,13 +62,22 @@ def device_name(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ParetokenError(f"device: {name!r} is not available on this machine; valid: cpu")
+def resolve_device(name: str) -> torch.device:
+    """The torch device ``name`` (cpu, cuda, cuda:N) on this machine; one-line error otherwise."""
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise ParetokenError(f"device: {name!r} is unknown; valid: cpu, cuda, cuda:N") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        raise ParetokenError(f"device: {name!r} is unknown; valid: cpu, cuda, cuda:N or auto")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise ParetokenError(f"device: {name!r} is not available on this machine; valid: cpu")
+        if (device.index or 0) >= count:
+            raise ParetokenError(f"device: {name!r} is not available on this machine; valid: cpu, "
+                                 + ", ".join(f"cuda:{i}" for i in range(count)))
+    return device
 
 
 def checked_config(config: EvalConfig) -> EvalConfig:
@@ -81,7 +90,7 @@ def checked_config(config: EvalConfig) -> EvalConfig:
         return path if path is None or path == "fashion-mnist" else os.path.abspath(path)
 
     config = replace(config, checkpoint=absolute(config.checkpoint), data=absolute(config.data))
-    _resolve_device(config.device)
+    resolve_device(config.device)
     model = create_model(config.model, checkpoint=config.checkpoint, pretrained=config.pretrained)
     load_split(config.data, model, "eval", n=config.images, seed=config.seed, skip=config.skip, load=1)
     return config
@@ -106,7 +115,7 @@ def _bench(config: EvalConfig) -> _Bench:
     key = (config.model, config.checkpoint, config.pretrained, config.data, config.images, config.seed, config.skip,
            config.device, config.batch_size)
     if key not in _BENCHES:
-        device = _resolve_device(config.device)
+        device = resolve_device(config.device)
         model = create_model(config.model, checkpoint=config.checkpoint, pretrained=config.pretrained).to(device)
         images, labels = load_split(config.data, model, "eval", n=config.images, seed=config.seed, skip=config.skip)
         images, labels = images.to(device), labels.to(device)
@@ -129,8 +138,9 @@ def evaluate_per_image(plan: Plan, config: EvalConfig = EvalConfig()) -> tuple[d
     apply(model, plan)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device)  # weights, preloaded images, uncompressed logits
     logits, seconds, padding_pct = _forward_all(model, bench.images, config.batch_size)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else math.nan
+    peak = (torch.cuda.max_memory_allocated(device) - resident) / 2**20 if device.type == "cuda" else math.nan
     if not torch.isfinite(logits).all():
         raise FloatingPointError("the compressed model produced non-finite logits")
     pred, base_pred = logits.argmax(1), bench.base_logits.argmax(1)

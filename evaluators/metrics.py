@@ -15,14 +15,16 @@ Torch-free, so that reading a study never imports torch.
                model only (images are preloaded tensors); AMP and
                ``torch.cuda.synchronize`` on GPU.
   latency_ms   batch-1 latency, median of ``latency_repeats`` after warm-up.
-  peak_mem_mb  CUDA peak allocated memory of the evaluation pass; NaN on CPU,
-               where PyTorch offers no allocator peak.
+  peak_mem_mb  CUDA memory the evaluation pass allocates at its peak on top of
+               what it starts with (weights, preloaded images): the activations
+               at ``batch_size``, MiB; NaN on CPU, where PyTorch offers no allocator peak.
   padding_pct  % of token slots in the batched pass that were padding (per-image
                plans only; 0 otherwise): what batching per-image counts costs.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -72,8 +74,8 @@ class Budgets:
 
     def check(self) -> Budgets:
         """``self``, or the one-line error naming the flag of a budget no plan could sensibly have."""
-        if self.max_gflops is not None and not self.max_gflops > 0:
-            raise ParetokenError(f"max-gflops: {self.max_gflops!r} is invalid; valid: > 0")
+        if self.max_gflops is not None and not 0 < self.max_gflops < math.inf:
+            raise ParetokenError(f"max-gflops: {self.max_gflops!r} is invalid; valid: a finite number > 0")
         if self.min_top1 is not None and not 0 <= self.min_top1 <= 100:
             raise ParetokenError(f"min-top1: {self.min_top1!r} is invalid; valid: 0..100 (%)")
         if self.max_top1_drop is not None and not 0 <= self.max_top1_drop <= 100:

@@ -6,6 +6,7 @@ local Hugging Face cache; the network is never used.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import os
 import re
@@ -20,7 +21,7 @@ from paretoken.evaluators.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
 DEFAULT_MODEL = "default"
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "default_fmnist.safetensors"
-_WRAPPER_KEYS = ("state_dict_ema", "state_dict", "model")
+_SNAPSHOT_FILES = ("model.safetensors", "pytorch_model.bin")
 _PREDICTOR_KEY = re.compile(r"blocks\.\d+\.token_predictor\.")
 
 
@@ -88,7 +89,7 @@ def create_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None
     if checkpoint is not None:
         state = read_state_dict(checkpoint)
         model = timm.create_model(name, pretrained=False, num_classes=_num_classes(state))
-        _load_into(model, state, checkpoint)
+        _load_into(model, _converted(model, state), checkpoint)
         return model.eval()
     if pretrained:
         return _create_from_hf_cache(name).eval()
@@ -96,37 +97,62 @@ def create_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file into a flat {name: tensor} dict.
+    """Read a checkpoint into a flat {name: tensor} dict, as timm's ``load_state_dict`` does.
 
-    Accepts .safetensors, or .pth/.pt holding a state dict either plain or wrapped
-    under 'state_dict_ema' / 'state_dict' / 'model'; a 'module.' prefix is stripped.
+    ``path``: a safetensors file (recognised by its header, so a Hugging Face cache blob works),
+    a torch file holding a state dict plain or wrapped as timm's and DeiT's training scripts save
+    them (EMA weights first: 'state_dict_ema', 'model_ema', 'state_dict', 'model'; their
+    ``argparse.Namespace`` of arguments is allowed), or a directory holding ``model.safetensors``
+    or ``pytorch_model.bin`` (a Hugging Face snapshot). DDP and ``torch.compile`` prefixes are stripped.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ParetokenError(f"checkpoint: {path} does not exist; pass --checkpoint FILE (.safetensors, .pth or .pt)")
+    from timm.models import clean_state_dict, load_state_dict
+
+    path = _weights_file(Path(path))
     try:
-        if path.suffix == ".safetensors":
+        if _is_safetensors(path):
             from safetensors.torch import load_file
 
-            state = load_file(str(path), device="cpu")
+            state = clean_state_dict(load_file(str(path), device="cpu"))
         else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = load_state_dict(str(path), use_ema=True, device="cpu", weights_only=True)
     except Exception as exc:  # any reader failure is a bad file from the user's point of view
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        reason = _first_sentence(str(exc)) or type(exc).__name__
         raise ParetokenError(
             f"checkpoint: cannot read {path} ({reason}); pass a .safetensors file or a torch state dict (.pth/.pt)"
         ) from None
-    if isinstance(state, dict):
-        for key in _WRAPPER_KEYS:
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ParetokenError(
             f"checkpoint: {path} holds no state dict of tensors (type {type(state).__name__}); "
             "save model.state_dict() or a dict with a 'state_dict' / 'model' entry"
         )
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def _weights_file(path: Path) -> Path:
+    """``path``, or the weights file inside a directory (a Hugging Face snapshot); one-line error if none."""
+    if path.is_dir():
+        for name in _SNAPSHOT_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise ParetokenError(f"checkpoint: {path} is a directory without {' or '.join(_SNAPSHOT_FILES)}; "
+                             "pass --checkpoint FILE (.safetensors, .pth or .pt)")
+    if not path.is_file():
+        raise ParetokenError(f"checkpoint: {path} does not exist; pass --checkpoint FILE (.safetensors, .pth or .pt)")
+    return path
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts as a safetensors file does: an 8-byte header length, then a JSON object."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b"{"
+
+
+def _first_sentence(text: str, limit: int = 200) -> str:
+    """``text`` on one line without terminal control sequences, cut at ``limit`` characters."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())
+    return text[:limit]
 
 
 def load_checkpoint(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
@@ -161,6 +187,17 @@ def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str
     model.load_state_dict(state, strict=True)
     model._pt_predictor_state = predictors
     return model
+
+
+def _converted(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` in the key names and shapes of ``model``, by timm's own conversion for a
+    VisionTransformer (DeiT-III ``gamma_1``/``gamma_2`` to LayerScale, OpenCLIP and DINOv2 layouts,
+    position embeddings resampled to the model's grid); other models' states as they are."""
+    if not isinstance(model, VisionTransformer):
+        return state
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    return checkpoint_filter_fn(state, model, adapt_layer_scale=True)
 
 
 def _arch(model: torch.nn.Module) -> str:

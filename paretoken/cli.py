@@ -9,6 +9,7 @@ import os
 import sys
 import warnings
 
+from paretoken import argtypes
 from paretoken.errors import ParetokenError
 from paretoken.results.cli import add_results_parsers, format_metric
 from paretoken.search.cli import add_search_parser, add_spaces_parser
@@ -65,11 +66,13 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
     import paretoken
     from paretoken.evaluators.data import load_split
+    from paretoken.evaluators.evaluate import resolve_device
     from paretoken.evaluators.models import create_model
 
     plan = _resolve_plan(args)
-    model = create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained)
-    images, _ = load_split(args.data, model, "eval", n=args.images, seed=0)
+    device = resolve_device(args.device)
+    model = create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained).to(device)
+    images = load_split(args.data, model, "eval", n=args.images, seed=0)[0].to(device)
     paretoken.apply(model, plan)
     gflops = paretoken.count_flops(model, images, max_images=args.images)
     with torch.no_grad():
@@ -126,10 +129,12 @@ def cmd_slim(args: argparse.Namespace) -> int:
     import paretoken
     from paretoken.compress.slim import fit_slim
     from paretoken.evaluators.data import load_split
+    from paretoken.evaluators.evaluate import resolve_device
     from paretoken.evaluators.models import create_model
 
-    model = create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained)
-    images, _ = load_split(args.data, model, "calib", n=args.images, seed=args.seed)
+    device = resolve_device(args.device)
+    model = create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained).to(device)
+    images = load_split(args.data, model, "calib", n=args.images, seed=args.seed)[0].to(device)
     print(f"choosing a Patch Slimming pyramid top-down on {len(images)} calibration images "
           f"(KL within {args.tolerance:g} nats of the uncompressed model)", flush=True)
 
@@ -146,7 +151,7 @@ def cmd_slim(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = argtypes.Parser(
         prog="paretoken", description="Search the Pareto front of token-compression plans for Vision Transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -157,17 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("flops", help="GFLOPs per image and tokens per block of a plan")
     _model_args(p)
     _plan_args(p)
-    p.add_argument("--images", type=int, default=8, help="images to count on (per-image plans average them) [8]")
+    p.add_argument("--images", type=argtypes.positive_int, default=8, help="images to count on (per-image plans average them) [8]")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("eval", help="measure a plan: top1, agreement, kl, GFLOPs, speed")
     _model_args(p)
     _plan_args(p)
-    p.add_argument("--images", type=int, default=1000, help="evaluation images [1000]")
-    p.add_argument("--batch-size", type=int, default=100, help="images per timed batch [100]")
-    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation subset [0]")
-    p.add_argument("--skip", type=int, default=0, metavar="K",
+    p.add_argument("--images", type=argtypes.positive_int, default=1000, help="evaluation images [1000]")
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=100, help="images per timed batch [100]")
+    p.add_argument("--seed", type=argtypes.seed, default=0, help="seed of the evaluation subset [0]")
+    p.add_argument("--skip", type=argtypes.non_negative_int, default=0, metavar="K",
                    help="pass over the first K images of the seeded order: with K = a search's --images, "
                         "images the search never saw [0]")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -176,9 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("slim", help="choose a Patch Slimming pyramid top-down on calibration images")
     _model_args(p)
     p.add_argument("--layers", type=_layer_list, default=list(range(1, 12)), help="blocks with a stage [1-11]")
-    p.add_argument("--tolerance", type=float, default=0.05, help="KL budget of the whole plan, nats [0.05]")
-    p.add_argument("--images", type=int, default=256, help="calibration images [256]")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset [0]")
+    p.add_argument("--tolerance", type=argtypes.positive, default=0.05,
+                   help="KL budget of the whole plan, nats [0.05]")
+    p.add_argument("--images", type=argtypes.positive_int, default=256, help="calibration images [256]")
+    p.add_argument("--seed", type=argtypes.seed, default=0, help="seed of the calibration subset [0]")
     p.add_argument("--out", default="slim.yaml", help="plan file to write [slim.yaml]")
     p.set_defaults(func=cmd_slim)
 

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from paretoken import argtypes
 from paretoken.errors import ParetokenError
 from paretoken.evaluators.metrics import BOUNDS, OBJECTIVES_HELP, Budgets
+from paretoken.search.storage import redact
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -18,15 +20,8 @@ if TYPE_CHECKING:
 TABLE_COLUMNS = ("number", "preset", "top1", "agreement", "kl", "gflops", "img_per_s", "latency_ms", "plan_str")
 
 
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
 def _budgets(args: argparse.Namespace) -> Budgets:
-    return Budgets(args.max_gflops, args.min_top1, args.max_top1_drop)
+    return Budgets(args.max_gflops, args.min_top1, args.max_top1_drop).check()
 
 
 def _storage_args(parser: argparse.ArgumentParser) -> None:
@@ -36,9 +31,9 @@ def _storage_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _budget_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-gflops", type=_finite, metavar="X", help="only trials with at most X GFLOPs per image")
-    parser.add_argument("--min-top1", type=_finite, metavar="Y", help="only trials with top-1 of at least Y %%")
-    parser.add_argument("--max-top1-drop", type=_finite, metavar="D",
+    parser.add_argument("--max-gflops", type=argtypes.finite, metavar="X", help="only trials with at most X GFLOPs per image")
+    parser.add_argument("--min-top1", type=argtypes.finite, metavar="Y", help="only trials with top-1 of at least Y %%")
+    parser.add_argument("--max-top1-drop", type=argtypes.finite, metavar="D",
                         help="only trials at most D top-1 points below the uncompressed model (same images)")
 
 
@@ -88,12 +83,16 @@ def _table(df, columns) -> str:
 
 def cmd_front(args: argparse.Namespace) -> int:
     from paretoken.results import query
+    from paretoken.results.plots import plot_suffix
 
     args.objectives = query._check_objectives(args.objectives)
+    for path in (args.plot, args.history):  # before any output is written
+        if path:
+            plot_suffix(path)
+    budgets = _budgets(args)
     if len(args.study) > 1:
         return _compare(args)
     df = query.load(args.study[0], args.storage)
-    budgets = _budgets(args)
     fr = query.front(df, args.objectives, budgets)
     reference = query.reference_point(df, args.objectives) if (df["state"] == "COMPLETE").any() else None
     within = query.budget(df, budgets)
@@ -119,7 +118,7 @@ def cmd_front(args: argparse.Namespace) -> int:
     if args.json:
         columns = ["number", "state", "preset", "plan", "plan_str", *query.METRICS,
                    *[c for c in df.columns if c.startswith("constraint:")], "feasible", "device", "duration_s"]
-        print(json.dumps({"study": args.study[0], "storage": query._redact(df.attrs["storage"]),
+        print(json.dumps({"study": args.study[0], "storage": redact(df.attrs["storage"]),
                           "objectives": list(args.objectives),
                           "budgets": budgets.as_dict(),
                           "study_budgets": {k: v for k, v in study_budgets.as_dict().items() if v is not None},
@@ -127,7 +126,7 @@ def cmd_front(args: argparse.Namespace) -> int:
                           "reference": reference, "hypervolume": _plain(hv),
                           "front": _records(fr, columns)}, allow_nan=False))
         return 0
-    print(f"study {args.study[0]} ({query._redact(df.attrs['storage'])}): {len(df)} trials, "
+    print(f"study {args.study[0]} ({redact(df.attrs['storage'])}): {len(df)} trials, "
           + ", ".join(f"{v} {k.lower()}" for k, v in counts.items())
           + (f"; searched with {settings['space']} space" if settings.get("space") else "")
           + (f"; study budgets {study_budgets} (infeasible trials leave the front)" if str(study_budgets) else ""))
@@ -279,11 +278,11 @@ def add_results_parsers(sub) -> None:
                                    "re-measured; GFLOPs and speed are the study's.")
     p.add_argument("--study", required=True, metavar="NAME", help="study name")
     _storage_args(p)
-    p.add_argument("--images", type=int, default=2000, help="held-out test images [2000]")
+    p.add_argument("--images", type=argtypes.positive_int, default=2000, help="held-out test images [2000]")
     p.add_argument("--objectives", default="top1,gflops", metavar="A,B",
                    help="objectives of the fronts, as for `paretoken front` [top1,gflops]")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda where present) [auto]")
-    p.add_argument("--batch-size", type=int, default=100, help="images per forward [100]")
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=100, help="images per forward [100]")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     p.add_argument("--plot", metavar="FILE", help="draw the front on the held-out images: FILE.png or FILE.html")
     p.set_defaults(func=cmd_holdout)
@@ -330,7 +329,7 @@ def add_results_parsers(sub) -> None:
     p.add_argument("--learned-lr", type=float, default=1e-3,
                    help="learning rate of thresholds and DynamicViT predictors [1e-3]")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
-    p.add_argument("--seed", type=int, default=0, help="[0]")
+    p.add_argument("--seed", type=argtypes.seed, default=0, help="[0]")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [cpu]")
     p.add_argument("--out", default="finetuned.safetensors", metavar="FILE",
                    help="checkpoint to write (NAME.safetensors); the plan is written beside it as NAME.yaml")

@@ -31,6 +31,7 @@ from typing import Any
 from paretoken.errors import ParetokenError
 from paretoken.evaluators.metrics import BOUNDS, Budgets
 from paretoken.results import query
+from paretoken.search.storage import default_storage, redact
 
 _EVALUATION_KEYS = ("images", "seed", "skip", "batch_size", "flops_images")  # what meta.evaluation records
 #: Evaluation settings looked up, in this order, in the trial's user attrs, the search's study
@@ -177,7 +178,7 @@ def export_meta(study, row, storage: str) -> dict[str, Any]:
         "provenance": {
             "study": study.study_name,
             "trial": int(row["number"]),
-            "storage": query._redact(storage),
+            "storage": redact(storage),
             "device": row.get("device"),
             "duration_s": None if math.isnan(float(row.get("duration_s", math.nan))) else float(row["duration_s"]),
             "versions": dict(versions),
@@ -197,7 +198,7 @@ def export(study: str, storage: str | None = None, trial: int | None = None, bes
     """
     from paretoken.compress.plan import Plan
 
-    storage = storage or query.default_storage(study)
+    storage = storage if storage is not None else default_storage(study)
     opened = query.load_study(study, storage)
     df = query.trials_frame(opened)
     row = choose_trial(df, trial, best, budgets, cheapest=cheapest)

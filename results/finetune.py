@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from paretoken.compress import Plan, Stage, apply, learn, learn_thresholds, learned_plan, load_plan, token_counts
+from paretoken.argtypes import MAX_SEED
 from paretoken.errors import ParetokenError
 
 _LEARNED_KEY = re.compile(r"\.token_(predictor|threshold)\.")
@@ -84,6 +85,8 @@ class FinetuneConfig:
             raise ParetokenError(f"finetune: budget {self.budget!r} is out of range; valid: 0 < budget <= 1")
         if not (math.isfinite(self.budget_weight) and self.budget_weight >= 0.0):
             raise ParetokenError(f"finetune: budget_weight {self.budget_weight!r} is invalid; valid: a number >= 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ParetokenError(f"finetune: seed {self.seed!r} is invalid; valid: an integer in 0..{MAX_SEED}")
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float,
@@ -141,6 +144,9 @@ def _resolve(plan: Plan, config: FinetuneConfig) -> tuple[str, str | None, bool,
     """(model, checkpoint, pretrained, data): the config's where given, else the exported plan's meta
     (its weights only for its own model)."""
     meta = dict(plan.meta or {})
+    for key in ("model", "checkpoint", "data"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise ParetokenError(f"plan: meta.{key} {meta[key]!r} is invalid; valid: a string or null")
     model = config.model or meta.get("model") or "default"
     same_model = model == meta.get("model", model)
     checkpoint = config.checkpoint if config.checkpoint is not None else (
@@ -155,6 +161,20 @@ def _say(log: TextIO | None, text: str) -> None:
         print(text, file=log, flush=True)
 
 
+def _check_writable(path: Path) -> None:
+    """One-line error unless a file can be written at ``path`` (its folder is created)."""
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("ab"):
+            pass
+    except OSError as exc:
+        raise ParetokenError(f"out: cannot write {path} ({exc.strerror or exc})") from None
+    finally:
+        if not existed and path.is_file():
+            path.unlink()
+
+
 def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
              out: str | Path = "finetuned.safetensors", log: TextIO | None = None) -> dict[str, Any]:
     """Fine-tune ``plan`` on ``config``'s model and data; write ``out`` (weights) and ``out``.yaml (plan).
@@ -163,22 +183,30 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
     agreement with the uncompressed model before and after, the loss at each logged step, the
     number of steps and the written paths.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from paretoken.evaluators.data import load_split
-    from paretoken.evaluators.evaluate import _resolve_device, environment
+    from paretoken.evaluators.evaluate import environment, resolve_device
     from paretoken.evaluators.models import create_model
 
     config.check()
     plan_path = None
     if not isinstance(plan, Plan):
-        plan_path = str(plan)
+        plan_path = str(Path(plan).resolve())
         plan = load_plan(plan)
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ParetokenError(f"finetune: --out {str(out)!r} must end in .safetensors")
+    plan_file = out.with_suffix(".yaml")
+    if plan_path is not None and plan_file.resolve() == Path(plan_path).resolve():
+        raise ParetokenError(f"finetune: --out {str(out)!r} would write its plan over --plan {plan_path!r}; "
+                             "valid: another --out")
+    for path in (out, plan_file):  # before minutes of training, not after
+        _check_writable(path)
+    out, plan_file = out.resolve(), plan_file.resolve()  # the plan names its weights wherever it is read
     model_name, checkpoint, pretrained, data = _resolve(plan, config)
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     torch.manual_seed(config.seed)
 
     teacher = create_model(model_name, checkpoint=checkpoint, pretrained=pretrained).to(device).eval()
@@ -271,9 +299,6 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
               f"agreement {after['agreement']:.2f}, mean tokens/block {after['mean_tokens']:.1f}"
               + (f", thresholds {after['thresholds']}" if thresholds else ""))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()
-               if ".token_threshold." not in k}, str(out))
     report = {
         "model": model_name, "checkpoint_in": checkpoint, "data": data or "fashion-mnist",
         "uncompressed_top1": uncompressed_top1, "before": before, "after": after, "steps": step,
@@ -296,7 +321,14 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
     })
     if "metrics" in meta:  # the trial's metrics were measured on the old weights
         meta["metrics_before_finetune"] = meta.pop("metrics")
-    plan_out = Plan(learned_plan(student).stages, plan.version, meta=meta).save(out.with_suffix(".yaml"))
+    tuned = Plan(learned_plan(student).stages, plan.version, meta=meta)
+    try:  # both files or neither
+        save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()
+                   if ".token_threshold." not in k}, str(out))
+        plan_out = tuned.save(plan_file)
+    except (OSError, SafetensorError) as exc:
+        out.unlink(missing_ok=True)
+        raise ParetokenError(f"out: cannot write {out} and {plan_file} ({exc})") from None
     report.update({"checkpoint": str(out), "plan": str(plan_out)})
     _say(log, f"saved {out} and {plan_out}\n  measure it: paretoken eval --model {model_name} "
               f"--checkpoint {out} --plan {plan_out}" + (f" --data {data}" if data else ""))

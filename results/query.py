@@ -18,9 +18,7 @@ Columns of :func:`load`:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,75 +26,20 @@ import pandas as pd
 
 from paretoken.errors import ParetokenError
 from paretoken.evaluators.metrics import METRICS, Budgets
+from paretoken.search import storage as search_storage
+from paretoken.search.storage import default_storage
 from paretoken.search.study import DEFAULT_OBJECTIVES, DIRECTIONS, UNCOMPRESSED, check_objectives, reference_value
 
 #: Whether each objective is maximised (True) or minimised (False).
 MAXIMIZE: dict[str, bool] = {name: way == "maximize" for name, way in DIRECTIONS.items()} | {"duration_s": False}
-STUDIES_DIR = Path("studies")
 
 
 # --------------------------------------------------------------------------- storage
-def default_storage(study: str) -> str:
-    """The storage a search writes study ``study`` to when given none: ``sqlite:///studies/<study>.db``."""
-    try:  # follow the search package's default when it defines one
-        from paretoken.search import default_storage as search_default  # type: ignore[attr-defined]
-    except ImportError:
-        return f"sqlite:///{STUDIES_DIR / (study + '.db')}"
-    return search_default(study)
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
-
-
-def _sqlite_path(url: str) -> Path | None:
-    if url.startswith("sqlite:///"):
-        rest = url[len("sqlite:///"):].split("?", 1)[0]
-        return None if rest in ("", ":memory:") else Path(rest)
-    return None
-
-
-def _journal_path(url: str) -> Path | None:
-    """The file of a ``journal:PATH`` URL (``journal:///ABS`` and ``journal://REL`` too), as the search reads it."""
-    if not url.startswith("journal:"):
-        return None
-    rest = url[len("journal:"):]
-    if rest.startswith("//"):
-        rest = rest[2:]
-    return Path(rest) if rest else None
-
-
 def open_storage(url: str):
     """An Optuna storage for ``url`` as the search writes them: ``sqlite:///FILE``, ``journal:FILE``,
-    ``postgresql://...``. Reading never creates anything: a missing SQLite or journal file is an error."""
-    import optuna
-
-    forms = "sqlite:///FILE.db, journal:FILE, postgresql://USER@HOST/DB"
-    if not isinstance(url, str) or not url.strip() or ("://" not in url and not url.startswith("journal:")):
-        raise ParetokenError(f"storage: {url!r} is not a storage URL; valid: {forms}")
-    path = _sqlite_path(url) or _journal_path(url)
-    if url.startswith("journal:") and path is None:
-        raise ParetokenError(f"storage: {url!r} names no file; valid: journal:PATH")
-    if path is not None and not path.is_file():
-        near = sorted(p.stem for p in path.parent.glob("*.db")) if path.parent.is_dir() else []
-        hint = f"; studies beside it: {', '.join(near)}" if near else ""
-        raise ParetokenError(f"storage: {str(path)!r} does not exist (from {_redact(url)}){hint}")
-    try:  # the search's opener: same drivers and connection settings as the writer
-        from paretoken.search.storage import open_storage as search_open
-    except ImportError:
-        search_open = None
-    if search_open is not None:
-        return search_open(url)
-    try:
-        if url.startswith("journal:"):
-            from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-            return JournalStorage(JournalFileBackend(str(path)))
-        return optuna.storages.RDBStorage(url)
-    except Exception as exc:  # unreachable server, bad URL, unreadable file: one line for the user
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise ParetokenError(f"storage: cannot open {_redact(url)} ({reason})") from None
+    ``postgresql://...``. Reading never creates anything: a missing SQLite or journal file, or one
+    without studies, is an error."""
+    return search_storage.open_storage(url, create=False)
 
 
 def study_names(storage: str) -> list[str]:
@@ -111,14 +54,14 @@ def load_study(study: str, storage: str | None = None):
     """``optuna.load_study`` with one-line errors naming the studies that do exist."""
     import optuna
 
-    storage = storage or default_storage(study)
+    storage = storage if storage is not None else default_storage(study)
     backend = open_storage(storage)
     try:
         return optuna.load_study(study_name=study, storage=backend)
     except KeyError:
         names = sorted(s.study_name for s in optuna.get_all_study_summaries(backend, include_best_trial=False))
         valid = ", ".join(names) if names else "(none)"
-        raise ParetokenError(f"study: {study!r} is not in {_redact(storage)}; studies there: {valid}") from None
+        raise ParetokenError(f"study: {study!r} is not in {search_storage.redact(storage)}; studies there: {valid}") from None
 
 
 # --------------------------------------------------------------------------- plans
@@ -269,7 +212,7 @@ def load(study: str, storage: str | None = None) -> pd.DataFrame:
     Unknown study or unreachable storage: a one-line :class:`ParetokenError` that lists the
     studies that exist. ``df.attrs`` holds ``study``, ``storage`` and the study's user attrs.
     """
-    storage = storage or default_storage(study)
+    storage = storage if storage is not None else default_storage(study)
     df = trials_frame(load_study(study, storage))
     df.attrs["storage"] = storage
     return df
@@ -519,7 +462,7 @@ def compare(studies: Sequence[tuple[str, str | None]] | Sequence[str],
         top = best(df, "top1", budgets) if "top1" in df else None
         rows.append({
             "study": name,
-            "storage": _redact(df.attrs.get("storage", "")),
+            "storage": search_storage.redact(df.attrs.get("storage", "")),
             "trials": len(df),
             "complete": int((df["state"] == "COMPLETE").sum()),
             "failed": int(((df["state"] == "FAIL") & ~df["interrupted"]).sum()),

@@ -8,20 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from paretoken.errors import ParetokenError
+from paretoken import argtypes
 from paretoken.evaluators.metrics import OBJECTIVES_HELP, Budgets
+from paretoken.search.storage import MAX_HEARTBEAT_S
 
 SPACE_NAMES = ("tome", "evit", "dynamicvit", "asvit", "jmp", "slim", "mixed")  # kept in step with spaces.SPACES
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is negative")
-    return value
 
 
 def add_search_parser(subparsers) -> argparse.ArgumentParser:
@@ -41,9 +32,9 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--pretrained", action="store_true", help="weights from the local Hugging Face cache")
     g.add_argument("--data", metavar="DIR", help="Fashion-MNIST idx.gz dir or an ImageNet-style folder "
                                                  "[/usr/share/datasets/fashion-mnist]")
-    g.add_argument("--images", type=_positive_int, default=500, help="evaluation images per trial [500]")
-    g.add_argument("--batch-size", type=_positive_int, default=100, help="images per timed batch [100]")
-    g.add_argument("--flops-images", type=_positive_int, default=16,
+    g.add_argument("--images", type=argtypes.positive_int, default=500, help="evaluation images per trial [500]")
+    g.add_argument("--batch-size", type=argtypes.positive_int, default=100, help="images per timed batch [100]")
+    g.add_argument("--flops-images", type=argtypes.positive_int, default=16,
                    help="images whose GFLOPs are averaged for plans with per-image token counts [16]")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda where present) [auto]")
     g.add_argument("--no-speed", action="store_true",
@@ -53,24 +44,24 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--objectives", default="top1,gflops",
                    help=f"comma-separated: {OBJECTIVES_HELP} [top1,gflops]")
     g.add_argument("--sampler", default="tpe", help="tpe, nsga2, gp or random [tpe]")
-    g.add_argument("--trials", type=_positive_int, default=40,
+    g.add_argument("--trials", type=argtypes.non_negative_int, default=40,
                    help="target number of finished trials in the study (a resumed run runs the missing ones) [40]")
-    g.add_argument("--seed", type=int, default=0, help="sampler seed [0]")
-    g.add_argument("--max-gflops", type=float, metavar="X", help="budget: GFLOPs per image at most X")
-    g.add_argument("--min-top1", type=float, metavar="X", help="budget: top-1 at least X %%")
-    g.add_argument("--max-top1-drop", type=float, metavar="X",
+    g.add_argument("--seed", type=argtypes.seed, default=0, help="sampler seed [0]")
+    g.add_argument("--max-gflops", type=argtypes.finite, metavar="X", help="budget: GFLOPs per image at most X")
+    g.add_argument("--min-top1", type=argtypes.finite, metavar="X", help="budget: top-1 at least X %%")
+    g.add_argument("--max-top1-drop", type=argtypes.finite, metavar="X",
                    help="budget: top-1 at most X points below the uncompressed model's (same images)")
     g.add_argument("--no-presets", action="store_true",
                    help="do not enqueue the published schedules when the study is created")
     g = p.add_argument_group("backend")
     g.add_argument("--backend", default="local", choices=("local", "ray"), help="local (in process) or ray [local]")
-    g.add_argument("--workers", type=int, default=None, help="concurrent Ray workers [ray: 2, local: 1]")
+    g.add_argument("--workers", type=argtypes.positive_int, default=None, help="concurrent Ray workers [ray: 2, local: 1]")
     g.add_argument("--ray-address", metavar="A", help="an existing Ray cluster (e.g. auto or ray://HOST:10001); "
                                                       "default: start a local Ray")
-    g.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs each Ray trial declares [1]")
-    g.add_argument("--gpus-per-trial", type=float, default=None,
+    g.add_argument("--cpus-per-trial", type=argtypes.positive, default=1.0, help="CPUs each Ray trial declares [1]")
+    g.add_argument("--gpus-per-trial", type=argtypes.non_negative, default=None,
                    help="GPUs each Ray trial declares [1 when the device is CUDA, else 0]")
-    g.add_argument("--heartbeat", type=int, default=10, metavar="S",
+    g.add_argument("--heartbeat", type=argtypes.int_in(1, MAX_HEARTBEAT_S), default=10, metavar="S",
                    help="heartbeat of running trials, s; a trial silent for 3 heartbeats is re-run [10]")
     g = p.add_argument_group("output")
     g.add_argument("--plot", metavar="FILE", help="also draw the front to FILE (.png or .html)")
@@ -94,16 +85,16 @@ def cmd_search(args: argparse.Namespace) -> int:
         from paretoken.evaluators.evaluate import EvalConfig, device_name
         from paretoken.search.run import run_search
 
-    if args.images < 1:
-        raise ParetokenError(f"images: {args.images} is invalid; valid: an integer >= 1")
-    if args.batch_size < 1:
-        raise ParetokenError(f"batch-size: {args.batch_size} is invalid; valid: an integer >= 1")
     workers = args.workers if args.workers is not None else (2 if args.backend == "ray" else 1)
     config = EvalConfig(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
                         images=args.images, batch_size=min(args.batch_size, args.images),
-                        flops_images=max(1, min(args.flops_images, args.images)),
+                        flops_images=min(args.flops_images, args.images),
                         device=device_name(args.device), speed=not args.no_speed)
     budgets = Budgets(args.max_gflops, args.min_top1, args.max_top1_drop)
+    if args.plot:
+        from paretoken.results.plots import plot_suffix
+
+        plot_suffix(args.plot)  # before the search, not after
     result = run_search(args.study, storage=args.storage, space=args.space, objectives=args.objectives,
                         sampler=args.sampler, n_trials=args.trials, backend=args.backend, workers=workers,
                         ray_address=args.ray_address, cpus_per_trial=args.cpus_per_trial,

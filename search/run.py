@@ -26,10 +26,12 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
+from paretoken.argtypes import MAX_SEED
 from paretoken.errors import ParetokenError
 from paretoken.evaluators.metrics import METRICS, Budgets
 from paretoken.search import study as st
-from paretoken.search.storage import check_study_name, default_storage, open_storage, redact
+from paretoken.search.storage import (MAX_HEARTBEAT_S, check_study_name, default_storage, open_storage, redact,
+                                      storage_file)
 from paretoken.search.worker import config_to_dict, nan_objectives, run_trial
 
 BACKENDS = ("local", "ray")
@@ -170,10 +172,10 @@ def model_depth(config) -> int:
             import timm
 
             model = timm.create_model(config.model, pretrained=False)
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
-        raise ParetokenError(f"model: {config.model!r} has no transformer blocks; valid: timm ViT/DeiT models")
-    return len(blocks)
+    from paretoken.compress.patch import check_model
+
+    check_model(model)
+    return len(model.blocks)
 
 
 def _resolve_plan(trial, space, depth: int):
@@ -191,9 +193,14 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if abs(value) < 10 else f"{value:.2f}"
 
 
-def _check_inputs(objectives, backend, workers, n_trials, cpus_per_trial, gpus_per_trial, budgets, config) -> None:
+def _check_inputs(objectives, backend, workers, ray_address, n_trials, cpus_per_trial, gpus_per_trial, budgets,
+                  config, seed) -> None:
     if backend not in BACKENDS:
         raise ParetokenError(f"backend: {backend!r} is unknown; valid: {', '.join(BACKENDS)}")
+    if ray_address is not None and backend != "ray":
+        raise ParetokenError(f"ray-address: {ray_address!r} needs --backend ray (the local backend runs in process)")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ParetokenError(f"seed: {seed!r} is invalid; valid: an integer in 0..{MAX_SEED}")
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 0:
         raise ParetokenError(f"trials: {n_trials!r} is invalid; valid: an integer >= 0 (the study's target)")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -201,10 +208,10 @@ def _check_inputs(objectives, backend, workers, n_trials, cpus_per_trial, gpus_p
     if backend == "local" and workers != 1:
         raise ParetokenError(f"workers: the local backend runs one trial at a time, not {workers}; "
                              "use --backend ray for --workers K (or run K processes on a shared storage)")
-    if not cpus_per_trial > 0:
-        raise ParetokenError(f"cpus-per-trial: {cpus_per_trial!r} is invalid; valid: > 0")
-    if gpus_per_trial is not None and not gpus_per_trial >= 0:
-        raise ParetokenError(f"gpus-per-trial: {gpus_per_trial!r} is invalid; valid: >= 0")
+    if not 0 < cpus_per_trial < math.inf:
+        raise ParetokenError(f"cpus-per-trial: {cpus_per_trial!r} is invalid; valid: a finite number > 0")
+    if gpus_per_trial is not None and not 0 <= gpus_per_trial < math.inf:
+        raise ParetokenError(f"gpus-per-trial: {gpus_per_trial!r} is invalid; valid: a finite number >= 0")
     budgets.check()
     if not config.speed:
         for o in objectives:
@@ -258,15 +265,16 @@ def run_search(study_name: str, storage: str | None = None, space: str = "mixed"
     if sampler not in st.SAMPLERS:
         raise ParetokenError(f"sampler: {sampler!r} is unknown; valid: {', '.join(st.SAMPLERS)}")
     budgets = budgets if budgets is not None else Budgets()
-    _check_inputs(objectives, backend, workers, n_trials, cpus_per_trial, gpus_per_trial, budgets, config)
-    if isinstance(heartbeat_s, bool) or not isinstance(heartbeat_s, int) or heartbeat_s < 1:
-        raise ParetokenError(f"heartbeat: {heartbeat_s!r} is invalid; valid: an integer >= 1 (seconds)")
+    _check_inputs(objectives, backend, workers, ray_address, n_trials, cpus_per_trial, gpus_per_trial, budgets, config,
+                  seed)
+    if isinstance(heartbeat_s, bool) or not isinstance(heartbeat_s, int) or not 1 <= heartbeat_s <= MAX_HEARTBEAT_S:
+        raise ParetokenError(f"heartbeat: {heartbeat_s!r} is invalid; valid: an integer in 1..{MAX_HEARTBEAT_S} (seconds)")
     grace_s = int(grace_s) if grace_s is not None else 3 * heartbeat_s
     if grace_s <= heartbeat_s:
         raise ParetokenError(f"grace: {grace_s} s must exceed the heartbeat interval {heartbeat_s} s")
     config = checked_config(config)  # a missing model, checkpoint or data is one line, not a study of failures
     depth = model_depth(config)
-    url = storage or default_storage(study_name)
+    url = storage if storage is not None else default_storage(study_name)
     config_dict = config_to_dict(config)
     settings = st.study_settings(space_obj.name, objectives, budgets, config_dict, depth, heartbeat_s, grace_s)
 
@@ -301,11 +309,16 @@ def _quiet_warnings() -> None:
 def _run(study_name, url, space_obj, objectives, sampler, n_trials, backend, workers, ray_address, cpus_per_trial,
          gpus_per_trial, budgets, config, seed, presets, heartbeat_s, grace_s, poll_s, log, depth,
          settings, config_dict) -> SearchResult:
-    storage_obj = open_storage(url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
-                               stale_callback=st.stale_callback(log))
+    def storage() -> Any:
+        return open_storage(url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                            stale_callback=st.stale_callback(log))
+
     sampler_obj = st.make_sampler(sampler, seed, objectives)
     ctrl_c = _CtrlC()
-    _check_existing(study_name, storage_obj, settings)  # before Ray's start-up (tens of seconds)
+    new_file = storage_file(url) is not None and not storage_file(url).exists()
+    storage_obj = None if new_file else storage()  # a file is made once the cluster has been joined
+    if storage_obj is not None:
+        _check_existing(study_name, storage_obj, settings)  # before Ray's start-up (tens of seconds)
     if backend == "ray":  # joined before the study is touched: an unreachable cluster writes nothing to it
         gpus = gpus_per_trial if gpus_per_trial is not None else (1.0 if str(config.device).startswith("cuda")
                                                                   else 0.0)
@@ -315,6 +328,7 @@ def _run(study_name, url, space_obj, objectives, sampler, n_trials, backend, wor
     else:
         executor = LocalExecutor(ctrl_c)
     try:
+        storage_obj = storage() if storage_obj is None else storage_obj
         study = _open_study(study_name, url, storage_obj, sampler_obj, space_obj, objectives, sampler, seed,
                             n_trials, presets, depth, settings, log)
         liveness = st.Liveness(study, heartbeat_s, grace_s, log)

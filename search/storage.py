@@ -10,6 +10,7 @@ that cannot be opened is one :class:`ParetokenError` line with the password hidd
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import time
@@ -20,6 +21,7 @@ from paretoken.errors import ParetokenError
 
 STUDIES_DIR = Path("studies")
 JOURNAL_LOCK_GRACE_S = 5
+MAX_HEARTBEAT_S = 86_400  # s; a running trial's heartbeat (a day: far longer overflows thread timers)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _FORMS = "sqlite:///FILE.db, journal:FILE, postgresql://USER[:PASSWORD]@HOST[:PORT]/DB"
 
@@ -53,6 +55,37 @@ def journal_path(url: str) -> Path | None:
     return Path(rest)
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///FILE`` URL, else None (also for an in-memory database)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    rest = url[len("sqlite:///"):].split("?", 1)[0]
+    return None if rest in ("", ":memory:") else Path(rest)
+
+
+def storage_file(url: str) -> Path | None:
+    """The file a SQLite or journal URL keeps its studies in; None for a server."""
+    return sqlite_path(url) or journal_path(url)
+
+
+def _check_sqlite_file(path: Path, create: bool) -> None:
+    """One-line error unless ``path`` is an Optuna SQLite database, or (``create``) an empty file:
+    Optuna would add its tables to another program's database."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as exc:
+        raise ParetokenError(f"storage: {str(path)!r} is not a SQLite database ({exc}); "
+                             "valid: an Optuna study database, or a new file") from None
+    if "studies" in tables or (create and not tables):
+        return
+    what = "holds no Optuna studies" if not tables else "is another program's SQLite database (no Optuna tables)"
+    raise ParetokenError(f"storage: {str(path)!r} {what}; valid: an Optuna study database"
+                         + (", or a new file" if create else ""))
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     text = re.sub(r"\(Background on this error at: [^)]*\)", "", text).strip()
@@ -73,11 +106,13 @@ def _postgres_driver(url: str) -> str:
 
 
 def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
-                 stale_callback=None):
+                 stale_callback=None, create: bool = True):
     """An Optuna storage object for ``url``.
 
     RDB storages (SQLite, PostgreSQL) get Optuna's heartbeat when ``heartbeat_interval`` is given,
     with ``stale_callback(study, trial)`` called for each trial ``fail_stale_trials`` fails.
+    ``create=False`` (readers): a SQLite or journal file must exist and hold studies already.
+    A SQLite file of another program is refused rather than given Optuna's tables.
     Unreachable or malformed storage: one-line :class:`ParetokenError`.
     """
     import optuna
@@ -85,6 +120,15 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     if not isinstance(url, str) or not url.strip():
         raise ParetokenError(f"storage: {url!r} is not a storage URL; valid: {_FORMS}")
     journal = journal_path(url)
+    path = storage_file(url)
+    if path is not None and path.exists() and not path.is_file():
+        raise ParetokenError(f"storage: {str(path)!r} is not a file (from {redact(url)}); valid: {_FORMS}")
+    if path is not None and not create and not path.exists():
+        near = sorted(p.stem for p in path.parent.glob("*.db")) if path.parent.is_dir() else []
+        hint = f"; studies beside it: {', '.join(near)}" if near else ""
+        raise ParetokenError(f"storage: {str(path)!r} does not exist (from {redact(url)}){hint}")
+    if path is not None and journal is None and path.exists():
+        _check_sqlite_file(path, create)
     target = url
     try:
         if journal is not None:
@@ -99,9 +143,8 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
             raise ParetokenError(f"storage: {url!r} is not a storage URL; valid: {_FORMS}")
         engine_kwargs = {}
         if url.startswith("sqlite:"):
-            path = url.split(":///", 1)[1].split("?", 1)[0] if ":///" in url else ""
-            if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
             engine_kwargs = {"connect_args": {"timeout": 60}}
         elif url.startswith(("postgresql", "postgres:")):
             engine_kwargs = {"pool_pre_ping": True}

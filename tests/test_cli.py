@@ -1,10 +1,14 @@
 """The command line: help everywhere, and every bad input as one line, exit 2, no traceback."""
 from __future__ import annotations
 
+import contextlib
 import shutil
+import sqlite3
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 
 
@@ -45,6 +49,10 @@ def _bad_inputs(tmp_path):
     (tmp_path / "unknown_op.yaml").write_text("version: 1\nstages:\n  - {layer: 3, op: prun, keep: 0.7}\n")
     (tmp_path / "out_of_range.yaml").write_text("version: 1\nstages:\n  - {layer: 12, op: prune, keep: 0.7}\n")
     (tmp_path / "bad_keep.json").write_text('{"version": 1, "stages": [{"layer": 1, "op": "merge", "keep": 2}]}')
+    foreign = tmp_path / "foreign.db"
+    with contextlib.closing(sqlite3.connect(foreign)) as db, db:
+        db.execute("CREATE TABLE notes (text TEXT)")
+    search = ["search", "--study", "bad", "--storage", f"sqlite:///{tmp_path}/bad.db"]
     return [
         (["flops", "--plan", str(tmp_path / "malformed.yaml")], "is not valid YAML/JSON"),
         (["flops", "--plan", str(tmp_path / "unknown_op.yaml")], "op 'prun' is unknown; valid: prune, prune_fuse"),
@@ -62,6 +70,10 @@ def _bad_inputs(tmp_path):
           str(tmp_path / "missing.pth")], "checkpoint: "),
         (["search", "--study", "bad", "--storage", f"sqlite:///{tmp_path}/bad.db", "--data",
           str(tmp_path / "no-such-dir")], "data: "),
+        ([*search, "--model", "efficientnet_b0"], "is not a timm VisionTransformer"),
+        (["search", "--study", "bad", "--storage", f"sqlite:///{foreign}", "--trials", "1"],
+         "is another program's SQLite database (no Optuna tables)"),
+        (["front", "--study", "bad", "--storage", f"sqlite:///{foreign}"], "is another program's SQLite database"),
     ]
 
 
@@ -77,10 +89,54 @@ def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path):
     for (args, needle), out in zip(cases, outs):
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2, (args, out.stderr)
-        assert len(lines) == 1 and lines[0].startswith("paretoken: error: "), (args, out.stderr)
+        assert len(lines) == 1 and lines[0].startswith(f"paretoken {args[0]}: error: argument " if "argument --"
+                                                       in needle else "paretoken: error: "), (args, out.stderr)
         assert needle in lines[0], (args, lines[0])
         assert "Traceback" not in out.stderr + out.stdout
     assert not (tmp_path / "bad.db").exists()  # the searches stopped before opening their study
+    with contextlib.closing(sqlite3.connect(tmp_path / "foreign.db")) as db:  # Optuna added no tables to it
+        assert [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == ["notes"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["flops", "--plan", "binary.yaml"], "plan: 'binary.yaml' is not UTF-8 text; valid: a YAML or JSON plan file"),
+    (["flops", "--plan", "deep.yaml"], "plan: 'deep.yaml' nests too deeply"),
+    (["flops", "--plan", "."], "plan: '.' is not a regular file"),
+    (["flops", "--device", "bogus"], "device: 'bogus' is unknown; valid: cpu, cuda, cuda:N or auto"),
+    (["eval", "--device", "meta"], "device: 'meta' is unknown"),
+    (["eval", "--seed", "-1"], "argument --seed: '-1' is out of range; valid: an integer in 0..4294967295"),
+    (["slim", "--layers", "3,3"], "layers: 3,3 names a block twice"),
+    (["search", "--study", "s", "--ray-address", "auto"], "ray-address: 'auto' needs --backend ray"),
+    (["eval", "--batch-size", "0"], "argument --batch-size: '0' is out of range; valid: an integer >= 1"),
+    (["eval", "--images", "ten"], "argument --images: 'ten' is not an integer; valid: an integer >= 1"),
+    (["slim", "--tolerance", "nan"], "argument --tolerance: 'nan' is out of range; valid: a finite number > 0"),
+    (["search", "--study", "s", "--seed", str(2**32)], "argument --seed: '4294967296' is out of range; "
+                                                       "valid: an integer in 0..4294967295"),
+    (["search", "--study", "s", "--max-gflops", "inf"], "argument --max-gflops: 'inf' is out of range; "
+                                                        "valid: a finite number"),
+    (["search", "--study", "s", "--heartbeat", "9999999999"], "argument --heartbeat: '9999999999' is out of range; "
+                                                              "valid: an integer in 1..86400"),
+    (["search", "--study", "s", "--cpus-per-trial", "0"], "argument --cpus-per-trial: '0' is out of range; "
+                                                          "valid: a finite number > 0"),
+    (["search", "--study", "s", "--plot", "front.bogus"], "plot: 'front.bogus' has suffix '.bogus'"),
+    (["front", "--study", "s", "--max-gflops", "-1"], "max-gflops: -1.0 is invalid; valid: a finite number > 0"),
+    (["front", "--study", "s", "--plot", "f.png", "--history", "h.bogus"], "plot: 'h.bogus' has suffix"),
+    (["holdout", "--study", "s", "--images", "0"], "argument --images: '0' is out of range"),
+])
+def test_bad_flag_values_are_one_line_before_any_work(args, message, tmp_path, monkeypatch, capsys):
+    from paretoken.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(128, 256)) * 3)
+    (tmp_path / "deep.yaml").write_text("[" * 5000)
+    try:
+        code = main(args)
+    except SystemExit as stop:  # argparse
+        code = stop.code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert lines[0].startswith(("paretoken: error: ", f"paretoken {args[0]}: error: "))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["binary.yaml", "deep.yaml"]  # no study, no plot
 
 
 def test_plan_flag_given_a_preset_name_points_to_preset(tmp_path, monkeypatch, capsys):

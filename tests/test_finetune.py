@@ -65,19 +65,21 @@ def test_distillation_lowers_the_loss_and_the_result_evaluates(checkpoint, tmp_p
     assert measured["top1"] == pytest.approx(report["after"]["top1"])
 
 
-def test_thresholds_learn_towards_the_budget(checkpoint, tmp_path):
+def test_thresholds_learn_towards_the_budget(checkpoint, tmp_path, monkeypatch):
     plan = paretoken.Plan((paretoken.Stage(2, "threshold", threshold=0.5),
                            paretoken.Stage(6, "threshold", threshold=0.5)))
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "asvit.safetensors"
     config = FinetuneConfig(checkpoint=str(checkpoint), train_images=256, eval_images=64, batch_size=64,
                             epochs=2, lr=1e-4, budget=0.3, budget_weight=20.0, learned_lr=0.1)
-    report = finetune(plan, config, out=out)
+    report = finetune(plan, config, out="asvit.safetensors")  # relative here; absolute in the plan it writes
     assert report["budget"] == 0.3
     before, after = report["before"]["thresholds"], report["after"]["thresholds"]
     assert set(before) == {2, 6} and all(after[k] > before[k] for k in before)  # fewer tokens to meet the budget
     assert report["after"]["mean_tokens"] < report["before"]["mean_tokens"]
     written = paretoken.load_plan(out.with_suffix(".yaml"))
     assert [s.threshold for s in written.stages] == [pytest.approx(after[2]), pytest.approx(after[6])]
+    assert written.meta["checkpoint"] == written.meta["weights"]["file"] == str(out)
     assert not any("token_threshold" in k for k in safetensors.torch.load_file(str(out)))
 
 
@@ -109,6 +111,19 @@ def test_bad_finetune_requests(checkpoint, tmp_path):
         finetune(paretoken.Plan(), FinetuneConfig(checkpoint=str(checkpoint)), out=tmp_path / "x.pt")
     with pytest.raises(ParetokenError, match="alpha"):
         finetune(paretoken.Plan(), FinetuneConfig(alpha=2.0), out=tmp_path / "x.safetensors")
+    with pytest.raises(ParetokenError, match="seed -1 is invalid; valid: an integer in 0..4294967295"):
+        finetune(paretoken.Plan(), FinetuneConfig(seed=-1), out=tmp_path / "x.safetensors")
+    with pytest.raises(ParetokenError, match=r"plan: meta.checkpoint 5 is invalid; valid: a string or null"):
+        finetune(paretoken.Plan(meta={"checkpoint": 5}), FinetuneConfig(), out=tmp_path / "x.safetensors")
+    plan_file = paretoken.preset("asvit").save(tmp_path / "p.yaml")
+    text = plan_file.read_text()
+    with pytest.raises(ParetokenError, match="would write its plan over --plan"):
+        finetune(plan_file, FinetuneConfig(checkpoint=str(checkpoint)), out=tmp_path / "p.safetensors")
+    (tmp_path / "d.yaml").mkdir()  # the plan's place is taken: refused before training, nothing written
+    with pytest.raises(ParetokenError, match="out: cannot write .*d.yaml"):
+        finetune(plan_file, FinetuneConfig(checkpoint=str(checkpoint)), out=tmp_path / "d.safetensors")
+    assert plan_file.read_text() == text and not (tmp_path / "p.safetensors").exists()
+    assert not (tmp_path / "d.safetensors").exists() and not (tmp_path / "x.safetensors").exists()
 
 
 def test_an_exported_plan_names_the_weights_it_was_searched_with():

@@ -39,3 +39,14 @@ def test_per_image_batched_equals_alone_on_gpu():
         batched = model(images)
         for i in range(6):
             torch.testing.assert_close(batched[i], model(images[i:i + 1])[0], atol=1e-4, rtol=1e-4)
+
+
+def test_peak_memory_is_the_plans_activations():
+    """peak_mem_mb counts what the pass allocates above the resident weights and images, so it
+    falls with the tokens a plan keeps."""
+    from paretoken.evaluators.evaluate import EvalConfig, evaluate
+
+    config = EvalConfig(images=2000, batch_size=100, device="cuda", speed=False)
+    full = evaluate(paretoken.Plan(), config)["peak_mem_mb"]
+    merged = evaluate(paretoken.preset("tome-r16"), config)["peak_mem_mb"]
+    assert 0 < merged < full

@@ -163,17 +163,21 @@ def test_preset_challenges_choose_on_the_search_images_and_judge_on_the_held_out
 
 
 @pytest.mark.parametrize(("args", "needle"), [
-    (["--images", "0"], "images: 0 is not a positive number of held-out test images"),
+    (["--images", "0"], "argument --images: '0' is out of range; valid: an integer >= 1"),
     (["--images", "20000"], "images: 20000 is not in 1..9984"),
     (["--objectives", "top1,speed"], "objectives:"),
-    (["--batch-size", "0"], "batch-size: 0 is invalid; valid: an integer >= 1"),
+    (["--batch-size", "0"], "argument --batch-size: '0' is out of range; valid: an integer >= 1"),
     (["--plot", "held.jpg"], "plot: 'held.jpg' has suffix '.jpg'"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device: "),
 ])
 def test_bad_input_is_one_line_exit_2(searched, capsys, args, needle):
     storage, _ = searched
-    assert main(["holdout", "--study", "small", "--storage", storage, *args]) == 2
+    try:
+        code = main(["holdout", "--study", "small", "--storage", storage, *args])
+    except SystemExit as stop:  # argparse
+        code = stop.code
     err = capsys.readouterr().err
+    assert code == 2
     assert needle in err and len(err.strip().splitlines()) == 1
 
 

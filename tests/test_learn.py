@@ -64,6 +64,24 @@ def test_training_mask_that_keeps_everything_leaves_the_logits_unchanged():
     torch.testing.assert_close(soft, reference, atol=1e-4, rtol=1e-4)
 
 
+def test_count_stages_after_a_soft_threshold_take_their_share_of_the_tokens_left():
+    """In training a threshold stage only scales sizes; a later keep-ratio stage must count the
+    tokens that stage leaves (their keep factors), not every slot, as it does at inference."""
+    model = _model()
+    plan = paretoken.Plan((paretoken.Stage(1, "threshold", threshold=1.2), paretoken.Stage(4, "prune", keep=0.5)))
+    paretoken.apply(model, plan)
+    learn_thresholds(model, temperature=1e-3)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 64, 64))
+    state = model._pt_state
+    [(_, after, _)] = state.kept
+    left = (after * state.patches).round()  # (B,) tokens the threshold leaves, as at inference
+    assert (left < state.patches).all()
+    kept = state.counts[4] - state.prefix
+    torch.testing.assert_close(kept, torch.floor(left * 0.5 + 0.5).long())
+
+
 def test_threshold_gradient_and_learned_value_used_at_inference():
     model = _model()
     plan = paretoken.Plan((paretoken.Stage(1, "threshold", threshold=0.8), paretoken.Stage(4, "threshold", threshold=1.0)))
@@ -84,6 +102,9 @@ def test_threshold_gradient_and_learned_value_used_at_inference():
         learned = model(x)
     rebuilt = paretoken.apply(_model(), learned_plan(model))
     assert learned_plan(model).stages[1].threshold == pytest.approx(1.7)
+    with torch.no_grad():  # a tiny learned threshold keeps its significant digits (not rounded to 0.0)
+        modules[1].log_threshold.fill_(torch.log(torch.tensor(3.2e-7)))
+    assert learned_plan(model).stages[0].threshold == pytest.approx(3.2e-7, rel=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), learned)
 

@@ -95,6 +95,55 @@ def test_pth_wrapped_checkpoint_with_module_prefix(tmp_path) -> None:
     _assert_same(create_model(TINY, checkpoint=str(path)), state)
 
 
+def test_training_script_checkpoints(tmp_path) -> None:
+    """What timm's train.py (CheckpointSaver) and DeiT's main.py save: weights beside the optimizer
+    state and an argparse.Namespace of arguments, EMA weights preferred as timm does; a
+    torch.compile prefix stripped."""
+    import argparse
+
+    state, ema = _tiny_state(seed=4), _tiny_state(seed=5)
+    args = argparse.Namespace(model=TINY, lr=5e-4)
+    timm_file = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 3, "arch": TINY, "state_dict": state, "state_dict_ema": ema, "args": args}, timm_file)
+    _assert_same(create_model(TINY, checkpoint=str(timm_file)), ema)
+    deit_file = tmp_path / "checkpoint.pth"
+    torch.save({"model": state, "model_ema": ema, "optimizer": {"state": {}}, "epoch": 3, "args": args}, deit_file)
+    _assert_same(create_model(TINY, checkpoint=str(deit_file)), ema)
+    compiled = tmp_path / "compiled.pth"
+    torch.save({f"_orig_mod.{k}": v for k, v in state.items()}, compiled)
+    _assert_same(create_model(TINY, checkpoint=str(compiled)), state)
+
+
+def test_official_deit3_checkpoint_layer_scale_names(tmp_path) -> None:
+    """Official DeiT-III files name LayerScale blocks.N.gamma_1 / gamma_2 (timm: blocks.N.ls1.gamma)."""
+    name = "deit3_small_patch16_224"
+    torch.manual_seed(0)
+    state = timm.create_model(name, pretrained=False, num_classes=10, depth=2).state_dict()
+    official = {k.replace("ls1.gamma", "gamma_1").replace("ls2.gamma", "gamma_2"): v for k, v in state.items()}
+    assert "blocks.0.gamma_1" in official
+    path = tmp_path / "deit_3_small_224_1k.pth"
+    torch.save({"model": official}, path)
+    model = timm.create_model(name, pretrained=False, num_classes=10, depth=2)
+    from paretoken.evaluators.models import _converted, _load_into, read_state_dict
+
+    _assert_same(_load_into(model, _converted(model, read_state_dict(path)), path), state)
+
+
+def test_hf_snapshot_directory_and_suffixless_blob(tmp_path) -> None:
+    """A Hugging Face snapshot directory, and the suffix-less blob its model.safetensors links to."""
+    state = _tiny_state(seed=6)
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    save_file(state, str(snapshot / "model.safetensors"))
+    _assert_same(create_model(TINY, checkpoint=str(snapshot)), state)
+    blob = tmp_path / "2e06c1f0"
+    (snapshot / "model.safetensors").rename(blob)
+    _assert_same(create_model(TINY, checkpoint=str(blob)), state)
+    with pytest.raises(ParetokenError) as excinfo:
+        create_model(TINY, checkpoint=str(snapshot))
+    assert "is a directory without model.safetensors or pytorch_model.bin" in _one_line_error(excinfo)
+
+
 def test_wrong_shape_names_key_and_shapes(tmp_path) -> None:
     path = tmp_path / "tiny.safetensors"
     save_file(_tiny_state(), str(path))

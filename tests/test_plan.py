@@ -83,6 +83,16 @@ def test_plan_level_errors(tmp_path):
         Plan.from_dict({"stages": [{"layer": 12, "op": "merge", "r": 1}]}).check_depth(12)
 
 
+def test_plan_files_read_as_written(tmp_path):
+    """Exponent floats are numbers (YAML 1.2; PyYAML's 1.1 made them strings); a key given twice is
+    refused (PyYAML kept the last one silently)."""
+    (tmp_path / "exp.yaml").write_text("stages:\n  - {layer: 2, op: threshold, threshold: 5e-1}\n")
+    assert paretoken.load_plan(tmp_path / "exp.yaml").stages[0].threshold == 0.5
+    (tmp_path / "twice.yaml").write_text("stages:\n  - {layer: 2, op: merge, r: 4}\nstages: []\n")
+    with pytest.raises(paretoken.ParetokenError, match=r"\(line 3: duplicate key 'stages'\)"):
+        paretoken.load_plan(tmp_path / "twice.yaml")
+
+
 def test_presets_are_valid_and_documented():
     expected = {"tome-r8", "tome-r13", "tome-r16", "evit-0.7", "evit-0.5", "dynamicvit-0.7", "asvit", "jmp", "slim"}
     assert set(PRESETS) == expected
