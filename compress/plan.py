@@ -228,7 +228,7 @@ class Plan:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix in (".yaml", ".yml"):
-            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+            path.write_text(yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False))
         else:
             path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
@@ -242,21 +242,34 @@ class Plan:
             for s in self.stages)
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader with YAML 1.2's floats (``1e-3`` is a number, not the string YAML 1.1
-    makes it) and no duplicate keys (PyYAML keeps the last silently)."""
+    makes it) and no key written twice in one mapping (PyYAML keeps the last silently; keys a
+    ``<<`` merge brings in may still be overridden)."""
 
     def construct_mapping(self, node, deep=False):
-        keys = [self.construct_object(key, deep=True) for key, _ in node.value]
-        for i, key in enumerate(keys):
-            if key in keys[:i]:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
-                                                        node.value[i][0].start_mark)
+        if isinstance(node, yaml.MappingNode):
+            seen = []
+            for key_node, _ in node.value:
+                if key_node.tag == _MERGE_TAG:
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.append(key)
         return super().construct_mapping(node, deep)
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+class _Dumper(yaml.SafeDumper):
+    """PyYAML's safe dumper that quotes what :class:`_Loader` would read as a float (``'1e5'``)."""
+
+
+for _yaml_class in (_Loader, _Dumper):
+    _yaml_class.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
 
 
 def load_plan(path: str | Path) -> Plan:

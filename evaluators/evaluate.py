@@ -63,7 +63,8 @@ def device_name(name: str) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
-    """The torch device ``name`` (cpu, cuda, cuda:N) on this machine; one-line error otherwise."""
+    """The torch device ``name`` (cpu, cuda, cuda:N, auto) on this machine; one-line error otherwise."""
+    name = device_name(name)
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -89,7 +89,7 @@ def create_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None
     if checkpoint is not None:
         state = read_state_dict(checkpoint)
         model = timm.create_model(name, pretrained=False, num_classes=_num_classes(state))
-        _load_into(model, _converted(model, state), checkpoint)
+        _load_into(model, _converted(model, state, checkpoint), checkpoint)
         return model.eval()
     if pretrained:
         return _create_from_hf_cache(name).eval()
@@ -189,15 +189,22 @@ def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str
     return model
 
 
-def _converted(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` in the key names and shapes of ``model``, by timm's own conversion for a
-    VisionTransformer (DeiT-III ``gamma_1``/``gamma_2`` to LayerScale, OpenCLIP and DINOv2 layouts,
-    position embeddings resampled to the model's grid); other models' states as they are."""
+def _converted(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:
+    """``state`` (read from ``path``) in the key names of ``model``, by timm's own conversion for a
+    VisionTransformer (DeiT-III ``gamma_1``/``gamma_2`` to LayerScale, OpenCLIP and DINOv2 layouts);
+    other models' states as they are. A checkpoint for another image or patch size is refused:
+    timm would resample its position or patch embedding without a word, making another model."""
     if not isinstance(model, VisionTransformer):
         return state
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    return checkpoint_filter_fn(state, model, adapt_layer_scale=True)
+    converted = checkpoint_filter_fn(state, model, adapt_layer_scale=True)
+    for key in ("pos_embed", "patch_embed.proj.weight"):  # timm would resample them: another model
+        if key in state and key in converted and converted[key].shape != state[key].shape:
+            raise ParetokenError(f"checkpoint: {path} key {key!r} has shape {tuple(state[key].shape)}, expected "
+                                 f"{tuple(converted[key].shape)} (another image or patch size); "
+                                 f"pass a checkpoint for {_arch(model)}")
+    return converted
 
 
 def _arch(model: torch.nn.Module) -> str:

@@ -202,8 +202,6 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
     if plan_path is not None and plan_file.resolve() == Path(plan_path).resolve():
         raise ParetokenError(f"finetune: --out {str(out)!r} would write its plan over --plan {plan_path!r}; "
                              "valid: another --out")
-    for path in (out, plan_file):  # before minutes of training, not after
-        _check_writable(path)
     out, plan_file = out.resolve(), plan_file.resolve()  # the plan names its weights wherever it is read
     model_name, checkpoint, pretrained, data = _resolve(plan, config)
     device = resolve_device(config.device)
@@ -220,6 +218,8 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
     train_x, train_y = load_split(data, student, "calib", n=config.train_images, seed=config.seed)
     eval_x, eval_y = load_split(data, student, "eval", n=config.eval_images, seed=config.seed)
     base_pred = _predict(teacher, eval_x, config.batch_size, device)[0].argmax(1)
+    for path in (out, plan_file):  # after every input is known good, before minutes of training
+        _check_writable(path)
 
     def measure() -> dict[str, Any]:
         logits, mean_tokens = _predict(student, eval_x, config.batch_size, device)

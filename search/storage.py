@@ -74,11 +74,11 @@ def _check_sqlite_file(path: Path, create: bool) -> None:
     import sqlite3
 
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        with contextlib.closing(sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)) as db:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.Error as exc:
         raise ParetokenError(f"storage: {str(path)!r} is not a SQLite database ({exc}); "
-                             "valid: an Optuna study database, or a new file") from None
+                             "valid: an Optuna study database" + (", or a new file" if create else "")) from None
     if "studies" in tables or (create and not tables):
         return
     what = "holds no Optuna studies" if not tables else "is another program's SQLite database (no Optuna tables)"

@@ -75,3 +75,13 @@ def test_per_image_plan_reports_padding(config):
 def test_bad_device():
     with pytest.raises(paretoken.ParetokenError, match="device: 'cuda:7'"):
         ev.evaluate(paretoken.Plan(), ev.EvalConfig(device="cuda:7"))
+
+
+@pytest.mark.parametrize("name", ["mps", "meta", "cpu:1", "tpu", "cuda:x"])
+def test_devices_other_than_cpu_and_cuda_are_refused(name):
+    with pytest.raises(paretoken.ParetokenError, match=rf"^device: '{name}' is (unknown|not available)"):
+        ev.resolve_device(name)
+
+
+def test_auto_device_is_cuda_where_present():
+    assert ev.resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")

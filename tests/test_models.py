@@ -126,7 +126,20 @@ def test_official_deit3_checkpoint_layer_scale_names(tmp_path) -> None:
     model = timm.create_model(name, pretrained=False, num_classes=10, depth=2)
     from paretoken.evaluators.models import _converted, _load_into, read_state_dict
 
-    _assert_same(_load_into(model, _converted(model, read_state_dict(path)), path), state)
+    _assert_same(_load_into(model, _converted(model, read_state_dict(path), path), path), state)
+
+
+def test_checkpoint_for_another_image_size_is_refused_not_resampled(tmp_path):
+    """timm's filter would resample a 384-pixel position embedding to 224 without a word."""
+    torch.manual_seed(0)
+    path = tmp_path / "t384.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_384", pretrained=False, depth=1).state_dict(), path)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
+    from paretoken.evaluators.models import _converted, read_state_dict
+
+    with pytest.raises(ParetokenError) as excinfo:
+        _converted(model, read_state_dict(path), path)
+    assert "key 'pos_embed' has shape (1, 577, 192), expected (1, 197, 192)" in _one_line_error(excinfo)
 
 
 def test_hf_snapshot_directory_and_suffixless_blob(tmp_path) -> None:

@@ -91,6 +91,11 @@ def test_plan_files_read_as_written(tmp_path):
     (tmp_path / "twice.yaml").write_text("stages:\n  - {layer: 2, op: merge, r: 4}\nstages: []\n")
     with pytest.raises(paretoken.ParetokenError, match=r"\(line 3: duplicate key 'stages'\)"):
         paretoken.load_plan(tmp_path / "twice.yaml")
+    (tmp_path / "merged.yaml").write_text("meta: {base: &b {op: prune, keep: 0.7}}\nstages:\n"
+                                          "  - {<<: *b, layer: 3}\n  - {<<: *b, layer: 6, keep: 0.5}\n")
+    assert [s.keep for s in paretoken.load_plan(tmp_path / "merged.yaml").stages] == [0.7, 0.5]  # a merge key overridden
+    meta = {"study": "1e5", "commit": "12e4567", "lr": 1e-05}  # strings that look like floats stay strings
+    assert paretoken.load_plan(Plan(meta=meta).save(tmp_path / "meta.yaml")).meta == meta
 
 
 def test_presets_are_valid_and_documented():

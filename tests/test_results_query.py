@@ -152,6 +152,27 @@ def test_default_storage_is_the_studies_folder(tmp_path, monkeypatch):
         query.load("other")
 
 
+def test_sqlite_files_read_where_they_are_and_no_other(tmp_path):
+    """A '#' in the path (a URI fragment to SQLite) reads the real file; another program's database
+    and an empty file are refused, and reading adds no Optuna tables to them."""
+    import sqlite3
+
+    odd = tmp_path / "we#ird" / "s.db"
+    odd.parent.mkdir()
+    make_study(f"sqlite:///{odd}", "s", POINTS[:3], failed=0)
+    assert len(query.load("s", f"sqlite:///{odd}")) == 3
+    assert sorted(p.name for p in odd.parent.iterdir()) == ["s.db"]
+    foreign, empty = tmp_path / "notes.db", tmp_path / "empty.db"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE notes (text TEXT)")
+    empty.touch()
+    with pytest.raises(ParetokenError, match="is another program's SQLite database"):
+        query.load("s", f"sqlite:///{foreign}")
+    with pytest.raises(ParetokenError, match="holds no Optuna studies; valid: an Optuna study database$"):
+        query.load("s", f"sqlite:///{empty}")
+    assert empty.stat().st_size == 0
+
+
 def test_journal_file_storage(tmp_path):
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
