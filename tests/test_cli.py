@@ -44,28 +44,26 @@ def test_flops_prints_gflops_and_token_counts():
     assert "block 11:    41.0" in out.stdout
 
 
+def _write_plan_files(folder) -> None:
+    (folder / "malformed.yaml").write_text("version: 1\nstages: [ {layer: 3, op: prune\n")
+    (folder / "unknown_op.yaml").write_text("version: 1\nstages:\n  - {layer: 3, op: prun, keep: 0.7}\n")
+    (folder / "out_of_range.yaml").write_text("version: 1\nstages:\n  - {layer: 12, op: prune, keep: 0.7}\n")
+    (folder / "bad_keep.json").write_text('{"version": 1, "stages": [{"layer": 1, "op": "merge", "keep": 2}]}')
+    (folder / "binary.yaml").write_bytes(bytes(range(128, 256)) * 3)
+    (folder / "deep.yaml").write_text("[" * 5000)
+
+
 def _bad_inputs(tmp_path):
-    (tmp_path / "malformed.yaml").write_text("version: 1\nstages: [ {layer: 3, op: prune\n")
-    (tmp_path / "unknown_op.yaml").write_text("version: 1\nstages:\n  - {layer: 3, op: prun, keep: 0.7}\n")
-    (tmp_path / "out_of_range.yaml").write_text("version: 1\nstages:\n  - {layer: 12, op: prune, keep: 0.7}\n")
-    (tmp_path / "bad_keep.json").write_text('{"version": 1, "stages": [{"layer": 1, "op": "merge", "keep": 2}]}')
+    """The cases that run as processes (the console entry point end to end)."""
+    _write_plan_files(tmp_path)
     foreign = tmp_path / "foreign.db"
     with contextlib.closing(sqlite3.connect(foreign)) as db, db:
         db.execute("CREATE TABLE notes (text TEXT)")
     search = ["search", "--study", "bad", "--storage", f"sqlite:///{tmp_path}/bad.db"]
     return [
         (["flops", "--plan", str(tmp_path / "malformed.yaml")], "is not valid YAML/JSON"),
-        (["flops", "--plan", str(tmp_path / "unknown_op.yaml")], "op 'prun' is unknown; valid: prune, prune_fuse"),
-        (["flops", "--plan", str(tmp_path / "out_of_range.yaml")], "layer 12 is out of range; valid: 0..11"),
-        (["eval", "--plan", str(tmp_path / "bad_keep.json")], "keep 2 is out of range; valid: 0 < keep <= 1"),
-        (["flops", "--plan", str(tmp_path / "missing.yaml")], "does not exist"),
-        (["flops", "--preset", "tome-r99"], "preset: 'tome-r99' is unknown; valid:"),
-        (["eval", "--model", "deit_smal_patch16_224"], "deit_smal_patch16_224"),
         (["eval", "--checkpoint", str(tmp_path / "missing.safetensors")], "missing.safetensors"),
-        (["eval", "--data", str(tmp_path / "no-such-dir")], "no-such-dir"),
-        (["eval", "--skip", "10000"], "skip: 10000 is not in 0..9999"),
-        (["eval", "--skip", "9990", "--images", "20"], "images: 20 is not in 1..10 (images available in"),
-        (["eval", "--device", "cuda:7"] if not _has_cuda() else ["eval", "--device", "tpu"], "device:"),
+        (["eval", "--seed", "-1"], "argument --seed: '-1' is out of range; valid: an integer in 0..4294967295"),
         (["search", "--study", "bad", "--storage", f"sqlite:///{tmp_path}/bad.db", "--checkpoint",
           str(tmp_path / "missing.pth")], "checkpoint: "),
         (["search", "--study", "bad", "--storage", f"sqlite:///{tmp_path}/bad.db", "--data",
@@ -99,12 +97,21 @@ def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
+    (["flops", "--plan", "unknown_op.yaml"], "op 'prun' is unknown; valid: prune, prune_fuse"),
+    (["flops", "--plan", "out_of_range.yaml"], "layer 12 is out of range; valid: 0..11"),
+    (["eval", "--plan", "bad_keep.json"], "keep 2 is out of range; valid: 0 < keep <= 1"),
+    (["flops", "--plan", "missing.yaml"], "does not exist"),
+    (["flops", "--preset", "tome-r99"], "preset: 'tome-r99' is unknown; valid:"),
+    (["eval", "--model", "deit_smal_patch16_224"], "deit_smal_patch16_224"),
+    (["eval", "--data", "no-such-dir"], "no-such-dir"),
+    (["eval", "--skip", "10000"], "skip: 10000 is not in 0..9999"),
+    (["eval", "--skip", "9990", "--images", "20"], "images: 20 is not in 1..10 (images available in"),
+    (["eval", "--device", "cuda:7"] if not _has_cuda() else ["eval", "--device", "tpu"], "device:"),
     (["flops", "--plan", "binary.yaml"], "plan: 'binary.yaml' is not UTF-8 text; valid: a YAML or JSON plan file"),
     (["flops", "--plan", "deep.yaml"], "plan: 'deep.yaml' nests too deeply"),
     (["flops", "--plan", "."], "plan: '.' is not a regular file"),
     (["flops", "--device", "bogus"], "device: 'bogus' is unknown; valid: cpu, cuda, cuda:N or auto"),
     (["eval", "--device", "meta"], "device: 'meta' is unknown"),
-    (["eval", "--seed", "-1"], "argument --seed: '-1' is out of range; valid: an integer in 0..4294967295"),
     (["slim", "--layers", "3,3"], "layers: 3,3 names a block twice"),
     (["search", "--study", "s", "--ray-address", "auto"], "ray-address: 'auto' needs --backend ray"),
     (["eval", "--batch-size", "0"], "argument --batch-size: '0' is out of range; valid: an integer >= 1"),
@@ -123,12 +130,12 @@ def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path):
     (["front", "--study", "s", "--plot", "f.png", "--history", "h.bogus"], "plot: 'h.bogus' has suffix"),
     (["holdout", "--study", "s", "--images", "0"], "argument --images: '0' is out of range"),
 ])
-def test_bad_flag_values_are_one_line_before_any_work(args, message, tmp_path, monkeypatch, capsys):
+def test_bad_input_in_process_is_one_line_before_any_work(args, message, tmp_path, monkeypatch, capsys):
     from paretoken.cli import main
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "binary.yaml").write_bytes(bytes(range(128, 256)) * 3)
-    (tmp_path / "deep.yaml").write_text("[" * 5000)
+    _write_plan_files(tmp_path)
+    written = sorted(tmp_path.iterdir())
     try:
         code = main(args)
     except SystemExit as stop:  # argparse
@@ -136,7 +143,7 @@ def test_bad_flag_values_are_one_line_before_any_work(args, message, tmp_path, m
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and message in lines[0], lines
     assert lines[0].startswith(("paretoken: error: ", f"paretoken {args[0]}: error: "))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["binary.yaml", "deep.yaml"]  # no study, no plot
+    assert sorted(tmp_path.iterdir()) == written  # no study, no plot
 
 
 def test_plan_flag_given_a_preset_name_points_to_preset(tmp_path, monkeypatch, capsys):
