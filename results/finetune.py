@@ -203,6 +203,9 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
         raise ParetokenError(f"finetune: --out {str(out)!r} would write its plan over --plan {plan_path!r}; "
                              "valid: another --out")
     out, plan_file = out.resolve(), plan_file.resolve()  # the plan names its weights wherever it is read
+    if config.budget is not None and not (config.learn_thresholds and any(s.op == "threshold" for s in plan.stages)):
+        raise ParetokenError("finetune: --budget steers learned thresholds; valid only for a plan with threshold "
+                             "stages and without --fixed-thresholds")
     model_name, checkpoint, pretrained, data = _resolve(plan, config)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)

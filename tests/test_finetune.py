@@ -107,6 +107,11 @@ def test_predictors_train_and_travel_with_the_checkpoint(checkpoint, tmp_path):
 def test_bad_finetune_requests(checkpoint, tmp_path):
     with pytest.raises(ParetokenError, match="budget"):
         finetune(paretoken.Plan(), FinetuneConfig(budget=1.5), out=tmp_path / "x.safetensors")
+    asvit = paretoken.preset("asvit")
+    for plan, config in ((paretoken.preset("evit-0.7"), FinetuneConfig(budget=0.5)),
+                         (asvit, FinetuneConfig(budget=0.5, learn_thresholds=False))):  # it would be ignored
+        with pytest.raises(ParetokenError, match="--budget steers learned thresholds; valid only for a plan with"):
+            finetune(plan, config, out=tmp_path / "x.safetensors")
     with pytest.raises(ParetokenError, match="must end in .safetensors"):
         finetune(paretoken.Plan(), FinetuneConfig(checkpoint=str(checkpoint)), out=tmp_path / "x.pt")
     with pytest.raises(ParetokenError, match="alpha"):
