@@ -198,11 +198,11 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ParetokenError(f"finetune: --out {str(out)!r} must end in .safetensors")
-    plan_file = out.with_suffix(".yaml")
-    if plan_path is not None and plan_file.resolve() == Path(plan_path).resolve():
-        raise ParetokenError(f"finetune: --out {str(out)!r} would write its plan over --plan {plan_path!r}; "
+    given, out = out, out.resolve()  # the plan names its weights wherever it is read
+    plan_file = given.with_suffix(".yaml").resolve()
+    if plan_path is not None and plan_file == Path(plan_path):
+        raise ParetokenError(f"finetune: --out {str(given)!r} would write its plan over --plan {plan_path!r}; "
                              "valid: another --out")
-    out, plan_file = out.resolve(), plan_file.resolve()  # the plan names its weights wherever it is read
     if config.budget is not None and not (config.learn_thresholds and any(s.op == "threshold" for s in plan.stages)):
         raise ParetokenError("finetune: --budget steers learned thresholds; valid only for a plan with threshold "
                              "stages and without --fixed-thresholds")

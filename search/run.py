@@ -315,7 +315,8 @@ def _run(study_name, url, space_obj, objectives, sampler, n_trials, backend, wor
 
     sampler_obj = st.make_sampler(sampler, seed, objectives)
     ctrl_c = _CtrlC()
-    new_file = storage_file(url) is not None and not storage_file(url).exists()
+    path = storage_file(url)
+    new_file = path is not None and not path.exists()
     storage_obj = None if new_file else storage()  # a file is made once the cluster has been joined
     if storage_obj is not None:
         _check_existing(study_name, storage_obj, settings)  # before Ray's start-up (tens of seconds)
