@@ -89,12 +89,23 @@ class PlanAttention(Attention):
     _pt_needs: frozenset[str] = frozenset()
     _pt_info: dict[str, Any]
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                queries: int | None = None) -> torch.Tensor:
+        """x (B, N, C) -> (B, Q, C): every token is a key and value; the first ``queries`` tokens
+        (all when None) are the queries, and only their outputs are computed."""
         B, N, _ = x.shape
+        Q = N if queries is None else queries
         bias = self._pt_state.bias
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        gate = self.gate(x[:, :Q]).sigmoid() if self.gate is not None else None
+        if queries is None:
+            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+        else:  # the query rows of the qkv projection for the query tokens only
+            weight, bias_qkv, dim = self.qkv.weight, self.qkv.bias, self.attn_dim
+            q = F.linear(x[:, :Q], weight[:dim], None if bias_qkv is None else bias_qkv[:dim])
+            q = q.reshape(B, Q, self.num_heads, self.head_dim).transpose(1, 2)
+            kv = F.linear(x, weight[dim:], None if bias_qkv is None else bias_qkv[dim:])
+            k, v = kv.reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if self._pt_state.soft:
             out = learn.masked_attention(q, k, v, self.scale, self._pt_state.size, self.attn_drop)
@@ -120,7 +131,7 @@ class PlanAttention(Attention):
             if "full" in need:
                 info["score"] = scores.propagated_importance(q, k, self.scale, bias, info["score"])
         self._pt_info = info
-        out = self.norm(out.transpose(1, 2).reshape(B, N, self.attn_dim))
+        out = self.norm(out.transpose(1, 2).reshape(B, Q, self.attn_dim))
         if gate is not None:
             out = out * gate
         return self.proj_drop(self.proj(out))
@@ -145,16 +156,23 @@ def reduce_tokens(stage: Stage, x: torch.Tensor, size: torch.Tensor, info: dict[
 
 
 class PlanBlock(Block):
-    """timm Block that reduces tokens between attention and MLP when it has a stage."""
+    """timm Block that reduces tokens between attention and MLP when it has a stage, or, as the
+    last block of a ``prefix_only_last`` plan, computes only the prefix tokens."""
 
     _pt_state: TokenState
     _pt_stage: Stage | None = None
+    _pt_prefix_only: bool = False
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         state = self._pt_state
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        if self._pt_stage is not None:
-            x = self._reduce(self._pt_stage, x, state)
+        if self._pt_prefix_only:
+            prefix = state.prefix
+            x = x[:, :prefix] + self.drop_path1(self.ls1(self.attn(self.norm1(x), queries=prefix)))
+            state.update(state.size[:, :prefix], x.dtype)
+        else:
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+            if self._pt_stage is not None:
+                x = self._reduce(self._pt_stage, x, state)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         state.counts.append((state.size > 0).sum(dim=1))
         return x
@@ -255,8 +273,9 @@ def apply(model: torch.nn.Module, plan: Plan, init_predictors: bool = False) -> 
         raise ParetokenError(f"plan: expected a paretoken Plan, got {type(plan).__name__}")
     check_model(model)
     plan.check_depth(len(model.blocks))
+    last = len(model.blocks) - 1
     for stage in plan.stages:
-        if stage.score == "predictor":
+        if stage.score == "predictor" and not (plan.prefix_only_last and stage.layer == last):
             _attach_predictor(model, stage.layer, init_predictors)
     state = TokenState(prefix=model.num_prefix_tokens)
     if not isinstance(model, PlanModel):
@@ -266,8 +285,9 @@ def apply(model: torch.nn.Module, plan: Plan, init_predictors: bool = False) -> 
     for i, blk in enumerate(model.blocks):
         blk.__class__, blk.attn.__class__ = PlanBlock, PlanAttention
         blk._pt_state = blk.attn._pt_state = state
-        blk._pt_stage = by_layer.get(i)
-        blk.attn._pt_needs = _needs(by_layer.get(i))
+        blk._pt_prefix_only = plan.prefix_only_last and i == last
+        blk._pt_stage = None if blk._pt_prefix_only else by_layer.get(i)
+        blk.attn._pt_needs = _needs(blk._pt_stage)
         blk.attn._pt_info = {}
         if hasattr(blk, "token_threshold"):
             del blk.token_threshold
@@ -294,7 +314,7 @@ def learn_thresholds(model: torch.nn.Module, temperature: float = 0.1) -> dict[i
     device = next(model.parameters()).device
     learned = {}
     for stage in plan.stages:
-        if stage.op == "threshold":
+        if stage.op == "threshold" and model.blocks[stage.layer]._pt_stage is not None:  # not moot
             module = learn.LearnableThreshold(stage.threshold, temperature).to(device)
             model.blocks[stage.layer].token_threshold = learned[stage.layer] = module
     return learned
@@ -309,7 +329,7 @@ def learned_plan(model: torch.nn.Module) -> Plan:
         if module is not None:
             stage = dataclasses.replace(stage, threshold=float(f"{module.current():.6g}"))
         stages.append(stage)
-    return Plan(tuple(stages), plan.version, meta=plan.meta)
+    return dataclasses.replace(plan, stages=tuple(stages))
 
 
 def token_counts(model: torch.nn.Module) -> torch.Tensor:

@@ -9,7 +9,12 @@ A plan is plain, frozen data with a YAML/JSON form (schema version 1)::
 ``layer`` is the 0-based block index; a stage acts inside that block, after
 attention and before the MLP. ``keep`` is the fraction of the block's current
 patch tokens kept, ``r`` the number of patch tokens removed (give one of the
-two). Construction validates everything except the model-dependent layer
+two). ``prefix_only_last: true`` makes the last block compute only the prefix
+tokens (class, distillation): every token is still a key and value of its
+attention, but only the prefix tokens are queries and go through its
+projection and MLP. The head reads only the prefix tokens, so this is exact (the
+logits do not change) and saves most of a block; a stage in the last block is
+then moot and is not run. Construction validates everything except the model-dependent layer
 range, which :meth:`Plan.check_depth` checks when the plan meets a model.
 Every error is one :class:`ParetokenError` line naming the stage, the field,
 the bad value and the valid values.
@@ -152,6 +157,7 @@ _STAGE_FIELDS = tuple(f.name for f in fields(Stage))
 class Plan:
     """An ordered set of :class:`Stage` s, at most one per block.
 
+    ``prefix_only_last``: the last block computes only the prefix tokens (see the module docstring).
     ``meta`` carries free-form provenance (model, weights, metrics) that export
     adds; it never changes what the plan does.
     """
@@ -159,10 +165,13 @@ class Plan:
     stages: tuple[Stage, ...] = ()
     version: int = SCHEMA_VERSION
     meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    prefix_only_last: bool = False
 
     def __post_init__(self) -> None:
         if self.version != SCHEMA_VERSION:
             raise ParetokenError(f"plan: version {self.version!r} is unsupported; valid: {SCHEMA_VERSION}")
+        if not isinstance(self.prefix_only_last, bool):
+            raise ParetokenError(f"plan: prefix_only_last {self.prefix_only_last!r} is invalid; valid: true, false")
         stages = tuple(self.stages)
         for i, stage in enumerate(stages):
             if not isinstance(stage, Stage):
@@ -193,9 +202,10 @@ class Plan:
         """Build and validate a plan from its dict form (as YAML/JSON load it)."""
         if not isinstance(data, Mapping):
             raise ParetokenError(f"plan: expected a mapping with 'version' and 'stages', got {type(data).__name__}")
-        unknown = set(data) - {"version", "stages", "meta"}
+        unknown = set(data) - set(_PLAN_FIELDS)
         if unknown:
-            raise ParetokenError(f"plan: field {sorted(unknown)[0]!r} is unknown; valid: version, stages, meta")
+            raise ParetokenError(f"plan: field {sorted(map(str, unknown))[0]!r} is unknown; "
+                                 f"valid: {', '.join(_PLAN_FIELDS)}")
         raw_stages = data.get("stages", [])
         if not isinstance(raw_stages, (list, tuple)):
             raise ParetokenError(f"plan: stages must be a list, got {type(raw_stages).__name__}")
@@ -215,10 +225,13 @@ class Plan:
         meta = data.get("meta") or {}
         if not isinstance(meta, Mapping):
             raise ParetokenError(f"plan: meta must be a mapping, got {type(meta).__name__}")
-        return cls(stages=tuple(stages), version=data.get("version", SCHEMA_VERSION), meta=dict(meta))
+        return cls(stages=tuple(stages), version=data.get("version", SCHEMA_VERSION), meta=dict(meta),
+                   prefix_only_last=data.get("prefix_only_last", False))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"version": self.version, "stages": [s.to_dict() for s in self.stages]}
+        if self.prefix_only_last:
+            out["prefix_only_last"] = True
         if self.meta:
             out["meta"] = dict(self.meta)
         return out
@@ -234,14 +247,15 @@ class Plan:
         return path
 
     def describe(self) -> str:
-        """One line per stage, for tables and logs."""
-        if not self.stages:
+        """The stages on one line, for tables and logs."""
+        if not self.stages and not self.prefix_only_last:
             return "(no stages: uncompressed)"
         return "; ".join(
-            f"L{s.layer} {s.op}(" + ", ".join(f"{k}={v}" for k, v in s.to_dict().items() if k not in ("layer", "op")) + ")"
-            for s in self.stages)
+            [f"L{s.layer} {s.op}(" + ", ".join(f"{k}={v}" for k, v in s.to_dict().items() if k not in ("layer", "op"))
+             + ")" for s in self.stages] + (["prefix-only last block"] if self.prefix_only_last else []))
 
 
+_PLAN_FIELDS = ("version", "stages", "prefix_only_last", "meta")
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -19,6 +20,8 @@ def _plan_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--plan", metavar="FILE", help="plan file (YAML or JSON)")
     group.add_argument("--preset", metavar="NAME", help="a published schedule (see `paretoken presets`)")
+    parser.add_argument("--prefix-only-last", action="store_true",
+                        help="and let the last block compute only the prefix (class) tokens: exact, fewer GFLOPs")
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -43,10 +46,12 @@ def _resolve_plan(args: argparse.Namespace):
         if args.plan in PRESETS and not os.path.exists(args.plan):
             raise ParetokenError(f"plan: file {args.plan!r} does not exist; for the published schedule "
                                  f"pass --preset {args.plan}")
-        return paretoken.load_plan(args.plan)
-    if args.preset:
-        return paretoken.preset(args.preset)
-    return paretoken.Plan()
+        plan = paretoken.load_plan(args.plan)
+    elif args.preset:
+        plan = paretoken.preset(args.preset)
+    else:
+        plan = paretoken.Plan()
+    return dataclasses.replace(plan, prefix_only_last=True) if args.prefix_only_last else plan
 
 
 def cmd_presets(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ rebuilds the measured model, and re-evaluating ``meta.eval`` on ``meta.data`` gi
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import math
@@ -205,7 +206,7 @@ def export(study: str, storage: str | None = None, trial: int | None = None, bes
     if not isinstance(row["plan"], Mapping):
         raise ParetokenError(f"export: trial {int(row['number'])} stores no plan (user attr 'plan')")
     plan = Plan.from_dict({k: v for k, v in row["plan"].items() if k != "meta"})
-    exported = Plan(plan.stages, plan.version, meta=export_meta(opened, row, storage))
+    exported = dataclasses.replace(plan, meta=export_meta(opened, row, storage))
     return exported.save(out)
 
 

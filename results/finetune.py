@@ -28,7 +28,7 @@ import datetime as _dt
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -213,7 +213,7 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
     teacher = create_model(model_name, checkpoint=checkpoint, pretrained=pretrained).to(device).eval()
     student = create_model(model_name, checkpoint=checkpoint, pretrained=pretrained).to(device)
     apply(teacher, Plan())
-    apply(student, Plan(plan.stages), init_predictors=True)
+    apply(student, replace(plan, meta={}), init_predictors=True)
     thresholds = learn_thresholds(student) if config.learn_thresholds else {}
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -324,7 +324,7 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
     })
     if "metrics" in meta:  # the trial's metrics were measured on the old weights
         meta["metrics_before_finetune"] = meta.pop("metrics")
-    tuned = Plan(learned_plan(student).stages, plan.version, meta=meta)
+    tuned = replace(learned_plan(student), meta=meta)
     try:  # both files or neither
         save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()
                    if ".token_threshold." not in k}, str(out))

@@ -85,7 +85,7 @@ def _layers(layers: Sequence[int]) -> str:
 def plan_label(plan: Mapping[str, Any] | Any) -> str:
     """Compact readable form of a plan (dict or Plan): identical stages grouped by layers.
 
-    ``merge(r=8)@0-11``, ``prune_fuse(keep=0.7)@3,6,9``, ``none`` for the uncompressed plan.
+    ``merge(r=8)@0-11``, ``prune_fuse(keep=0.7)@3,6,9 + prefix-only last``, ``none`` for the uncompressed plan.
     The score is shown only where it is not the op's default.
     """
     from paretoken.compress.plan import OP_SCORES, Plan
@@ -96,16 +96,17 @@ def plan_label(plan: Mapping[str, Any] | Any) -> str:
         plan = plan if isinstance(plan, Plan) else Plan.from_dict(plan)
     except ParetokenError as err:
         return f"invalid plan ({err})"
+    tail = ["prefix-only last"] if plan.prefix_only_last else []
     if not plan.stages:
-        return "none"
+        return " + ".join(tail) or "none"
     groups: dict[tuple, list[int]] = {}
     for stage in plan.stages:
         fields = {k: v for k, v in stage.to_dict().items() if k not in ("layer", "op")}
         if fields.get("score") == OP_SCORES[stage.op][0]:
             del fields["score"]
         groups.setdefault((stage.op, tuple(fields.items())), []).append(stage.layer)
-    return " + ".join(f"{op}({', '.join(f'{k}={_fmt(v)}' for k, v in fields)})@{_layers(layers)}"
-                      for (op, fields), layers in sorted(groups.items(), key=lambda g: g[1][0]))
+    return " + ".join([f"{op}({', '.join(f'{k}={_fmt(v)}' for k, v in fields)})@{_layers(layers)}"
+                       for (op, fields), layers in sorted(groups.items(), key=lambda g: g[1][0])] + tail)
 
 
 def _preset_of(plan: Mapping[str, Any] | None) -> str | None:
@@ -119,7 +120,7 @@ def _preset_of(plan: Mapping[str, Any] | None) -> str | None:
         parsed = Plan.from_dict(plan)
     except ParetokenError:
         return None
-    if not parsed.stages:
+    if parsed == Plan():
         return UNCOMPRESSED
     for name, p in PRESETS.items():
         if p.plan == parsed:

@@ -127,7 +127,7 @@ def cmd_spaces(args: argparse.Namespace) -> int:
         print(f"{entry['name']}\n  {entry['description']}")
         for param in entry["params"]:
             when = f"  (when {param['when']})" if param.get("when") else ""
-            print(f"    {param['name']:15s} {param['values']:45s} {param['meaning']}{when}")
+            print(f"    {param['name']:16s} {param['values']:45s} {param['meaning']}{when}")
         if "presets" in entry:
             print(f"    presets: {', '.join(entry['presets']) or '(none)'}")
     return 0

@@ -4,6 +4,8 @@ Spaces are define-by-run: :meth:`Space.sample` asks the trial for the
 parameters it needs, conditionally (a block's amount is asked only when the
 block has a stage), and builds the plan. Parameter names carry the block
 index (``at_3``, ``keep_3``), so a trial's parameters read like its plan.
+Every space also asks ``prefix_only_last`` (:data:`PREFIX_ONLY_LAST`): whether the
+last block computes only the prefix tokens, which is exact and saves most of a block.
 
 :meth:`Space.params_for` is the inverse: the parameters that make the space
 produce a given plan (``None`` when the space cannot express it). The search
@@ -12,6 +14,7 @@ learns from them like from any other trial.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -51,20 +54,30 @@ def suggest_grid(trial, name: str, low: float, high: float, step: float) -> floa
     return round(float(trial.suggest_float(name, low, high, step=step)), 6)
 
 
+PREFIX_ONLY_LAST = Param("prefix_only_last", "categorical False/True",
+                         "the last block computes only the prefix tokens (exact: the head reads only them)")
+
+
 class Space:
-    """A search space over plans. Subclasses set ``name``, ``description``, ``params`` and
-    implement :meth:`sample` and :meth:`_params_for`."""
+    """A search space over plans. Subclasses set ``name``, ``description``, ``params`` (their own;
+    :data:`PREFIX_ONLY_LAST` is added to every space) and implement :meth:`_sample` and :meth:`_params_for`."""
 
     name: str = ""
     description: str = ""
     params: tuple[Param, ...] = ()
 
-    def sample(self, trial, depth: int = 12) -> Plan:  # pragma: no cover - abstract
+    def sample(self, trial, depth: int = 12) -> Plan:
         """The plan for ``trial`` (an ``optuna.Trial``, ``FixedTrial`` or ``FrozenTrial``) on a ``depth``-block model."""
+        plan = self._sample(trial, check_depth(depth))
+        return dataclasses.replace(plan, prefix_only_last=trial.suggest_categorical(PREFIX_ONLY_LAST.name,
+                                                                                     (False, True)))
+
+    def _sample(self, trial, depth: int) -> Plan:  # pragma: no cover - abstract
+        """The plan's stages for ``trial`` (``prefix_only_last`` is asked by :meth:`sample`)."""
         raise NotImplementedError
 
     def _params_for(self, plan: Plan, depth: int) -> dict[str, Any] | list[dict[str, Any]] | None:
-        """Candidate parameters for ``plan`` (one dict, or a list tried in order); None: not expressible."""
+        """Candidate parameters for ``plan``'s stages (one dict, or a list tried in order); None: not expressible."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def params_for(self, plan: Plan, depth: int = 12) -> dict[str, Any] | None:
@@ -83,6 +96,7 @@ class Space:
         if candidates is None:
             return None
         for params in candidates if isinstance(candidates, list) else [candidates]:
+            params = {**params, PREFIX_ONLY_LAST.name: plan.prefix_only_last}
             if self._reproduces(params, plan, depth):
                 return params
         return None
@@ -104,7 +118,8 @@ class Space:
 
     def describe(self) -> dict[str, Any]:
         """Plain-data description: name, description, parameters."""
-        return {"name": self.name, "description": self.description, "params": [p.to_dict() for p in self.params]}
+        return {"name": self.name, "description": self.description,
+                "params": [p.to_dict() for p in (*self.params, PREFIX_ONLY_LAST)]}
 
     def __repr__(self) -> str:
         return f"<Space {self.name}>"

@@ -18,7 +18,7 @@ import math
 from typing import Any, Mapping
 
 from paretoken.compress.plan import Plan, Stage
-from paretoken.spaces.base import Param, Space, check_depth, stages_by_layer, suggest_grid
+from paretoken.spaces.base import Param, Space, stages_by_layer, suggest_grid
 
 KEEP = (0.4, 0.95, 0.05)
 SLIM_KEEP = (0.6, 1.0, 0.05)
@@ -84,8 +84,7 @@ class TomeSpace(Space):
             return [first]
         return [int(math.floor(first + (last - first) * layer / (depth - 1) + 0.5)) for layer in range(depth)]
 
-    def sample(self, trial, depth: int = 12) -> Plan:
-        depth = check_depth(depth)
+    def _sample(self, trial, depth: int) -> Plan:
         schedule = trial.suggest_categorical("schedule", ("constant", "linear", "per_layer"))
         if schedule == "constant":
             rs = [trial.suggest_int("r", 0, R_MAX)] * depth
@@ -127,8 +126,7 @@ class LocatedSpace(Space):
         cls.params = (_AT, *(Param(f"{name}_<l>", _grid(grid), text, "at_<l>")
                              for name, (grid, text) in cls.amounts.items()))
 
-    def sample(self, trial, depth: int = 12) -> Plan:
-        depth = check_depth(depth)
+    def _sample(self, trial, depth: int) -> Plan:
         stages = []
         for layer in range(depth):
             if trial.suggest_categorical(f"at_{layer}", (False, True)):
@@ -204,8 +202,7 @@ class SlimSpace(Space):
     params = (Param("keep_<l>", _grid(SLIM_KEEP) + ", l = 0..depth-1",
                     "fraction of the block's patch tokens kept (1: no stage)"),)
 
-    def sample(self, trial, depth: int = 12) -> Plan:
-        depth = check_depth(depth)
+    def _sample(self, trial, depth: int) -> Plan:
         keeps = [suggest_grid(trial, f"keep_{layer}", *SLIM_KEEP) for layer in range(depth)]
         return Plan(tuple(Stage(layer, "slim", keep=k) for layer, k in enumerate(keeps) if k < 1.0))
 
@@ -260,8 +257,7 @@ class MixedSpace(Space):
         """Blocks a plan may override on a ``depth``-block model."""
         return min(MAX_OVERRIDES, depth)
 
-    def sample(self, trial, depth: int = 12) -> Plan:
-        depth = check_depth(depth)
+    def _sample(self, trial, depth: int) -> Plan:
         base = TomeSpace.ramp(trial.suggest_int("r_first", 0, R_RAMP_MAX), trial.suggest_int("r_last", 0, R_RAMP_MAX),
                               depth)
         count = trial.suggest_int("overrides", 0, self.max_overrides(depth))

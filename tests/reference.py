@@ -145,6 +145,16 @@ def vit_gflops(tokens: int, dim: int, depth: int, mlp_hidden: int, classes: int,
     return (stem_macs + depth * block + 5 * tokens * dim + dim * classes) / 1e9
 
 
+def prefix_only_last_saving(tokens: int, prefix: int, dim: int, mlp_hidden: int) -> float:
+    """GFLOPs per image that a last block computing only the ``prefix`` tokens saves, by hand (fvcore's
+    convention): each other token of the ``tokens`` entering it skips its query projection (D^2), its
+    attention row (q@k^T and attn@v, N*D each), the output projection (D^2), the MLP (2*D*hidden), the
+    block's second LayerNorm and the model's final one (5*D each); it is still a key and value (k, v
+    projections and the block's first LayerNorm)."""
+    per_token = 2 * dim * dim + 2 * tokens * dim + 2 * dim * mlp_hidden + 2 * 5 * dim
+    return (tokens - prefix) * per_token / 1e9
+
+
 def conv_macs(out_hw: int, in_ch: int, out_ch: int, kernel: int) -> int:
     """Multiply-adds of a square convolution with an ``out_hw`` x ``out_hw`` output."""
     return out_hw * out_hw * out_ch * in_ch * kernel * kernel

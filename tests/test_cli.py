@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import sqlite3
 import subprocess
@@ -42,6 +43,18 @@ def test_flops_prints_gflops_and_token_counts():
     assert out.returncode == 0, out.stderr
     assert "GFLOPs  2.71" in out.stdout
     assert "block 11:    41.0" in out.stdout
+
+
+def test_prefix_only_last_flag_adds_to_a_preset(capsys):
+    from paretoken.cli import main
+
+    def flops(*extra: str) -> dict:
+        assert main(["flops", "--preset", "evit-0.7", "--images", "1", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    plain, short = flops(), flops("--prefix-only-last")
+    assert short["gflops"] < plain["gflops"] and short["plan"] == {**plain["plan"], "prefix_only_last": True}
+    assert short["tokens_per_block"][:-1] == plain["tokens_per_block"][:-1] and short["tokens_per_block"][-1] == 1
 
 
 def _write_plan_files(folder) -> None:

@@ -11,7 +11,8 @@ from fvcore.nn import FlopCountAnalysis
 from timm.models.vision_transformer import VisionTransformer
 
 from paretoken.evaluators.flops import count_flops, flops_by_module, sdpa_flop_jit
-from reference import DEIT_S_GFLOPS
+import paretoken
+from reference import DEIT_S_GFLOPS, prefix_only_last_saving
 
 
 def _small_vit() -> VisionTransformer:
@@ -36,6 +37,16 @@ def test_deit_small_is_4_608_gflops():
     model = timm.create_model("deit_small_patch16_224", pretrained=False)
     gflops = count_flops(model, _images(1, 224))
     assert gflops == pytest.approx(DEIT_S_GFLOPS, rel=1e-12) and round(gflops, 3) == 4.608
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_prefix_only_last_block_saves_what_a_hand_count_says(fused):
+    model = timm.create_model("deit_small_patch16_224", pretrained=False)
+    model = model if fused else _unfused(model)
+    paretoken.apply(model, paretoken.Plan(prefix_only_last=True))
+    gflops = count_flops(model, _images(1, 224))
+    expected = DEIT_S_GFLOPS - prefix_only_last_saving(tokens=197, prefix=1, dim=384, mlp_hidden=1536)
+    assert gflops == pytest.approx(expected, rel=1e-12) and round(gflops, 3) == 4.289
 
 
 def test_sdpa_handle_equals_explicit_attention():

@@ -64,6 +64,30 @@ def test_training_mask_that_keeps_everything_leaves_the_logits_unchanged():
     torch.testing.assert_close(soft, reference, atol=1e-4, rtol=1e-4)
 
 
+def test_prefix_only_last_block_in_training_leaves_logits_and_gradients_unchanged():
+    """Training (soft masks, masked attention with the prefix as the only queries) gives the same
+    logits and parameter gradients as the full last block; the moot threshold in it learns nothing."""
+    x = torch.randn(3, 3, 64, 64)
+    stages = (paretoken.Stage(2, "threshold", threshold=0.9), paretoken.Stage(11, "threshold", threshold=0.9))
+    runs = []
+    for prefix_only in (False, True):
+        model = _model()
+        paretoken.apply(model, paretoken.Plan(stages, prefix_only_last=prefix_only))
+        thresholds = learn_thresholds(model, temperature=0.05)
+        model.train()
+        logits = model(x)
+        logits.square().sum().backward()
+        assert model._pt_state.soft
+        runs.append((logits, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, thresholds))
+    (full, full_grads, full_thresholds), (short, short_grads, short_thresholds) = runs
+    torch.testing.assert_close(short, full, atol=1e-5, rtol=1e-5)
+    assert set(full_thresholds) == {2, 11} and set(short_thresholds) == {2}
+    assert "blocks.11.token_threshold.log_threshold" not in full_grads  # moot in the full block too
+    assert set(short_grads) <= set(full_grads)
+    for name, grad in full_grads.items():  # the last block's query rows and patch-token MLP get zero gradient
+        torch.testing.assert_close(short_grads.get(name, torch.zeros_like(grad)), grad, atol=1e-5, rtol=1e-4)
+
+
 def test_count_stages_after_a_soft_threshold_take_their_share_of_the_tokens_left():
     """In training a threshold stage only scales sizes; a later keep-ratio stage must count the
     tokens that stage leaves (their keep factors), not every slot, as it does at inference."""

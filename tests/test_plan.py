@@ -16,7 +16,7 @@ FULL = {"version": 1, "stages": [
     {"layer": 5, "op": "joint", "score": "cls_attn", "mass": 0.9, "sim": 0.45},
     {"layer": 7, "op": "threshold", "score": "head_weighted", "threshold": 0.6},
     {"layer": 9, "op": "slim", "score": "cls_attn", "keep": 0.5},
-]}
+], "prefix_only_last": True}
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".yml", ".json"])
@@ -81,6 +81,24 @@ def test_plan_level_errors(tmp_path):
         paretoken.load_plan(tmp_path / "bad.yaml")
     with pytest.raises(paretoken.ParetokenError, match="layer 12 is out of range; valid: 0..11"):
         Plan.from_dict({"stages": [{"layer": 12, "op": "merge", "r": 1}]}).check_depth(12)
+    with pytest.raises(paretoken.ParetokenError) as err:
+        Plan.from_dict({"stages": [], "prefix_only_last": "yes"})
+    assert str(err.value) == "plan: prefix_only_last 'yes' is invalid; valid: true, false"
+    with pytest.raises(paretoken.ParetokenError) as err:
+        Plan.from_dict({"stages": [], "prefix_only": True})
+    assert str(err.value) == "plan: field 'prefix_only' is unknown; valid: version, stages, prefix_only_last, meta"
+
+
+def test_prefix_only_last_is_part_of_the_plan():
+    plain = Plan((Stage(3, "merge", r=4),))
+    short = Plan((Stage(3, "merge", r=4),), prefix_only_last=True)
+    assert short != plain and "prefix_only_last" not in plain.to_dict()  # old plan files read and write as before
+    assert short.describe() == "L3 merge(score=keys, r=4); prefix-only last block"
+    assert Plan(prefix_only_last=True).describe() == "prefix-only last block"
+    from paretoken.results.query import plan_label
+
+    assert plan_label(short) == "merge(r=4)@3 + prefix-only last" and plan_label(Plan(prefix_only_last=True)) == (
+        "prefix-only last")
 
 
 def test_plan_files_read_as_written(tmp_path):

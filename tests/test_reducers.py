@@ -74,6 +74,28 @@ def test_matches_slow_reference(model_and_images, plan_name):
         torch.testing.assert_close(logits[i], ref_logits, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("plan_name", ["none", "merge", "mixed", "last_block"])
+def test_prefix_only_last_block_matches_the_full_slow_reference(model_and_images, plan_name, fused):
+    """The last block computing only the prefix tokens changes no logit: the reference runs every
+    token through it (and a stage in it, which ``prefix_only_last`` skips as moot)."""
+    model, images = model_and_images
+    stages = {**PLANS, "none": [],
+              "last_block": [dict(layer=2, op="merge", r=6), dict(layer=11, op="prune", keep=0.5)]}[plan_name]
+    patched = paretoken.apply(copy.deepcopy(model), paretoken.Plan.from_dict({"stages": stages,
+                                                                             "prefix_only_last": True}))
+    for blk in patched.blocks:
+        blk.attn.fused_attn = fused
+    with torch.no_grad():
+        logits = patched(images)
+    counts = paretoken.compress.token_counts(patched)
+    prefix = model.num_prefix_tokens
+    for i, image in enumerate(images):
+        ref_logits, ref_counts = reference_forward(model, image, stages)
+        assert counts[i].tolist() == ref_counts[:-1] + [prefix]
+        torch.testing.assert_close(logits[i], ref_logits, atol=2e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("plan_name", ["threshold", "joint", "mixed"])
 def test_batched_equals_one_at_a_time(model_and_images, plan_name):
     model, images = model_and_images
