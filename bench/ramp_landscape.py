@@ -104,7 +104,8 @@ def main() -> None:
 
 def ramp(r_first: int, r_last: int) -> paretoken.Plan:
     """The mixed space's pure ToMe ramp from ``r_first`` tokens merged in block 0 to ``r_last`` in the last."""
-    return MixedSpace().sample(optuna.trial.FixedTrial({"r_first": r_first, "r_last": r_last, "overrides": 0}))
+    return MixedSpace().sample(optuna.trial.FixedTrial({"r_first": r_first, "r_last": r_last, "overrides": 0,
+                                                        "prefix_only_last": False}))
 
 
 def held_out(args: argparse.Namespace, preset: paretoken.Plan, dominating: list[dict]) -> dict:

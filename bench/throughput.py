@@ -1,7 +1,7 @@
 """Throughput of DeiT-S, uncompressed vs every preset (random weights: speed does not depend on them).
 
     python bench/throughput.py [--device cpu|cuda] [--batch-size N] [--repeats R]
-    python bench/throughput.py --prefix-only-last --plans uncompressed,tome-r13,evit-0.7
+    python bench/throughput.py --prefix-only-last --plans tome-r13,evit-0.7 --repeats 3
 
 CPU: batch 64, fp32. GPU: batch 256, fp16 autocast. Prints a table and saves
 bench/results/throughput_<device>.json. Efficiency = (throughput ratio) /
@@ -34,9 +34,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="[64 on CPU, 256 on GPU]")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--plans", default=",".join(["uncompressed", *paretoken.PRESETS]),
-                        help="comma-separated: uncompressed and preset names [all]")
+                        help="comma-separated preset names; the uncompressed model always runs first [all]")
     parser.add_argument("--prefix-only-last", action="store_true",
                         help="also run each plan with the last block computing only the class token")
+    parser.add_argument("--out", help="name of the figures in bench/results/: NAME.json "
+                                      "[throughput_<device>, + _prefix_only_last with that flag]")
     args = parser.parse_args()
     device = torch.device(args.device)
     batch_size = args.batch_size or (256 if device.type == "cuda" else 64)
@@ -47,7 +49,7 @@ def main() -> None:
 
     rows = []
     plans = []
-    for name in args.plans.split(","):
+    for name in ["uncompressed", *(n for n in args.plans.split(",") if n != "uncompressed")]:
         plan = paretoken.Plan() if name == "uncompressed" else paretoken.preset(name)
         plans.append((name, plan))
         if args.prefix_only_last:
@@ -69,11 +71,12 @@ def main() -> None:
               f"efficiency {row['efficiency']:5.2f}", flush=True)
 
     suffix = "_prefix_only_last" if args.prefix_only_last else ""
-    out = Path(__file__).parent / "results" / f"throughput_{device.type}{suffix}.json"
+    out = Path(__file__).parent / "results" / f"{args.out or f'throughput_{device.type}{suffix}'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": f"python bench/throughput.py --device {args.device} --batch-size {batch_size} "
-                   f"--repeats {args.repeats} --plans {args.plans}" + (" --prefix-only-last" if suffix else ""),
+                   f"--repeats {args.repeats} --plans {args.plans}" + (" --prefix-only-last" if suffix else "")
+                   + (f" --out {args.out}" if args.out else ""),
         "model": args.model, "batch_size": batch_size, "amp": device.type == "cuda",
         "environment": environment(args.device), "timing": timing_context(), "rows": rows}, indent=2) + "\n")
     print(f"saved {out}")

@@ -97,9 +97,10 @@ class PlanAttention(Attention):
         Q = N if queries is None else queries
         bias = self._pt_state.bias
         gate = self.gate(x[:, :Q]).sigmoid() if self.gate is not None else None
-        if queries is None:
+        if queries is None or type(self.qkv) is not torch.nn.Linear:  # (a wrapped qkv: all rows, then slice)
             qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)
+            q = q[:, :, :Q]
         else:  # the query rows of the qkv projection for the query tokens only
             weight, bias_qkv, dim = self.qkv.weight, self.qkv.bias, self.attn_dim
             q = F.linear(x[:, :Q], weight[:dim], None if bias_qkv is None else bias_qkv[:dim])

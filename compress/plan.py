@@ -286,6 +286,20 @@ for _yaml_class in (_Loader, _Dumper):
     _yaml_class.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
 
 
+def is_uncompressed(data: Any) -> bool:
+    """True when ``data``, a plan's dict form as studies store it, changes nothing: no stages and
+    ``prefix_only_last`` off."""
+    return isinstance(data, Mapping) and not data.get("stages") and not data.get("prefix_only_last")
+
+
+def moot_stage_dropped(data: Mapping[str, Any], depth: int) -> dict[str, Any]:
+    """A plan's dict form without the stage in the last of ``depth`` blocks when ``prefix_only_last``
+    makes it moot: plans that compute the same thing compare equal."""
+    if not data.get("prefix_only_last"):
+        return dict(data)
+    return {**data, "stages": [s for s in data.get("stages", []) if s.get("layer") != depth - 1]}
+
+
 def load_plan(path: str | Path) -> Plan:
     """Read a plan written by :meth:`Plan.save` (YAML or JSON; an export file works too)."""
     path = Path(path)

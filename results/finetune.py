@@ -203,9 +203,6 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
     if plan_path is not None and plan_file == Path(plan_path):
         raise ParetokenError(f"finetune: --out {str(given)!r} would write its plan over --plan {plan_path!r}; "
                              "valid: another --out")
-    if config.budget is not None and not (config.learn_thresholds and any(s.op == "threshold" for s in plan.stages)):
-        raise ParetokenError("finetune: --budget steers learned thresholds; valid only for a plan with threshold "
-                             "stages and without --fixed-thresholds")
     model_name, checkpoint, pretrained, data = _resolve(plan, config)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
@@ -215,6 +212,10 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
     apply(teacher, Plan())
     apply(student, replace(plan, meta={}), init_predictors=True)
     thresholds = learn_thresholds(student) if config.learn_thresholds else {}
+    if config.budget is not None and not thresholds:
+        raise ParetokenError("finetune: --budget steers learned thresholds; valid only for a plan with threshold "
+                             "stages (not moot in the last block of a prefix_only_last plan) and without "
+                             "--fixed-thresholds")
     for p in teacher.parameters():
         p.requires_grad_(False)
 
@@ -255,7 +256,9 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    predictor_layers = [s.layer for s in plan.stages if s.score == "predictor"]
+    last = len(student.blocks) - 1
+    predictor_layers = [s.layer for s in plan.stages
+                        if s.score == "predictor" and not (plan.prefix_only_last and s.layer == last)]
     _say(log, f"fine-tuning {model_name} with plan {plan.describe()}\n"
               f"  {len(train_x)} training images, {total} steps of {config.batch_size}, lr {config.lr:g}, "
               f"alpha {config.alpha:g}, T {config.temperature:g} on {device}\n"

@@ -64,8 +64,7 @@ def _parts(df: pd.DataFrame, objectives, budgets: Budgets | None):
     fr = query.front(df, objectives, budgets).sort_values(x)
     rest = done.drop(index=fr.index)
     presets = query.preset_rows(done) if "preset" in done.columns else done.iloc[:0]
-    base = done[done["plan"].map(lambda p: isinstance(p, Mapping) and not p.get("stages"))] \
-        if "plan" in done.columns else done.iloc[:0]
+    base = query.uncompressed_rows(done)
     return objectives, x, y, done, fr, rest, presets, base
 
 

@@ -310,6 +310,13 @@ def preset_rows(df: pd.DataFrame) -> pd.DataFrame:
     return done[done["preset"].notna() & (done["preset"] != UNCOMPRESSED)]
 
 
+def uncompressed_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``df`` whose plan changes nothing (the uncompressed model), in ``df``'s order."""
+    from paretoken.compress.plan import is_uncompressed
+
+    return df[df["plan"].map(is_uncompressed)] if "plan" in df.columns else df.iloc[:0]
+
+
 def preset_names(df: pd.DataFrame) -> list[str]:
     """Names of the presets with a COMPLETE row (the uncompressed model is not one), each once, in order."""
     return list(dict.fromkeys(preset_rows(df)["preset"]))
@@ -342,8 +349,7 @@ def reference_point(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_
     """
     objectives = _check_objectives(objectives, df)
     done = budget(df, feasible_only=False)
-    base = done[done["plan"].map(lambda p: isinstance(p, Mapping) and not p.get("stages"))] \
-        if "plan" in done.columns else done.iloc[:0]
+    base = uncompressed_rows(done)
     first = base.sort_values("number").iloc[0] if len(base) else None
     ref: dict[str, float] = {}
     for o in objectives:

@@ -399,6 +399,7 @@ def _open_study(study_name, url, storage_obj, sampler_obj, space_obj, objectives
             study.set_user_attr("objectives", list(objectives))
         else:
             st.check_settings(study_name, stored, settings)
+        st.complete_waiting_params(study)
         if st.wait_for_settings(study, key="presets_enqueued") is None:
             # the creating process died while enqueueing: finish its job (each preset at most once)
             st.enqueue_presets(study, space_obj, depth, presets, log)
@@ -428,12 +429,17 @@ def _presets_line(study, objectives: Sequence[str]) -> str | None:
             + "; `paretoken holdout` re-measures the front on test images the search never saw")
 
 
-def _measured_before(study, plan: dict[str, Any]):
-    """The first COMPLETE trial of ``study`` that measured ``plan`` (dict form), or None."""
+def _measured_before(study, plan: dict[str, Any], depth: int):
+    """The first COMPLETE trial of ``study`` that measured ``plan`` (dict form) on a ``depth``-block
+    model, or None; a stage that ``prefix_only_last`` makes moot does not tell plans apart."""
     from optuna.trial import TrialState
 
+    from paretoken.compress.plan import moot_stage_dropped
+
+    wanted = moot_stage_dropped(plan, depth)
     return next((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                 if t.user_attrs.get("plan") == plan), None)
+                 if isinstance(t.user_attrs.get("plan"), dict)
+                 and moot_stage_dropped(t.user_attrs["plan"], depth) == wanted), None)
 
 
 def _stored_result(trial) -> dict[str, Any]:
@@ -468,7 +474,7 @@ class _LoopState:
 
             self.finish(trial, {"error": one_line(exc)}, beater)
             return
-        earlier = _measured_before(self.study, plan)
+        earlier = _measured_before(self.study, plan, self.depth)
         if earlier is not None:  # same model, images and plan: the same figures (samplers repeat on small grids)
             trial.set_user_attr("same_plan_as", earlier.number)
             self.finish(trial, _stored_result(earlier), beater)

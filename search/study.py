@@ -228,11 +228,31 @@ def requeue(study, trial) -> bool:
     """
     if "error" in trial.user_attrs:
         return False
+    from paretoken.spaces.base import ADDED_PARAMS
+
     attrs = {k: trial.user_attrs[k] for k in ("preset", "enqueued_plan") if k in trial.user_attrs}
     attrs["retry_of"] = trial.number
     # an enqueued trial killed before its space sampled has no params yet, only the enqueued ones
-    study.enqueue_trial({**trial.system_attrs.get("fixed_params", {}), **trial.params}, user_attrs=attrs)
+    study.enqueue_trial({**ADDED_PARAMS, **trial.system_attrs.get("fixed_params", {}), **trial.params},
+                        user_attrs=attrs)
     return True
+
+
+def complete_waiting_params(study) -> int:
+    """Give each WAITING trial enqueued before a space gained a parameter that parameter's old value
+    (:data:`paretoken.spaces.base.ADDED_PARAMS`), so it runs the plan it was enqueued for, not one
+    with a sampled value; returns how many trials changed."""
+    from optuna.trial import TrialState
+
+    from paretoken.spaces.base import ADDED_PARAMS
+
+    changed = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        fixed = trial.system_attrs.get("fixed_params")
+        if fixed is not None and set(ADDED_PARAMS) - set(fixed):
+            study._storage.set_trial_system_attr(trial._trial_id, "fixed_params", {**ADDED_PARAMS, **fixed})
+            changed += 1
+    return changed
 
 
 class Liveness:
@@ -345,12 +365,13 @@ def counts(study) -> Counts:
 
 
 def baseline(study) -> dict[str, float] | None:
-    """Metrics of the first COMPLETE trial of the uncompressed model (a plan without stages)."""
+    """Metrics of the first COMPLETE trial of the uncompressed model (a plan that changes nothing)."""
     from optuna.trial import TrialState
 
+    from paretoken.compress.plan import is_uncompressed
+
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        plan = t.user_attrs.get("plan")
-        if isinstance(plan, dict) and not plan.get("stages"):
+        if is_uncompressed(t.user_attrs.get("plan")):
             return {k: v for k, v in t.user_attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return None
 

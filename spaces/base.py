@@ -56,6 +56,9 @@ def suggest_grid(trial, name: str, low: float, high: float, step: float) -> floa
 
 PREFIX_ONLY_LAST = Param("prefix_only_last", "categorical False/True",
                          "the last block computes only the prefix tokens (exact: the head reads only them)")
+#: Parameters the spaces gained after studies were made, with the value that makes the plans those
+#: studies enqueued: a trial enqueued before then gets it rather than a sampled one.
+ADDED_PARAMS: dict[str, Any] = {PREFIX_ONLY_LAST.name: False}
 
 
 class Space:

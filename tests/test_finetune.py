@@ -109,7 +109,9 @@ def test_bad_finetune_requests(checkpoint, tmp_path):
         finetune(paretoken.Plan(), FinetuneConfig(budget=1.5), out=tmp_path / "x.safetensors")
     asvit = paretoken.preset("asvit")
     for plan, config in ((paretoken.preset("evit-0.7"), FinetuneConfig(budget=0.5)),
-                         (asvit, FinetuneConfig(budget=0.5, learn_thresholds=False))):  # it would be ignored
+                         (asvit, FinetuneConfig(budget=0.5, learn_thresholds=False)),  # it would be ignored
+                         (paretoken.Plan((paretoken.Stage(11, "threshold", threshold=0.5),), prefix_only_last=True),
+                          FinetuneConfig(budget=0.5))):  # the only threshold is moot
         with pytest.raises(ParetokenError, match="--budget steers learned thresholds; valid only for a plan with"):
             finetune(plan, config, out=tmp_path / "x.safetensors")
     with pytest.raises(ParetokenError, match="must end in .safetensors"):

@@ -96,6 +96,30 @@ def test_prefix_only_last_block_matches_the_full_slow_reference(model_and_images
         torch.testing.assert_close(logits[i], ref_logits, atol=2e-4, rtol=1e-4)
 
 
+def test_prefix_only_last_block_with_a_wrapped_qkv_projection():
+    """A qkv that is not a plain Linear (an adapter, a quantised layer) is called, not sliced."""
+    class Wrapped(torch.nn.Linear):
+        calls = 0
+
+        def forward(self, x):
+            Wrapped.calls += 1
+            return super().forward(x)
+
+    model = _model("deit_tiny_patch16_224", 96)
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 96, 96)
+    last = model.blocks[-1].attn
+    wrapped = Wrapped(last.qkv.in_features, last.qkv.out_features)
+    wrapped.load_state_dict(last.qkv.state_dict())
+    last.qkv = wrapped
+    patched = paretoken.apply(copy.deepcopy(model), paretoken.Plan(prefix_only_last=True))
+    with torch.no_grad():
+        logits = patched(images)
+    assert Wrapped.calls == 1
+    for i, image in enumerate(images):
+        torch.testing.assert_close(logits[i], reference_forward(model, image, [])[0], atol=2e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("plan_name", ["threshold", "joint", "mixed"])
 def test_batched_equals_one_at_a_time(model_and_images, plan_name):
     model, images = model_and_images

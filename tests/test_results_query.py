@@ -297,6 +297,23 @@ def test_reference_point_from_the_uncompressed_trial(storage):
     assert query.hypervolume(df) == pytest.approx(expected)
 
 
+def test_only_a_plan_that_changes_nothing_is_the_uncompressed_model():
+    """A plan with no stages but prefix_only_last is cheaper than the uncompressed model: it is not the
+    reference, even when it ran first."""
+    from paretoken.compress.plan import Plan
+    from paretoken.search import study as st
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for plan, (top1, gflops) in ((Plan(prefix_only_last=True), (80.0, 4.289)), (Plan(), (80.0, 4.608))):
+        trial = study.ask()
+        for key, value in (("plan", plan.to_dict()), ("top1", top1), ("gflops", gflops)):
+            trial.set_user_attr(key, value)
+        study.tell(trial, [top1, gflops])
+    df = query.trials_frame(study)
+    assert query.uncompressed_rows(df)["number"].tolist() == [1]
+    assert query.reference_point(df) == {"top1": 70.0, "gflops": 4.608} and st.baseline(study)["gflops"] == 4.608
+
+
 def test_compare_studies(tmp_path):
     a, b = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
     make_study(a, "tpe", POINTS)

@@ -226,17 +226,22 @@ def test_a_plan_measured_before_takes_its_values_without_a_second_run(config, tm
     study = _load("dup", default_storage("dup"))
     for label in ("first", "again"):
         enqueue_plan(study, paretoken.preset("evit-0.7"), label=label)
+    short = paretoken.Plan(paretoken.preset("evit-0.7").stages, prefix_only_last=True)
+    enqueue_plan(study, short, label="short")
+    moot = paretoken.Stage(11, "prune_fuse", keep=0.7)  # a stage prefix_only_last makes moot: the same plan
+    enqueue_plan(study, paretoken.Plan((*short.stages, moot), prefix_only_last=True), label="short+moot")
     measured: list = []
     real = ev.evaluate
     monkeypatch.setattr(ev, "evaluate", lambda plan, cfg: measured.append(plan) or real(plan, cfg))
-    result = run_search("dup", space="evit", n_trials=3, eval_config=config, presets=False, log=lines.append)
+    result = run_search("dup", space="evit", n_trials=5, eval_config=config, presets=False, log=lines.append)
     by_label = {t.user_attrs.get("preset"): t for t in _load("dup", result.storage).get_trials()}
-    first, again = by_label["first"], by_label["again"]
-    assert measured == [paretoken.Plan(()), paretoken.preset("evit-0.7")]  # the repeat never reached a worker
-    assert again.state.name == "COMPLETE" and again.values == first.values
-    assert again.user_attrs["same_plan_as"] == first.number and again.user_attrs["duration_s"] == 0.0
-    assert {k: again.user_attrs[k] for k in METRICS} == {k: first.user_attrs[k] for k in METRICS}
-    assert any(f"[same plan as trial {first.number}: its values, not measured again]" in line for line in lines)
+    # the repeats never reached a worker
+    assert measured == [paretoken.Plan(()), paretoken.preset("evit-0.7"), short]
+    for first, again in ((by_label["first"], by_label["again"]), (by_label["short"], by_label["short+moot"])):
+        assert again.state.name == "COMPLETE" and again.values == first.values
+        assert again.user_attrs["same_plan_as"] == first.number and again.user_attrs["duration_s"] == 0.0
+        assert {k: again.user_attrs[k] for k in METRICS} == {k: first.user_attrs[k] for k in METRICS}
+        assert any(f"[same plan as trial {first.number}: its values, not measured again]" in line for line in lines)
 
 
 def test_budgets_are_optuna_constraints(config, tmp_path, monkeypatch):
