@@ -295,9 +295,10 @@ def is_uncompressed(data: Any) -> bool:
 def moot_stage_dropped(data: Mapping[str, Any], depth: int) -> dict[str, Any]:
     """A plan's dict form without the stage in the last of ``depth`` blocks when ``prefix_only_last``
     makes it moot: plans that compute the same thing compare equal."""
-    if not data.get("prefix_only_last"):
+    stages = data.get("stages")
+    if not data.get("prefix_only_last") or not isinstance(stages, list):
         return dict(data)
-    return {**data, "stages": [s for s in data.get("stages", []) if s.get("layer") != depth - 1]}
+    return {**data, "stages": [s for s in stages if not (isinstance(s, Mapping) and s.get("layer") == depth - 1)]}
 
 
 def load_plan(path: str | Path) -> Plan:

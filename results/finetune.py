@@ -40,6 +40,9 @@ from paretoken.argtypes import MAX_SEED
 from paretoken.errors import ParetokenError
 
 _LEARNED_KEY = re.compile(r"\.token_(predictor|threshold)\.")
+_BUDGET_WITHOUT_THRESHOLDS = ("finetune: --budget steers learned thresholds; valid only for a plan with threshold "
+                              "stages (not only a moot one in the last block of a prefix_only_last plan) and "
+                              "without --fixed-thresholds")
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,8 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
     if plan_path is not None and plan_file == Path(plan_path):
         raise ParetokenError(f"finetune: --out {str(given)!r} would write its plan over --plan {plan_path!r}; "
                              "valid: another --out")
+    if config.budget is not None and not (config.learn_thresholds and any(s.op == "threshold" for s in plan.stages)):
+        raise ParetokenError(_BUDGET_WITHOUT_THRESHOLDS)  # at once; a moot threshold is known with the model
     model_name, checkpoint, pretrained, data = _resolve(plan, config)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
@@ -213,9 +218,7 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
     apply(student, replace(plan, meta={}), init_predictors=True)
     thresholds = learn_thresholds(student) if config.learn_thresholds else {}
     if config.budget is not None and not thresholds:
-        raise ParetokenError("finetune: --budget steers learned thresholds; valid only for a plan with threshold "
-                             "stages (not moot in the last block of a prefix_only_last plan) and without "
-                             "--fixed-thresholds")
+        raise ParetokenError(_BUDGET_WITHOUT_THRESHOLDS)
     for p in teacher.parameters():
         p.requires_grad_(False)
 

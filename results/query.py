@@ -110,7 +110,7 @@ def plan_label(plan: Mapping[str, Any] | Any) -> str:
 
 
 def _preset_of(plan: Mapping[str, Any] | None) -> str | None:
-    """The preset whose plan equals ``plan`` (``uncompressed`` for no stages), or None."""
+    """The preset whose plan equals ``plan`` (``uncompressed`` for a plan that changes nothing), or None."""
     from paretoken.compress.plan import Plan
     from paretoken.compress.presets import PRESETS
 
@@ -343,7 +343,7 @@ def reference_point(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_
                     top1_margin: float = 10.0) -> dict[str, float]:
     """A fixed reference point for hypervolume, the search's convention.
 
-    From the first COMPLETE trial of the uncompressed model (a plan with no stages), as the search
+    From the first COMPLETE trial of the uncompressed model (a plan that changes nothing), as the search
     does (:func:`paretoken.search.study.reference_value`). Without that trial, or where it lacks an
     objective, the worst COMPLETE value in ``df``.
     """

@@ -233,8 +233,10 @@ def requeue(study, trial) -> bool:
     attrs = {k: trial.user_attrs[k] for k in ("preset", "enqueued_plan") if k in trial.user_attrs}
     attrs["retry_of"] = trial.number
     # an enqueued trial killed before its space sampled has no params yet, only the enqueued ones
-    study.enqueue_trial({**ADDED_PARAMS, **trial.system_attrs.get("fixed_params", {}), **trial.params},
-                        user_attrs=attrs)
+    params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+    # a trial of a study made before a space gained a parameter runs with its old value; one killed
+    # before it sampled anything samples afresh
+    study.enqueue_trial({**ADDED_PARAMS, **params} if params else {}, user_attrs=attrs)
     return True
 
 
@@ -249,9 +251,13 @@ def complete_waiting_params(study) -> int:
     changed = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         fixed = trial.system_attrs.get("fixed_params")
-        if fixed is not None and set(ADDED_PARAMS) - set(fixed):
+        if not isinstance(fixed, dict) or not set(ADDED_PARAMS) - set(fixed):
+            continue
+        try:
             study._storage.set_trial_system_attr(trial._trial_id, "fixed_params", {**ADDED_PARAMS, **fixed})
-            changed += 1
+        except (optuna.exceptions.UpdateFinishedTrialError, KeyError):
+            continue  # another process ran it meanwhile
+        changed += 1
     return changed
 
 

@@ -96,26 +96,36 @@ def test_prefix_only_last_block_matches_the_full_slow_reference(model_and_images
         torch.testing.assert_close(logits[i], ref_logits, atol=2e-4, rtol=1e-4)
 
 
-def test_prefix_only_last_block_with_a_wrapped_qkv_projection():
-    """A qkv that is not a plain Linear (an adapter, a quantised layer) is called, not sliced."""
-    class Wrapped(torch.nn.Linear):
-        calls = 0
+class _CountedLinear(torch.nn.Linear):
+    calls = 0
 
-        def forward(self, x):
-            Wrapped.calls += 1
-            return super().forward(x)
+    def forward(self, x):
+        _CountedLinear.calls += 1
+        return super().forward(x)
 
+
+def _shift(module, args, output):
+    return output + 0.5
+
+
+@pytest.mark.parametrize("kind", ["wrapped", "hooked"])
+def test_prefix_only_last_block_with_a_qkv_projection_that_is_not_a_plain_linear(kind):
+    """A qkv that is not a plain Linear (an adapter, a quantised layer) or has hooks is called, not sliced."""
     model = _model("deit_tiny_patch16_224", 96)
     torch.manual_seed(1)
     images = torch.randn(2, 3, 96, 96)
     last = model.blocks[-1].attn
-    wrapped = Wrapped(last.qkv.in_features, last.qkv.out_features)
-    wrapped.load_state_dict(last.qkv.state_dict())
-    last.qkv = wrapped
+    if kind == "wrapped":
+        wrapped = _CountedLinear(last.qkv.in_features, last.qkv.out_features)
+        wrapped.load_state_dict(last.qkv.state_dict())
+        last.qkv = wrapped
+    else:
+        last.qkv.register_forward_hook(_shift)
     patched = paretoken.apply(copy.deepcopy(model), paretoken.Plan(prefix_only_last=True))
+    _CountedLinear.calls = 0
     with torch.no_grad():
         logits = patched(images)
-    assert Wrapped.calls == 1
+    assert _CountedLinear.calls == (kind == "wrapped")
     for i, image in enumerate(images):
         torch.testing.assert_close(logits[i], reference_forward(model, image, [])[0], atol=2e-4, rtol=1e-4)
 

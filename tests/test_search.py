@@ -244,6 +244,21 @@ def test_a_plan_measured_before_takes_its_values_without_a_second_run(config, tm
         assert any(f"[same plan as trial {first.number}: its values, not measured again]" in line for line in lines)
 
 
+def test_resuming_a_study_made_before_prefix_only_last_keeps_it_off_in_waiting_trials(config, tmp_path,
+                                                                                       monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_search("old", n_trials=0, eval_config=config, log=lambda line: None)
+    study = _load("old", default_storage("old"))
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert len(waiting) == 9 and all(t.system_attrs["fixed_params"]["prefix_only_last"] is False for t in waiting)
+    for trial in waiting:  # as a study made before the field holds them
+        fixed = {k: v for k, v in trial.system_attrs["fixed_params"].items() if k != "prefix_only_last"}
+        study._storage.set_trial_system_attr(trial._trial_id, "fixed_params", fixed)
+    run_search("old", n_trials=0, eval_config=config, log=lambda line: None)
+    waiting = _load("old", default_storage("old")).get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert len(waiting) == 9 and all(t.system_attrs["fixed_params"]["prefix_only_last"] is False for t in waiting)
+
+
 def test_budgets_are_optuna_constraints(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run_search("budget", space="tome", n_trials=4, eval_config=config,

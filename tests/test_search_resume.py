@@ -216,9 +216,11 @@ def test_trials_enqueued_before_the_space_gained_prefix_only_last_run_the_plan_t
         killed.suggest_int(name, 0, high)
     sampled._storage.set_trial_state_values(killed._trial_id, optuna.trial.TrialState.FAIL)
     assert requeue(sampled, sampled.trials[0])
-    rerun = sampled.ask()
-    assert space.sample(rerun, 12) == space.sample(optuna.trial.FixedTrial({**killed.params,
-                                                                            "prefix_only_last": False}), 12)
+    assert sampled.trials[-1].system_attrs["fixed_params"] == {**killed.params, "prefix_only_last": False}
+    other = optuna.create_study(directions=["maximize", "minimize"])
+    fresh = other.ask()  # a trial killed before it sampled anything samples afresh
+    other._storage.set_trial_state_values(fresh._trial_id, optuna.trial.TrialState.FAIL)
+    assert requeue(other, other.trials[0]) and other.trials[-1].system_attrs["fixed_params"] == {}
 
 
 def test_a_result_for_a_trial_another_process_failed_as_stale_is_dropped_not_raised():
