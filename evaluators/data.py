@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from paretoken.argtypes import MAX_SEED
-from paretoken.errors import ParetokenError
+from paretoken.errors import ParetokenError, check_int
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
@@ -120,14 +120,11 @@ def _seeded_indices(total: int, n: int | None, seed: int, source: str, from_end:
                     skip: int = 0) -> np.ndarray:
     """n indices out of range(total): the first (or, from_end, the last) n of one seeded permutation,
     after passing over its first (last) ``skip``."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise ParetokenError(f"seed: {seed!r} is not in 0..{MAX_SEED}")
-    if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip < total:
-        raise ParetokenError(f"skip: {skip!r} is not in 0..{total - 1} (images available in {source})")
+    check_int("seed", seed, 0, MAX_SEED)
+    check_int("skip", skip, 0, total - 1, note=f"{total} images available in {source}")
     n = total - skip if n is None else n
-    if not 0 < n <= total - skip:
-        raise ParetokenError(f"images: {n} is not in 1..{total - skip} (images available in {source}"
-                             + (f" after skipping {skip}" if skip else "") + "); pass fewer images")
+    check_int("images", n, 1, total - skip,
+              note=f"{total - skip} images available in {source}" + (f" after skipping {skip}" if skip else ""))
     order = np.random.default_rng(seed).permutation(total)
     return (order[::-1] if from_end else order)[skip:skip + n]
 

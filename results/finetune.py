@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from paretoken.compress import Plan, Stage, apply, learn, learn_thresholds, learned_plan, load_plan, token_counts
 from paretoken.argtypes import MAX_SEED
-from paretoken.errors import ParetokenError
+from paretoken.errors import ParetokenError, check_int
 
 _LEARNED_KEY = re.compile(r"\.token_(predictor|threshold)\.")
 _BUDGET_WITHOUT_THRESHOLDS = ("finetune: --budget steers learned thresholds; valid only for a plan with threshold "
@@ -88,8 +88,7 @@ class FinetuneConfig:
             raise ParetokenError(f"finetune: budget {self.budget!r} is out of range; valid: 0 < budget <= 1")
         if not (math.isfinite(self.budget_weight) and self.budget_weight >= 0.0):
             raise ParetokenError(f"finetune: budget_weight {self.budget_weight!r} is invalid; valid: a number >= 0")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
-            raise ParetokenError(f"finetune: seed {self.seed!r} is invalid; valid: an integer in 0..{MAX_SEED}")
+        check_int("seed", self.seed, 0, MAX_SEED)
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float,

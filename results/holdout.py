@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from paretoken.errors import ParetokenError
+from paretoken.errors import ParetokenError, check_int
 from paretoken.results import query
 
 HELD_OUT_METRICS = ("top1", "top1_drop", "agreement", "kl")
@@ -45,10 +45,8 @@ def held_out_config(settings: Mapping[str, Any], images: int, device: str = "cpu
     if not isinstance(measurement, Mapping) or not isinstance(measurement.get("images"), int):
         raise ParetokenError("study: it has no measurement settings (user attr 'paretoken'); only studies "
                              "written by `paretoken search` say which images their trials were measured on")
-    if isinstance(images, bool) or not isinstance(images, int) or images < 1:
-        raise ParetokenError(f"images: {images!r} is not a positive number of held-out test images")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ParetokenError(f"batch-size: {batch_size!r} is invalid; valid: an integer >= 1")
+    check_int("images", images, 1, note="held-out test images")
+    check_int("batch-size", batch_size, 1)
     return EvalConfig(model=measurement["model"], checkpoint=measurement.get("checkpoint"),
                       pretrained=bool(measurement.get("pretrained")), data=measurement.get("data"),
                       seed=measurement.get("seed", 0), skip=(measurement.get("skip") or 0) + measurement["images"],

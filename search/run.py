@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from paretoken.argtypes import MAX_SEED
-from paretoken.errors import ParetokenError
+from paretoken.errors import ParetokenError, check_int
 from paretoken.evaluators.metrics import METRICS, Budgets
 from paretoken.search import study as st
 from paretoken.search.storage import (MAX_HEARTBEAT_S, check_study_name, default_storage, open_storage, redact,
@@ -199,12 +199,9 @@ def _check_inputs(objectives, backend, workers, ray_address, n_trials, cpus_per_
         raise ParetokenError(f"backend: {backend!r} is unknown; valid: {', '.join(BACKENDS)}")
     if ray_address is not None and backend != "ray":
         raise ParetokenError(f"ray-address: {ray_address!r} needs --backend ray (the local backend runs in process)")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise ParetokenError(f"seed: {seed!r} is invalid; valid: an integer in 0..{MAX_SEED}")
-    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 0:
-        raise ParetokenError(f"trials: {n_trials!r} is invalid; valid: an integer >= 0 (the study's target)")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ParetokenError(f"workers: {workers!r} is invalid; valid: an integer >= 1")
+    check_int("seed", seed, 0, MAX_SEED)
+    check_int("trials", n_trials, 0, note="the study's target")
+    check_int("workers", workers, 1)
     if backend == "local" and workers != 1:
         raise ParetokenError(f"workers: the local backend runs one trial at a time, not {workers}; "
                              "use --backend ray for --workers K (or run K processes on a shared storage)")
@@ -267,8 +264,7 @@ def run_search(study_name: str, storage: str | None = None, space: str = "mixed"
     budgets = budgets if budgets is not None else Budgets()
     _check_inputs(objectives, backend, workers, ray_address, n_trials, cpus_per_trial, gpus_per_trial, budgets, config,
                   seed)
-    if isinstance(heartbeat_s, bool) or not isinstance(heartbeat_s, int) or not 1 <= heartbeat_s <= MAX_HEARTBEAT_S:
-        raise ParetokenError(f"heartbeat: {heartbeat_s!r} is invalid; valid: an integer in 1..{MAX_HEARTBEAT_S} (seconds)")
+    check_int("heartbeat", heartbeat_s, 1, MAX_HEARTBEAT_S, note="seconds")
     grace_s = int(grace_s) if grace_s is not None else 3 * heartbeat_s
     if grace_s <= heartbeat_s:
         raise ParetokenError(f"grace: {grace_s} s must exceed the heartbeat interval {heartbeat_s} s")

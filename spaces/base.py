@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from paretoken.compress.plan import Plan
-from paretoken.errors import ParetokenError
+from paretoken.errors import ParetokenError, check_int
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,7 @@ class Param:
 
 
 def check_depth(depth: Any) -> int:
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise ParetokenError(f"depth: {depth!r} is invalid; valid: the model's number of blocks, an integer >= 1")
-    return depth
+    return check_int("depth", depth, 1, note="the model's number of blocks")
 
 
 def suggest_grid(trial, name: str, low: float, high: float, step: float) -> float:

@@ -63,9 +63,9 @@ def test_skip_holds_out_the_first_images(default_model) -> None:
     held_x, held_y = load_split(None, default_model, "eval", 32, seed=0, skip=16)
     assert torch.equal(held_x, first_x[16:]) and torch.equal(held_y, first_y[16:])
     assert not _uint8_keys(held_x) & _uint8_keys(first_x[:16])
-    with pytest.raises(ParetokenError, match=r"images: 9995 is not in 1..9990 .* after skipping 10\)"):
+    with pytest.raises(ParetokenError, match=r"images: 9995 is invalid; valid: an integer in 1..9990 .* after skipping 10\)"):
         load_split(None, default_model, "eval", 9995, skip=10)
-    with pytest.raises(ParetokenError, match=r"skip: -1 is not in 0..9999"):
+    with pytest.raises(ParetokenError, match=r"skip: -1 is invalid; valid: an integer in 0..9999 \(10000 images available in"):
         load_split(None, default_model, "eval", 10, skip=-1)
 
 
@@ -142,7 +142,7 @@ def test_bad_split_and_n(default_model, tmp_path) -> None:
     with pytest.raises(ParetokenError, match="split: 'train'"):
         load_split(None, default_model, "train", 10)
     _write_folder(tmp_path / "val", per_class=1)
-    with pytest.raises(ParetokenError, match="images: 4 is not in 1..3"):
+    with pytest.raises(ParetokenError, match="images: 4 is invalid; valid: an integer in 1..3"):
         load_split(tmp_path / "val", default_model, "eval", 4)
 
 

@@ -118,7 +118,7 @@ def test_bad_finetune_requests(checkpoint, tmp_path):
         finetune(paretoken.Plan(), FinetuneConfig(checkpoint=str(checkpoint)), out=tmp_path / "x.pt")
     with pytest.raises(ParetokenError, match="alpha"):
         finetune(paretoken.Plan(), FinetuneConfig(alpha=2.0), out=tmp_path / "x.safetensors")
-    with pytest.raises(ParetokenError, match="seed -1 is invalid; valid: an integer in 0..4294967295"):
+    with pytest.raises(ParetokenError, match="seed: -1 is invalid; valid: an integer in 0..4294967295"):
         finetune(paretoken.Plan(), FinetuneConfig(seed=-1), out=tmp_path / "x.safetensors")
     with pytest.raises(ParetokenError, match=r"plan: meta.checkpoint 5 is invalid; valid: a string or null"):
         finetune(paretoken.Plan(meta={"checkpoint": 5}), FinetuneConfig(), out=tmp_path / "x.safetensors")

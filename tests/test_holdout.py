@@ -164,7 +164,7 @@ def test_preset_challenges_choose_on_the_search_images_and_judge_on_the_held_out
 
 @pytest.mark.parametrize(("args", "needle"), [
     (["--images", "0"], "argument --images: '0' is out of range; valid: an integer >= 1"),
-    (["--images", "20000"], "images: 20000 is not in 1..9984"),
+    (["--images", "20000"], "images: 20000 is invalid; valid: an integer in 1..9984"),
     (["--objectives", "top1,speed"], "objectives:"),
     (["--batch-size", "0"], "argument --batch-size: '0' is out of range; valid: an integer >= 1"),
     (["--plot", "held.jpg"], "plot: 'held.jpg' has suffix '.jpg'"),

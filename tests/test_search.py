@@ -152,7 +152,7 @@ def test_bad_input_is_a_one_line_error(config, tmp_path, monkeypatch, kwargs, me
 @pytest.mark.parametrize("change, message", [
     ({"checkpoint": "missing.safetensors"}, r"^checkpoint: {cwd}/missing.safetensors does not exist; pass --checkpoint"),
     ({"data": "no-such-dir"}, r"^data: {cwd}/no-such-dir is not a directory; pass 'fashion-mnist', a Fashion-MNIST"),
-    ({"images": 10_001}, r"^images: 10001 is not in 1..10000 \(images available in .*fashion-mnist \(test\)\)"),
+    ({"images": 10_001}, r"^images: 10001 is invalid; valid: an integer in 1..10000 \(10000 images available in .*fashion-mnist \(test\)\)"),
     ({"model": "vit_nonexistent"}, r"^model: 'vit_nonexistent' is not 'default' nor a timm model name"),
 ])
 def test_a_model_checkpoint_or_data_that_does_not_load_is_one_line_and_no_study(config, tmp_path, monkeypatch,
