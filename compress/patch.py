@@ -97,9 +97,9 @@ class PlanAttention(Attention):
         Q = N if queries is None else queries
         bias = self._pt_state.bias
         gate = self.gate(x[:, :Q]).sigmoid() if self.gate is not None else None
-        qkv_is_plain = type(self.qkv) is torch.nn.Linear and not (self.qkv._forward_hooks or
-                                                                  self.qkv._forward_pre_hooks)
-        if queries is None or not qkv_is_plain:  # (a wrapped or hooked qkv: all rows, then slice)
+        # with ``queries``, a plain Linear qkv is applied by its weight (its forward hooks are not called:
+        # fvcore's tracing hooks are on every module); another module (an adapter) runs whole, q sliced
+        if queries is None or type(self.qkv) is not torch.nn.Linear:
             qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)
             q = q[:, :, :Q]
