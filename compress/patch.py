@@ -277,19 +277,20 @@ def apply(model: torch.nn.Module, plan: Plan, init_predictors: bool = False) -> 
     check_model(model)
     plan.check_depth(len(model.blocks))
     last = len(model.blocks) - 1
-    for stage in plan.stages:
-        if stage.score == "predictor" and not (plan.prefix_only_last and stage.layer == last):
+    running = plan.stages_run(len(model.blocks))
+    for stage in running:
+        if stage.score == "predictor":
             _attach_predictor(model, stage.layer, init_predictors)
     state = TokenState(prefix=model.num_prefix_tokens)
     if not isinstance(model, PlanModel):
         model.__class__ = _patched_class(type(model))
     model._pt_state, model._pt_plan = state, plan
-    by_layer = {s.layer: s for s in plan.stages}
+    by_layer = {s.layer: s for s in running}
     for i, blk in enumerate(model.blocks):
         blk.__class__, blk.attn.__class__ = PlanBlock, PlanAttention
         blk._pt_state = blk.attn._pt_state = state
         blk._pt_prefix_only = plan.prefix_only_last and i == last
-        blk._pt_stage = None if blk._pt_prefix_only else by_layer.get(i)
+        blk._pt_stage = by_layer.get(i)
         blk.attn._pt_needs = _needs(blk._pt_stage)
         blk.attn._pt_info = {}
         if hasattr(blk, "token_threshold"):
@@ -307,7 +308,7 @@ def _require_plan(model: torch.nn.Module) -> Plan:
 
 
 def learn_thresholds(model: torch.nn.Module, temperature: float = 0.1) -> dict[int, learn.LearnableThreshold]:
-    """Make every ``threshold`` stage of the applied plan learnable; returns {layer: module}.
+    """Make every ``threshold`` stage the applied plan runs learnable; returns {layer: module}.
 
     Each block gets a ``token_threshold`` initialised from its stage. Training mode then uses the
     differentiable mask, eval mode the hard rule with the learned value; applying a plan again
@@ -316,8 +317,8 @@ def learn_thresholds(model: torch.nn.Module, temperature: float = 0.1) -> dict[i
     plan = _require_plan(model)
     device = next(model.parameters()).device
     learned = {}
-    for stage in plan.stages:
-        if stage.op == "threshold" and model.blocks[stage.layer]._pt_stage is not None:  # not moot
+    for stage in plan.stages_run(len(model.blocks)):
+        if stage.op == "threshold":
             module = learn.LearnableThreshold(stage.threshold, temperature).to(device)
             model.blocks[stage.layer].token_threshold = learned[stage.layer] = module
     return learned

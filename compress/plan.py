@@ -188,6 +188,11 @@ class Plan:
         """True when some stage keeps a different number of tokens per image."""
         return any(s.per_image for s in self.stages)
 
+    def stages_run(self, depth: int) -> tuple[Stage, ...]:
+        """The stages a ``depth``-block model runs: all of them, but for one in the last block when
+        ``prefix_only_last`` makes it moot."""
+        return tuple(s for s in self.stages if not (self.prefix_only_last and s.layer == depth - 1))
+
     def check_depth(self, depth: int) -> None:
         """Raise unless every stage's layer is a block of a ``depth``-block model."""
         for stage in self.stages:
@@ -294,7 +299,8 @@ def is_uncompressed(data: Any) -> bool:
 
 def moot_stage_dropped(data: Mapping[str, Any], depth: int) -> dict[str, Any]:
     """A plan's dict form without the stage in the last of ``depth`` blocks when ``prefix_only_last``
-    makes it moot: plans that compute the same thing compare equal."""
+    makes it moot (:meth:`Plan.stages_run` on the stored form, which may be malformed): plans that
+    compute the same thing compare equal."""
     stages = data.get("stages")
     if not data.get("prefix_only_last") or not isinstance(stages, list):
         return dict(data)

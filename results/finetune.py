@@ -258,9 +258,7 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    last = len(student.blocks) - 1
-    predictor_layers = [s.layer for s in plan.stages
-                        if s.score == "predictor" and not (plan.prefix_only_last and s.layer == last)]
+    predictor_layers = [s.layer for s in plan.stages_run(len(student.blocks)) if s.score == "predictor"]
     _say(log, f"fine-tuning {model_name} with plan {plan.describe()}\n"
               f"  {len(train_x)} training images, {total} steps of {config.batch_size}, lr {config.lr:g}, "
               f"alpha {config.alpha:g}, T {config.temperature:g} on {device}\n"

@@ -1,6 +1,7 @@
 """The Plan: round trips, validation messages, presets."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -95,6 +96,9 @@ def test_prefix_only_last_is_part_of_the_plan():
     assert short != plain and "prefix_only_last" not in plain.to_dict()  # old plan files read and write as before
     assert short.describe() == "L3 merge(score=keys, r=4); prefix-only last block"
     assert Plan(prefix_only_last=True).describe() == "prefix-only last block"
+    moot = Plan((Stage(3, "merge", r=4), Stage(11, "prune", keep=0.5)), prefix_only_last=True)
+    assert moot.stages_run(12) == short.stages and moot.stages_run(13) == moot.stages  # only the last block's
+    assert dataclasses.replace(moot, prefix_only_last=False).stages_run(12) == moot.stages
     from paretoken.results.query import plan_label
 
     assert plan_label(short) == "merge(r=4)@3 + prefix-only last" and plan_label(Plan(prefix_only_last=True)) == (
