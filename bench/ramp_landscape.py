@@ -104,8 +104,7 @@ def main() -> None:
 
 def ramp(r_first: int, r_last: int) -> paretoken.Plan:
     """The mixed space's pure ToMe ramp from ``r_first`` tokens merged in block 0 to ``r_last`` in the last."""
-    return MixedSpace().sample(optuna.trial.FixedTrial({"r_first": r_first, "r_last": r_last, "overrides": 0,
-                                                        "prefix_only_last": False}))
+    return MixedSpace().sample(optuna.trial.FixedTrial({"r_first": r_first, "r_last": r_last, "overrides": 0}))
 
 
 def held_out(args: argparse.Namespace, preset: paretoken.Plan, dominating: list[dict]) -> dict:

@@ -130,4 +130,6 @@ def cmd_spaces(args: argparse.Namespace) -> int:
             print(f"    {param['name']:16s} {param['values']:45s} {param['meaning']}{when}")
         if "presets" in entry:
             print(f"    presets: {', '.join(entry['presets']) or '(none)'}")
+    print("A search runs every sampled plan with prefix_only_last (exact; the last block computes only the "
+          "class token); presets run as published.")
     return 0

@@ -2,8 +2,8 @@
 in process (``local``) or as Ray Tune trials on Ray workers (``ray``, :mod:`paretoken.search.ray_tune`).
 
 The driver is the only process that writes the study: it asks Optuna for a trial,
-turns it into a plan (the space, or a fixed enqueued plan), hands the plan to a
-worker, and tells Optuna the result with every metric as a user attribute. The
+turns it into a plan (the space's, with ``prefix_only_last`` unless a preset's, or a fixed
+enqueued plan), hands the plan to a worker, and tells Optuna the result with every metric as a user attribute. The
 storage therefore holds every trial of every backend in the same form, and a
 search is resumed by running the same command again:
 
@@ -23,6 +23,7 @@ import signal
 import threading
 import time
 import warnings
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -179,12 +180,13 @@ def model_depth(config) -> int:
 
 
 def _resolve_plan(trial, space, depth: int):
+    """The plan ``trial`` runs: its ``enqueued_plan``, else its space's plan, prefix-only unless a preset's."""
     from paretoken.compress.plan import Plan
 
     fixed = trial.user_attrs.get("enqueued_plan")
     if fixed is not None:
         return Plan.from_dict(fixed)
-    return space.sample(trial, depth)
+    return dataclasses.replace(space.sample(trial, depth), prefix_only_last=st.runs_prefix_only(trial.user_attrs))
 
 
 def _fmt(value: Any) -> str:
@@ -395,7 +397,6 @@ def _open_study(study_name, url, storage_obj, sampler_obj, space_obj, objectives
             study.set_user_attr("objectives", list(objectives))
         else:
             st.check_settings(study_name, stored, settings)
-        st.complete_waiting_params(study)
         if st.wait_for_settings(study, key="presets_enqueued") is None:
             # the creating process died while enqueueing: finish its job (each preset at most once)
             st.enqueue_presets(study, space_obj, depth, presets, log)

@@ -4,8 +4,9 @@ Spaces are define-by-run: :meth:`Space.sample` asks the trial for the
 parameters it needs, conditionally (a block's amount is asked only when the
 block has a stage), and builds the plan. Parameter names carry the block
 index (``at_3``, ``keep_3``), so a trial's parameters read like its plan.
-Every space also asks ``prefix_only_last`` (:data:`PREFIX_ONLY_LAST`): whether the
-last block computes only the prefix tokens, which is exact and saves most of a block.
+Spaces make stages only: a search runs every sampled plan with ``prefix_only_last``
+(the last block computes only the prefix tokens, which is exact and never costs more),
+so it is not a choice for the sampler (see :func:`paretoken.search.study.runs_prefix_only`).
 
 :meth:`Space.params_for` is the inverse: the parameters that make the space
 produce a given plan (``None`` when the space cannot express it). The search
@@ -52,38 +53,31 @@ def suggest_grid(trial, name: str, low: float, high: float, step: float) -> floa
     return round(float(trial.suggest_float(name, low, high, step=step)), 6)
 
 
-PREFIX_ONLY_LAST = Param("prefix_only_last", "categorical False/True",
-                         "the last block computes only the prefix tokens (exact: the head reads only them)")
-#: Parameters the spaces gained after studies were made, with the value that makes the plans those
-#: studies enqueued: a trial enqueued before then gets it rather than a sampled one.
-ADDED_PARAMS: dict[str, Any] = {PREFIX_ONLY_LAST.name: False}
-
-
 class Space:
-    """A search space over plans. Subclasses set ``name``, ``description``, ``params`` (their own;
-    :data:`PREFIX_ONLY_LAST` is added to every space) and implement :meth:`_sample` and :meth:`_params_for`."""
+    """A search space over plans. Subclasses set ``name``, ``description``, ``params`` and implement
+    :meth:`_sample` and :meth:`_params_for`."""
 
     name: str = ""
     description: str = ""
     params: tuple[Param, ...] = ()
 
     def sample(self, trial, depth: int = 12) -> Plan:
-        """The plan for ``trial`` (an ``optuna.Trial``, ``FixedTrial`` or ``FrozenTrial``) on a ``depth``-block model."""
-        plan = self._sample(trial, check_depth(depth))
-        return dataclasses.replace(plan, prefix_only_last=trial.suggest_categorical(PREFIX_ONLY_LAST.name,
-                                                                                     (False, True)))
+        """The plan for ``trial`` (an ``optuna.Trial``, ``FixedTrial`` or ``FrozenTrial``) on a ``depth``-block
+        model; its ``prefix_only_last`` is False."""
+        return self._sample(trial, check_depth(depth))
 
     def _sample(self, trial, depth: int) -> Plan:  # pragma: no cover - abstract
-        """The plan's stages for ``trial`` (``prefix_only_last`` is asked by :meth:`sample`)."""
+        """The plan for ``trial`` on a ``depth``-block model (``depth`` checked)."""
         raise NotImplementedError
 
     def _params_for(self, plan: Plan, depth: int) -> dict[str, Any] | list[dict[str, Any]] | None:
-        """Candidate parameters for ``plan``'s stages (one dict, or a list tried in order); None: not expressible."""
+        """Candidate parameters for ``plan`` (one dict, or a list tried in order); None: not expressible."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def params_for(self, plan: Plan, depth: int = 12) -> dict[str, Any] | None:
-        """The parameters that make :meth:`sample` return ``plan`` exactly, or None when this
-        space cannot express it (other ops, amounts off the space's grid, layers beyond ``depth``).
+        """The parameters that make :meth:`sample` return ``plan``'s stages exactly, or None when this
+        space cannot express them (other ops, amounts off the space's grid, layers beyond ``depth``).
+        ``plan.prefix_only_last`` is not the space's (see the module docstring).
 
         The answer is checked by sampling with those parameters: every parameter is used,
         lies inside its distribution, and the plan comes out equal.
@@ -93,12 +87,12 @@ class Space:
             plan.check_depth(depth)
         except ParetokenError:
             return None
-        candidates = self._params_for(plan, depth)
+        stages = dataclasses.replace(plan, prefix_only_last=False)
+        candidates = self._params_for(stages, depth)
         if candidates is None:
             return None
         for params in candidates if isinstance(candidates, list) else [candidates]:
-            params = {**params, PREFIX_ONLY_LAST.name: plan.prefix_only_last}
-            if self._reproduces(params, plan, depth):
+            if self._reproduces(params, stages, depth):
                 return params
         return None
 
@@ -120,7 +114,7 @@ class Space:
     def describe(self) -> dict[str, Any]:
         """Plain-data description: name, description, parameters."""
         return {"name": self.name, "description": self.description,
-                "params": [p.to_dict() for p in (*self.params, PREFIX_ONLY_LAST)]}
+                "params": [p.to_dict() for p in self.params]}
 
     def __repr__(self) -> str:
         return f"<Space {self.name}>"

@@ -58,6 +58,9 @@ def test_local_search_stores_every_trial_and_resumes_without_repeating(config, t
     assert [t.user_attrs.get("preset") for t in trials[:3]] == ["uncompressed", "evit-0.7", "evit-0.5"]
     assert trials[1].user_attrs["plan"] == paretoken.preset("evit-0.7").to_dict()
     assert trials[0].user_attrs["plan"] == {"version": 1, "stages": []}
+    # the sampler's own plans run prefix-only (the search's choice, not a parameter)
+    assert [t.user_attrs["plan"].get("prefix_only_last", False) for t in trials] == [False] * 3 + [True] * 2
+    assert not any("prefix_only_last" in t.params for t in trials)
     for t in trials:
         attrs = t.user_attrs
         paretoken.Plan.from_dict(attrs["plan"])
@@ -244,19 +247,25 @@ def test_a_plan_measured_before_takes_its_values_without_a_second_run(config, tm
         assert any(f"[same plan as trial {first.number}: its values, not measured again]" in line for line in lines)
 
 
-def test_resuming_a_study_made_before_prefix_only_last_keeps_it_off_in_waiting_trials(config, tmp_path,
-                                                                                       monkeypatch):
+def test_sampled_plans_run_prefix_only_and_enqueued_plans_as_given(config, tmp_path, monkeypatch):
+    """``prefix_only_last`` is the search's, not a sampled choice: on for every sampled plan, as
+    published for presets, as given for a plan of one's own, labelled or not."""
     monkeypatch.chdir(tmp_path)
-    run_search("old", n_trials=0, eval_config=config, log=lambda line: None)
-    study = _load("old", default_storage("old"))
-    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
-    assert len(waiting) == 9 and all(t.system_attrs["fixed_params"]["prefix_only_last"] is False for t in waiting)
-    for trial in waiting:  # as a study made before the field holds them
-        fixed = {k: v for k, v in trial.system_attrs["fixed_params"].items() if k != "prefix_only_last"}
-        study._storage.set_trial_system_attr(trial._trial_id, "fixed_params", fixed)
-    run_search("old", n_trials=0, eval_config=config, log=lambda line: None)
-    waiting = _load("old", default_storage("old")).get_trials(states=(optuna.trial.TrialState.WAITING,))
-    assert len(waiting) == 9 and all(t.system_attrs["fixed_params"]["prefix_only_last"] is False for t in waiting)
+    run_search("pol", space="evit", n_trials=0, eval_config=config, presets=False, log=lambda _: None)
+    study = _load("pol", default_storage("pol"))
+    plain = paretoken.preset("evit-0.5")
+    short = paretoken.Plan(paretoken.preset("evit-0.7").stages, prefix_only_last=True)
+    enqueue_plan(study, plain)
+    enqueue_plan(study, short, label="mine")
+    result = run_search("pol", space="evit", n_trials=5, eval_config=config, presets=False, log=lambda _: None)
+    trials = _load("pol", result.storage).get_trials()
+    plans = [paretoken.Plan.from_dict(t.user_attrs["plan"]) for t in trials]
+    assert plans[:3] == [paretoken.Plan(), plain, short]
+    assert len(plans) == 5 and all(p.prefix_only_last for p in plans[3:])
+    assert all("prefix_only_last" not in t.params for t in trials)
+    # the uncompressed preset is the space's parameters (the sampler learns from it); the two plans
+    # the space would not run as given are fixed plans
+    assert trials[0].params and not trials[1].params and not trials[2].params
 
 
 def test_budgets_are_optuna_constraints(config, tmp_path, monkeypatch):
@@ -392,6 +401,7 @@ def test_cli_search_and_spaces(config, tmp_path, monkeypatch, capsys):
     assert main(["spaces"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in ("tome", "evit", "dynamicvit", "asvit", "jmp", "slim", "mixed"))
+    assert "every sampled plan with prefix_only_last" in out and "prefix_only_last " not in out  # not a parameter
     assert main(["spaces", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
     assert {e["name"] for e in listing} >= {"mixed"} and "evit-0.7" in next(e for e in listing

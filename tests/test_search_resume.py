@@ -194,35 +194,6 @@ def test_an_enqueued_trial_killed_before_its_plan_was_sampled_reruns_the_enqueue
     assert [rerun.suggest_int(k, 0, 24) for k in ("r_first", "r_last", "overrides")] == [8, 8, 0]
 
 
-def test_trials_enqueued_before_the_space_gained_prefix_only_last_run_the_plan_they_were_enqueued_for():
-    """A study made before the spaces asked ``prefix_only_last`` holds waiting presets and retries
-    without it: resumed, they run without it rather than with a sampled value."""
-    from paretoken.search.study import complete_waiting_params, requeue
-    from paretoken.spaces import get_space
-
-    space = get_space("mixed")
-    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
-    old = {"r_first": 8, "r_last": 8, "overrides": 0}  # tome-r8 as it was enqueued then
-    for _ in range(8):
-        study.enqueue_trial(old, user_attrs={"preset": "tome-r8"})
-    assert complete_waiting_params(study) == 8 and complete_waiting_params(study) == 0
-    for _ in range(4):
-        trial = study.ask()
-        assert space.sample(trial, 12) == paretoken.preset("tome-r8")
-        study.tell(trial, [0.0, 0.0])
-    sampled = optuna.create_study(directions=["maximize", "minimize"])
-    killed = sampled.ask()  # an old sampled trial left RUNNING: its params lack the new one too
-    for name, high in (("r_first", 24), ("r_last", 24), ("overrides", 0)):
-        killed.suggest_int(name, 0, high)
-    sampled._storage.set_trial_state_values(killed._trial_id, optuna.trial.TrialState.FAIL)
-    assert requeue(sampled, sampled.trials[0])
-    assert sampled.trials[-1].system_attrs["fixed_params"] == {**killed.params, "prefix_only_last": False}
-    other = optuna.create_study(directions=["maximize", "minimize"])
-    fresh = other.ask()  # a trial killed before it sampled anything samples afresh
-    other._storage.set_trial_state_values(fresh._trial_id, optuna.trial.TrialState.FAIL)
-    assert requeue(other, other.trials[0]) and other.trials[-1].system_attrs["fixed_params"] == {}
-
-
 def test_a_result_for_a_trial_another_process_failed_as_stale_is_dropped_not_raised():
     from paretoken.search.run import _LoopState
 

@@ -1,6 +1,7 @@
 """Search spaces: every sampled plan is valid, presets are expressible, plans apply to a timm ViT."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import optuna
@@ -81,9 +82,10 @@ def test_many_random_samples_are_valid_plans(name, depth):
         inverse = space.params_for(plan, depth)
         assert inverse is not None
         assert space.sample(optuna.trial.FixedTrial(inverse), depth) == plan
-    # every space offers the prefix-only last block, and it is part of the plan
-    assert {p.prefix_only_last for _, p in plans} == {False, True}
-    assert all(p.prefix_only_last == params["prefix_only_last"] for params, p in plans)
+    # the prefix-only last block is the search's, not the space's: no parameter, never set, ignored by the inverse
+    assert not any(p.prefix_only_last or "prefix_only_last" in params for params, p in plans)
+    assert all(space.params_for(dataclasses.replace(p, prefix_only_last=True), depth) == space.params_for(p, depth)
+               for _, p in plans[:20])
 
 
 @pytest.mark.parametrize("name", sorted(FAMILY_OPS))
@@ -109,14 +111,13 @@ def test_presets_of_the_family_are_expressible_and_others_are_not(name):
 
 def test_tome_schedules():
     tome = get_space("tome")
-    linear = {"schedule": "linear", "r_first": 0, "r_last": 22, "prefix_only_last": False}
+    linear = {"schedule": "linear", "r_first": 0, "r_last": 22}
     ramp = tome.sample(optuna.trial.FixedTrial(linear), 12)
     assert [s.r for s in ramp.stages] == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22]  # block 0 has r = 0: no stage
     assert tome.params_for(ramp, 12) == linear
-    per_layer = {"schedule": "per_layer", **{f"r_{i}": i % 3 for i in range(12)}, "prefix_only_last": True}
+    per_layer = {"schedule": "per_layer", **{f"r_{i}": i % 3 for i in range(12)}}
     plan = tome.sample(optuna.trial.FixedTrial(per_layer), 12)
     assert [(s.layer, s.r) for s in plan.stages] == [(i, i % 3) for i in range(12) if i % 3]
-    assert plan.prefix_only_last
     assert tome.params_for(plan, 12) == per_layer
 
 
@@ -124,15 +125,14 @@ def test_mixed_space_overrides_a_tome_ramp():
     mixed = get_space("mixed")
     params = {"r_first": 13, "r_last": 13, "overrides": 2,
               "override_0": 3, "op_3": "prune_fuse", "keep_3": 0.7, "score_3": "head_weighted",
-              "override_1": 11, "op_11": "merge", "r_11": 2, "prefix_only_last": False}
+              "override_1": 11, "op_11": "merge", "r_11": 2}
     plan = mixed.sample(optuna.trial.FixedTrial(params), 12)
     assert [(s.layer, s.op, s.r or s.keep) for s in plan.stages] == (
         [(i, "merge", 13) for i in (0, 1, 2)] + [(3, "prune_fuse", 0.7)]
         + [(i, "merge", 13) for i in range(4, 11)] + [(11, "merge", 2)])
     assert plan.stages[3].score == "head_weighted"
     # a ToMe schedule is a pure base ramp (two parameters), so a sampler finds its neighbours
-    assert mixed.params_for(paretoken.preset("tome-r13"), 12) == {"r_first": 13, "r_last": 13, "overrides": 0,
-                                                                  "prefix_only_last": False}
+    assert mixed.params_for(paretoken.preset("tome-r13"), 12) == {"r_first": 13, "r_last": 13, "overrides": 0}
     assert mixed.params_for(plan, 12) == params  # the base that leaves the fewest overrides
     assert mixed.params_for(paretoken.preset("evit-0.7"), 12)["r_first"] == 0
     assert mixed.sample(optuna.trial.FixedTrial(mixed.params_for(plan, 12)), 12) == plan
