@@ -6,6 +6,8 @@ import argparse
 import math
 from typing import Callable
 
+from paretoken.errors import integers
+
 MAX_SEED = 2**32 - 1  # the seed range of numpy's generators and Optuna's samplers
 
 
@@ -19,7 +21,7 @@ class Parser(argparse.ArgumentParser):
 
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse type: an integer in ``low..high`` (no upper end with ``high`` None)."""
-    valid = f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
+    valid = integers(low, high)
 
     def parse(text: str) -> int:
         try:

@@ -12,11 +12,16 @@ class ParetokenError(ValueError):
     """
 
 
+def integers(low: int, high: int | None = None) -> str:
+    """The valid values of an integer range in words: ``low..high``, no upper end when ``high`` is None."""
+    return f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
+
+
 def check_int(name: str, value: Any, low: int, high: int | None = None, note: str = "") -> int:
     """``value`` when it is an integer (not a bool) in ``low..high`` (no upper end when ``high`` is
     None); else a :class:`ParetokenError` naming ``name`` and the valid range, ``note`` (units, what
     the number counts) in brackets after it."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        valid = f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
-        raise ParetokenError(f"{name}: {value!r} is invalid; valid: {valid}" + (f" ({note})" if note else ""))
+        raise ParetokenError(f"{name}: {value!r} is invalid; valid: {integers(low, high)}"
+                             + (f" ({note})" if note else ""))
     return value
