@@ -327,7 +327,16 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
     })
     if "metrics" in meta:  # the trial's metrics were measured on the old weights
         meta["metrics_before_finetune"] = meta.pop("metrics")
-    tuned = replace(learned_plan(student), meta=meta)
+    learned = learned_plan(student)
+    if learned.stages != plan.stages:  # learned thresholds: an exported plan's label and preset name are the old plan's
+        from paretoken.results.query import plan_label
+
+        for key in ("plan_str", "preset"):
+            if key in meta:
+                meta[f"{key}_before_finetune"] = meta.pop(key)
+        if "plan_str_before_finetune" in meta:
+            meta["plan_str"] = plan_label(learned)
+    tuned = replace(learned, meta=meta)
     try:  # both files or neither
         save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()
                    if ".token_threshold." not in k}, str(out))

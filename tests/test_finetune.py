@@ -16,6 +16,7 @@ from paretoken.errors import ParetokenError
 from paretoken.evaluators.data import load_split
 from paretoken.evaluators.models import build_default_architecture, create_model
 from paretoken.results.finetune import FinetuneConfig, distillation_loss, finetune
+from paretoken.results.query import plan_label
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,8 @@ def test_distillation_lowers_the_loss_and_the_result_evaluates(checkpoint, tmp_p
 
 def test_thresholds_learn_towards_the_budget(checkpoint, tmp_path, monkeypatch):
     plan = paretoken.Plan((paretoken.Stage(2, "threshold", threshold=0.5),
-                           paretoken.Stage(6, "threshold", threshold=0.5)))
+                           paretoken.Stage(6, "threshold", threshold=0.5)),
+                          meta={"plan_str": "threshold(threshold=0.5)@2,6", "preset": "mine"})  # as exported
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "asvit.safetensors"
     config = FinetuneConfig(checkpoint=str(checkpoint), train_images=256, eval_images=64, batch_size=64,
@@ -80,6 +82,10 @@ def test_thresholds_learn_towards_the_budget(checkpoint, tmp_path, monkeypatch):
     written = paretoken.load_plan(out.with_suffix(".yaml"))
     assert [s.threshold for s in written.stages] == [pytest.approx(after[2]), pytest.approx(after[6])]
     assert written.meta["checkpoint"] == written.meta["weights"]["file"] == str(out)
+    # the exported label and preset name described the plan before its thresholds moved
+    assert written.meta["plan_str_before_finetune"] == "threshold(threshold=0.5)@2,6"
+    assert written.meta["plan_str"] == plan_label(written) != "threshold(threshold=0.5)@2,6"
+    assert written.meta["preset_before_finetune"] == "mine" and "preset" not in written.meta
     assert not any("token_threshold" in k for k in safetensors.torch.load_file(str(out)))
 
 
