@@ -3,9 +3,9 @@ in process (``local``) or as Ray Tune trials on Ray workers (``ray``, :mod:`pare
 
 The driver is the only process that writes the study: it asks Optuna for a trial,
 turns it into a plan (the space's, with ``prefix_only_last`` unless a preset's, or a fixed
-enqueued plan), hands the plan to a worker, and tells Optuna the result with every metric as a user attribute. The
-storage therefore holds every trial of every backend in the same form, and a
-search is resumed by running the same command again:
+enqueued plan), hands the plan to a worker, and tells Optuna the result with every metric as
+a user attribute. The storage therefore holds every trial of every backend in the same form,
+and a search is resumed by running the same command again:
 
 * ``n_trials`` is the study's target of finished trials (COMPLETE, plus FAIL with an
   error of their own); a resumed run only runs the missing ones, and several processes
@@ -18,12 +18,12 @@ search is resumed by running the same command again:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import threading
 import time
 import warnings
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
