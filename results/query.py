@@ -183,6 +183,7 @@ def trials_frame(study) -> pd.DataFrame:
             # FAIL without an error of its own: its process died; the search runs the plan again
             "interrupted": trial.state.name == "FAIL" and "error" not in attrs,
             "retry_of": attrs.get("retry_of"),
+            "same_plan_as": attrs.get("same_plan_as"),
             "space": attrs.get("space"),
             "versions": attrs.get("versions"),
             "datetime_start": trial.datetime_start,
@@ -192,10 +193,10 @@ def trials_frame(study) -> pd.DataFrame:
         rows.append(row)
     columns = (["number", "state", "preset", "plan", "plan_str", *METRICS]
                + [f"constraint:{k}" for k in constraint_keys]
-               + ["feasible", "device", "duration_s", "worker_pid", "error", "interrupted", "retry_of", "space",
-                  "versions", "datetime_start", "datetime_complete", "values"])
+               + ["feasible", "device", "duration_s", "worker_pid", "error", "interrupted", "retry_of",
+                  "same_plan_as", "space", "versions", "datetime_start", "datetime_complete", "values"])
     df = pd.DataFrame(rows, columns=columns)
-    for text in ("preset", "plan_str", "device", "error", "worker_pid", "retry_of", "space"):
+    for text in ("preset", "plan_str", "device", "error", "worker_pid", "retry_of", "same_plan_as", "space"):
         df[text] = pd.Series([row.get(text) for row in rows], dtype=object, index=df.index)  # None, not NaN
     for metric in METRICS:
         df[metric] = df[metric].astype(float)
@@ -293,7 +294,8 @@ def front(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJECTIVES
 
     Directions: top1, agreement, img_per_s are maximised; gflops, latency_ms, kl, peak_mem_mb,
     padding_pct minimised. Rows missing an objective (NaN) are left out. The result is sorted by
-    the first objective, best first.
+    the first objective, best first. A row that took the values of another row on the front
+    (``same_plan_as``: the same plan, not measured again) is left out.
     """
     objectives = _check_objectives(objectives, df)
     rows = budget(df, budgets, feasible_only)
@@ -301,6 +303,8 @@ def front(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJECTIVES
     finite = np.all(np.isfinite(points), axis=1) if len(rows) else np.zeros(0, dtype=bool)
     rows, points = rows[finite], points[finite]
     out = rows[non_dominated(points)]
+    if "same_plan_as" in out:
+        out = out[~out["same_plan_as"].isin(set(out["number"]))]
     return out.sort_values(list(objectives), ascending=[not MAXIMIZE[o] for o in objectives], kind="stable")
 
 

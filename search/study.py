@@ -409,8 +409,11 @@ def feasible(trial) -> bool:
 
 
 def front_trials(study) -> list:
-    """The non-dominated feasible COMPLETE trials (Optuna's ``best_trials``)."""
-    return list(study.best_trials)
+    """The non-dominated feasible COMPLETE trials (Optuna's ``best_trials``), less those that took the
+    values of another one on it (``same_plan_as``: the same plan, not measured again)."""
+    best = study.best_trials
+    numbers = {t.number for t in best}
+    return [t for t in best if t.user_attrs.get("same_plan_as") not in numbers]
 
 
 def hypervolume(trials, objectives: Sequence[str], reference: dict[str, float] | None) -> float:

@@ -250,6 +250,21 @@ def test_front_on_a_study(storage):
     assert query.best(df, budgets=Budgets(max_gflops=0.5)) is None
 
 
+def test_a_trial_that_took_the_values_of_a_front_trial_is_not_shown_twice(storage):
+    """A search gives a repeated plan the values of the trial that measured it (``same_plan_as``)."""
+    from paretoken.search.study import front_table, front_trials
+
+    study = make_study(storage, "s", POINTS, failed=0)
+    repeat = trial_attrs(keep_plan(0.6), 78.0, 2.5, same_plan_as=2)
+    study.add_trial(optuna.trial.create_trial(values=[78.0, 2.5], user_attrs=repeat))
+    df = query.load("s", storage)
+    assert df["same_plan_as"].tolist() == [None] * 6 + [2]
+    assert query.front(df)["number"].tolist() == [0, 1, 2, 4, 5]
+    assert query.front(df.drop(index=2))["number"].tolist() == [0, 1, 6, 4, 5]  # alone, the repeat stands
+    assert sorted(t.number for t in front_trials(study)) == [0, 1, 2, 4, 5]
+    assert sorted(front_table(study, ("top1", "gflops"))["trial"]) == [0, 1, 2, 4, 5]
+
+
 def test_bad_objectives_are_one_line():
     df = random_frame(0)
     with pytest.raises(ParetokenError, match="'accuracy' is unknown; valid: top1"):
