@@ -177,6 +177,24 @@ def _check_writable(path: Path) -> None:
             path.unlink()
 
 
+def meta_after_finetune(meta: dict[str, Any], before: Plan, after: Plan) -> dict[str, Any]:
+    """An exported plan's ``meta`` once fine-tuning turned plan ``before`` into ``after``: its metrics
+    (measured on the old weights) and, when learned thresholds moved, its label and preset name are
+    kept as ``<key>_before_finetune`` (the first fine-tuning's when tuned again), and the label is
+    ``after``'s."""
+    meta = dict(meta)
+    stale = ("metrics", "plan_str", "preset") if after.stages != before.stages else ("metrics",)
+    for key in stale:
+        value = meta.pop(key, None)
+        if value is not None:
+            meta.setdefault(f"{key}_before_finetune", value)
+    if "plan_str" in stale and "plan_str_before_finetune" in meta:
+        from paretoken.results.query import plan_label
+
+        meta["plan_str"] = plan_label(after)
+    return meta
+
+
 def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
              out: str | Path = "finetuned.safetensors", log: TextIO | None = None) -> dict[str, Any]:
     """Fine-tune ``plan`` on ``config``'s model and data; write ``out`` (weights) and ``out``.yaml (plan).
@@ -325,18 +343,8 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
             "versions": {k: v for k, v in environment(config.device).items() if k not in ("threads", "cpus")},
         },
     })
-    if "metrics" in meta:  # the trial's metrics were measured on the old weights
-        meta["metrics_before_finetune"] = meta.pop("metrics")
     learned = learned_plan(student)
-    if learned.stages != plan.stages:  # learned thresholds: an exported plan's label and preset name are the old plan's
-        from paretoken.results.query import plan_label
-
-        for key in ("plan_str", "preset"):
-            if key in meta:
-                meta[f"{key}_before_finetune"] = meta.pop(key)
-        if "plan_str_before_finetune" in meta:
-            meta["plan_str"] = plan_label(learned)
-    tuned = replace(learned, meta=meta)
+    tuned = replace(learned, meta=meta_after_finetune(meta, plan, learned))
     try:  # both files or neither
         save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()
                    if ".token_threshold." not in k}, str(out))

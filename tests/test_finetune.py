@@ -2,6 +2,7 @@
 written checkpoint + plan evaluate with `paretoken eval`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from paretoken.cli import main
 from paretoken.errors import ParetokenError
 from paretoken.evaluators.data import load_split
 from paretoken.evaluators.models import build_default_architecture, create_model
-from paretoken.results.finetune import FinetuneConfig, distillation_loss, finetune
+from paretoken.results.finetune import FinetuneConfig, distillation_loss, finetune, meta_after_finetune
 from paretoken.results.query import plan_label
 
 
@@ -108,6 +109,24 @@ def test_predictors_train_and_travel_with_the_checkpoint(checkpoint, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "paretoken.cli", "eval", "--checkpoint", str(checkpoint), "--plan",
                            str(plan_file), "--images", "8"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "token_predictor" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_an_exported_plans_stale_meta_is_kept_as_before_finetune():
+    before = paretoken.preset("asvit")
+    after = paretoken.Plan(tuple(dataclasses.replace(s, threshold=s.threshold + 0.01) for s in before.stages))
+    exported = {"model": "default", "metrics": {"top1": 80.0}, "plan_str": plan_label(before), "preset": "asvit"}
+    once = meta_after_finetune(exported, before, after)
+    assert once == {"model": "default", "metrics_before_finetune": {"top1": 80.0}, "plan_str": plan_label(after),
+                    "plan_str_before_finetune": plan_label(before), "preset_before_finetune": "asvit"}
+    later = paretoken.Plan(tuple(dataclasses.replace(s, threshold=s.threshold + 0.01) for s in after.stages))
+    twice = meta_after_finetune(once, after, later)  # tuned again: the first fine-tuning's "before" stays
+    assert twice == {**once, "plan_str": plan_label(later)}
+    # weights only (a hard plan): the label and the preset still describe the plan
+    hard = {"metrics": {"top1": 80.0}, "plan_str": "x", "preset": "tome-r13"}
+    assert meta_after_finetune(hard, paretoken.preset("tome-r13"), paretoken.preset("tome-r13")) == {
+        "metrics_before_finetune": {"top1": 80.0}, "plan_str": "x", "preset": "tome-r13"}
+    # an export that was no preset (preset: null) gains no preset_before_finetune
+    assert "preset_before_finetune" not in meta_after_finetune({"preset": None, "plan_str": "y"}, before, after)
 
 
 def test_bad_finetune_requests(checkpoint, tmp_path):

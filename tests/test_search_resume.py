@@ -194,6 +194,28 @@ def test_an_enqueued_trial_killed_before_its_plan_was_sampled_reruns_the_enqueue
     assert [rerun.suggest_int(k, 0, 24) for k in ("r_first", "r_last", "overrides")] == [8, 8, 0]
 
 
+def test_a_retry_runs_the_plan_its_trial_ran():
+    """A sampled trial's retry samples the same parameters and, like it, runs prefix-only; one from
+    a study made when sampled plans could run without it runs its plan as a fixed plan."""
+    from paretoken.search.run import _resolve_plan
+    from paretoken.search.study import requeue
+    from paretoken.spaces import get_space
+
+    space = get_space("mixed")
+    for ran_prefix_only in (True, False):
+        study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(0))
+        killed = study.ask()
+        plan = _resolve_plan(killed, space, 12)
+        assert plan.prefix_only_last
+        ran = paretoken.Plan(plan.stages, prefix_only_last=ran_prefix_only)
+        killed.set_user_attr("plan", ran.to_dict())
+        study._storage.set_trial_state_values(killed._trial_id, optuna.trial.TrialState.FAIL)
+        assert requeue(study, study.trials[0])
+        rerun = study.ask()
+        assert _resolve_plan(rerun, space, 12) == ran
+        assert ("enqueued_plan" in rerun.user_attrs) is (not ran_prefix_only)
+
+
 def test_a_result_for_a_trial_another_process_failed_as_stale_is_dropped_not_raised():
     from paretoken.search.run import _LoopState
 
