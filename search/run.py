@@ -180,13 +180,18 @@ def model_depth(config) -> int:
 
 
 def _resolve_plan(trial, space, depth: int):
-    """The plan ``trial`` runs: its ``enqueued_plan``, else its space's plan, prefix-only unless a preset's."""
+    """The plan ``trial`` runs: its ``enqueued_plan``; else its space's plan, as published for a preset,
+    otherwise prefix-only and without a last-block stage (moot then: the plan stored is the plan run)."""
     from paretoken.compress.plan import Plan
 
     fixed = trial.user_attrs.get("enqueued_plan")
     if fixed is not None:
         return Plan.from_dict(fixed)
-    return dataclasses.replace(space.sample(trial, depth), prefix_only_last=st.runs_prefix_only(trial.user_attrs))
+    plan = space.sample(trial, depth)
+    if not st.runs_prefix_only(trial.user_attrs):
+        return plan
+    short = dataclasses.replace(plan, prefix_only_last=True)
+    return dataclasses.replace(short, stages=short.stages_run(depth))
 
 
 def _fmt(value: Any) -> str:

@@ -194,6 +194,18 @@ def test_an_enqueued_trial_killed_before_its_plan_was_sampled_reruns_the_enqueue
     assert [rerun.suggest_int(k, 0, 24) for k in ("r_first", "r_last", "overrides")] == [8, 8, 0]
 
 
+def test_a_sampled_plan_is_prefix_only_without_its_moot_last_block_stage_and_a_preset_is_as_published():
+    from paretoken.search.run import _resolve_plan
+    from paretoken.spaces import get_space
+
+    tome_r8 = {"r_first": 8, "r_last": 8, "overrides": 0}
+    sampled = _resolve_plan(optuna.trial.FixedTrial(tome_r8), get_space("mixed"), 12)
+    assert sampled == paretoken.Plan(paretoken.preset("tome-r8").stages[:11], prefix_only_last=True)
+    preset = optuna.trial.FixedTrial(tome_r8)
+    preset.set_user_attr("preset", "tome-r8")
+    assert _resolve_plan(preset, get_space("mixed"), 12) == paretoken.preset("tome-r8")
+
+
 def test_a_retry_runs_the_plan_its_trial_ran():
     """A sampled trial's retry samples the same parameters and, like it, runs prefix-only; one from
     a study made when sampled plans could run without it runs its plan as a fixed plan."""
