@@ -245,8 +245,8 @@ def requeue(study, trial) -> bool:
     attrs["retry_of"] = trial.number
     ran = trial.user_attrs.get("plan")  # set before the trial was handed to a worker
     if "enqueued_plan" not in attrs and isinstance(ran, dict) and (
-            bool(ran.get("prefix_only_last")) != runs_prefix_only(attrs)):  # a study made before today's rule
-        attrs["enqueued_plan"] = ran
+            bool(ran.get("prefix_only_last")) != runs_prefix_only(attrs)):
+        attrs["enqueued_plan"] = ran  # its params would not make it: a study from before runs_prefix_only
     # an enqueued trial killed before its space sampled has no params yet, only the enqueued ones
     params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
     study.enqueue_trial(params, user_attrs=attrs)
