@@ -112,7 +112,10 @@ def _forward_all(model, images, batch_size) -> tuple[torch.Tensor, list[float], 
     return torch.cat(outs), seconds, 100.0 * padding / max(slots, 1)
 
 
-def _bench(config: EvalConfig) -> _Bench:
+def prepare(config: EvalConfig) -> _Bench:
+    """What every plan measured under ``config`` shares, built once per process: the model on its device,
+    the evaluation images and the uncompressed model's logits. Its errors (a model or image that cannot
+    be read, out of memory in the uncompressed forward) are no plan's fault: every trial would meet them."""
     key = (config.model, config.checkpoint, config.pretrained, config.data, config.images, config.seed, config.skip,
            config.device, config.batch_size)
     if key not in _BENCHES:
@@ -134,7 +137,7 @@ def evaluate(plan: Plan, config: EvalConfig = EvalConfig()) -> dict[str, float]:
 def evaluate_per_image(plan: Plan, config: EvalConfig = EvalConfig()) -> tuple[dict[str, float], torch.Tensor]:
     """:func:`evaluate`'s metrics and which images the plan classifies right: a (n,) bool tensor on the
     CPU, in the order of ``config``'s evaluation images (what paired comparisons of plans need)."""
-    bench = _bench(config)
+    bench = prepare(config)
     model, device = bench.model, bench.images.device
     apply(model, plan)
     if device.type == "cuda":

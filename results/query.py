@@ -13,7 +13,8 @@ Columns of :func:`load`:
   top1 ... padding_pct    every metric of :data:`METRICS` (NaN where not measured)
   constraint:<name>       each Optuna constraint value (feasible when <= 0)
   feasible                all constraints <= 0 (True when the study has none)
-  device, duration_s, worker_pid, error, datetime_start, datetime_complete, values
+  error                   a FAIL trial's error; an interrupted one's ``setup_error`` where its worker could not set up
+  device, duration_s, worker_pid, datetime_start, datetime_complete, values
 """
 from __future__ import annotations
 
@@ -179,8 +180,9 @@ def trials_frame(study) -> pd.DataFrame:
             "device": attrs.get("device"),
             "duration_s": _float(duration),
             "worker_pid": attrs.get("worker_pid"),
-            "error": attrs.get("error"),
-            # FAIL without an error of its own: its process died; the search runs the plan again
+            "error": attrs.get("error", attrs.get("setup_error")),
+            # FAIL without an error of its own (its process died, or its worker could not set up):
+            # the search runs the plan again
             "interrupted": trial.state.name == "FAIL" and "error" not in attrs,
             "retry_of": attrs.get("retry_of"),
             "same_plan_as": attrs.get("same_plan_as"),

@@ -13,7 +13,10 @@ and a search is resumed by running the same command again:
 * trials left RUNNING by a killed process are failed once their heartbeat is stale
   (``grace_s``) and their plans enqueued again; finished trials are never repeated;
 * a trial that raises (bad plan, out of memory, NaN metric) is recorded FAIL with user attr
-  ``error`` and the search goes on.
+  ``error`` and the search goes on;
+* a worker that cannot prepare what every trial shares (an image that cannot be read, out of
+  memory in the uncompressed forward) stops the search with that error as one line; the
+  trial is recorded FAIL with user attr ``setup_error`` and its plan enqueued again.
 """
 from __future__ import annotations
 
@@ -496,6 +499,8 @@ class _LoopState:
             for key in ("worker_pid", "hostname", "device", "threads", "versions", "duration_s"):
                 if key in result:
                     trial.set_user_attr(key, result[key])
+            if "setup_error" in result:
+                self.stop(trial, result)
             for key, value in metrics.items():  # NaN (not measured) is stored as null: valid JSON for dashboards
                 trial.set_user_attr(key, value if isinstance(value, (int, float)) and math.isfinite(value) else None)
             if error is None:
@@ -517,6 +522,21 @@ class _LoopState:
             return
         self.ran += 1
         self.progress(trial, metrics, error, result)
+
+    def stop(self, trial, result: dict[str, Any]) -> None:
+        """A worker could not prepare what every trial shares (``setup_error``): record the trial FAIL
+        with that error as interrupted (not counted, its plan enqueued again) and stop the search."""
+        import optuna
+        from optuna.trial import TrialState
+
+        storage = self.study._storage
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # failed as stale elsewhere: requeued
+            trial.set_user_attr("setup_error", result["setup_error"])
+            if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                st.requeue(self.study, storage.get_trial(trial._trial_id))
+        raise ParetokenError(f"{result['setup_error']} (trial {trial.number}, on {result.get('hostname', '?')}); "
+                             "every trial needs this, so the search stopped: fix it and run the same command "
+                             "again to go on (the trial's plan runs again)")
 
     def progress(self, trial, metrics, error, result) -> None:
         c = st.counts(self.study)

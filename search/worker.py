@@ -49,23 +49,28 @@ def _environment(device: str) -> dict[str, str]:
 def run_trial(plan: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     """Evaluate ``plan`` (dict form) under ``config`` (EvalConfig as a dict).
 
-    Returns ``{"metrics": {...}}`` or ``{"error": "..."}`` plus ``device``, ``threads``,
-    ``versions``, ``hostname``, ``worker_pid`` and ``duration_s``. Any exception (a bad plan,
-    out of memory, non-finite logits) becomes ``error``: the search records the trial FAIL
-    and goes on.
+    Returns ``{"metrics": {...}}``, ``{"error": "..."}`` or ``{"setup_error": "..."}`` plus ``device``,
+    ``threads``, ``versions``, ``hostname``, ``worker_pid`` and ``duration_s``. An exception of the plan's
+    evaluation (a bad plan, out of memory, non-finite logits) becomes ``error``: the search records the
+    trial FAIL and goes on. One raised while preparing what every trial shares (model, images, the
+    uncompressed forward; :func:`~paretoken.evaluators.evaluate.prepare`) becomes ``setup_error``: the
+    search stops, as every trial would fail the same way.
     """
     start = time.perf_counter()
     out: dict[str, Any] = {"worker_pid": os.getpid(), "hostname": socket.gethostname()}
     device = str(config.get("device", "cpu"))
+    failure = "setup_error"
     try:
         from paretoken.compress.plan import Plan
-        from paretoken.evaluators.evaluate import evaluate
+        from paretoken.evaluators.evaluate import evaluate, prepare
 
         cfg = config_from_dict(config)
+        prepare(cfg)
+        failure = "error"
         metrics = evaluate(Plan.from_dict(plan), cfg)
         out["metrics"] = {k: float(v) for k, v in metrics.items()}
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the trial
-        out["error"] = one_line(exc)
+        out[failure] = one_line(exc)
         if "out of memory" in str(exc).lower():
             _release_cuda()
     try:

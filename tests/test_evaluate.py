@@ -41,7 +41,7 @@ def test_uncompressed_metrics(config):
 def test_top1_agreement_and_kl_against_a_direct_computation(config):
     plan = paretoken.preset("evit-0.5")
     metrics = ev.evaluate(plan, config)
-    model = ev._bench(config).model
+    model = ev.prepare(config).model
     images, labels = load_split(None, model, "eval", n=config.images, seed=config.seed)
     with torch.no_grad():
         paretoken.apply(model, paretoken.Plan())
@@ -58,11 +58,11 @@ def test_top1_agreement_and_kl_against_a_direct_computation(config):
 
 def test_baseline_is_computed_once_per_config(config):
     ev.evaluate(paretoken.Plan(), config)
-    bench = ev._bench(config)
+    bench = ev.prepare(config)
     ev.evaluate(paretoken.preset("tome-r8"), config)
-    assert ev._bench(config) is bench
+    assert ev.prepare(config) is bench
     other = ev.EvalConfig(**{**config.__dict__, "seed": 1})
-    assert ev._bench(other) is not bench
+    assert ev.prepare(other) is not bench
 
 
 def test_per_image_plan_reports_padding(config):

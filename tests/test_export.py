@@ -117,7 +117,7 @@ def test_exported_plans_rebuild_the_same_model_in_a_fresh_process(measured, tmp_
 
     proc = subprocess.run([sys.executable, "-c", REBUILD, *paths], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    bench = ev._bench(measured["config"])  # the trial's own evaluation model, in this process
+    bench = ev.prepare(measured["config"])  # the trial's own evaluation model, in this process
     for (name, number), path, rebuilt in zip(cases, paths, json.loads(proc.stdout)):
         stored = df.loc[number]
         assert rebuilt["top1"] == stored["top1"] and rebuilt["agreement"] == stored["agreement"]

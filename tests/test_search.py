@@ -1,6 +1,7 @@
 """run_search in process: a small local search, presets, budgets, failures recorded, Ray with 2 workers, CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -221,6 +222,48 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(config, tmp_path, mo
     fail_lines = [line for line in lines if " FAIL " in line]
     assert len(fail_lines) == 3 and "done 6/6, failed 3" in lines[[i for i, l in enumerate(lines)
                                                                    if l.startswith("trial")][-1]]
+
+
+def test_a_setup_every_trial_needs_stops_the_search_and_the_same_command_goes_on(config, tmp_path, monkeypatch):
+    """An image the search's own check did not read (it reads the first) cannot be read by the worker:
+    one line naming it, the trial FAIL with ``setup_error`` and not counted, its plan run on resume."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    from paretoken.evaluators.data import _seeded_indices
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("bag", "coat", "shirt"):
+        (tmp_path / "val" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (28, 28), 40 * i + 60).save(tmp_path / "val" / name / f"{i}.png")
+    paths = [path for path, _ in ImageFolder(str(tmp_path / "val")).samples]
+    broken = Path(paths[_seeded_indices(len(paths), None, 0, "val")[-1]])  # read last, after the check's first
+    good = broken.read_bytes()
+    broken.write_bytes(b"not a png")
+    folder = dataclasses.replace(config, data=str(tmp_path / "val"), images=len(paths))
+    lines: list[str] = []
+    with pytest.raises(ParetokenError) as excinfo:
+        run_search("setup", space="evit", n_trials=3, eval_config=folder, log=lines.append)
+    message = str(excinfo.value)
+    assert message.startswith(f"data: cannot read image {broken}") and "\n" not in message
+    assert "(trial 0, on " in message and "the search stopped" in message
+    study = _load("setup", default_storage("setup"))
+    first, *waiting, retry = study.get_trials()
+    assert [t.user_attrs["preset"] for t in waiting] == ["evit-0.7", "evit-0.5"]
+    assert first.state.name == "FAIL" and "error" not in first.user_attrs
+    assert first.user_attrs["setup_error"].startswith(f"data: cannot read image {broken}")
+    assert retry.state.name == "WAITING" and retry.user_attrs["retry_of"] == 0
+    assert retry.user_attrs["preset"] == "uncompressed" and not any(" COMPLETE " in line for line in lines)
+    table = query.trials_frame(study)
+    assert table.loc[0, "interrupted"] and table.loc[0, "error"] == first.user_attrs["setup_error"]
+
+    broken.write_bytes(good)
+    result = run_search("setup", space="evit", n_trials=3, eval_config=folder, log=lines.append)
+    trials = study.get_trials()
+    assert result.counts.complete == 3 and result.counts.failed == 0 and result.counts.interrupted == 1
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
+    assert trials[3].user_attrs["retry_of"] == 0 and trials[3].user_attrs["preset"] == "uncompressed"
 
 
 def test_a_plan_measured_before_takes_its_values_without_a_second_run(config, tmp_path, monkeypatch, lines):
