@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import signal
 import threading
@@ -447,6 +448,13 @@ def _measured_before(study, plan: dict[str, Any], depth: int):
                  and moot_stage_dropped(t.user_attrs["plan"], depth) == wanted), None)
 
 
+def _plan_key(plan: dict[str, Any], depth: int) -> str:
+    """``plan`` (dict form) as a string that two plans measuring the same share (moot stage dropped)."""
+    from paretoken.compress.plan import moot_stage_dropped
+
+    return json.dumps(moot_stage_dropped(plan, depth), sort_keys=True)
+
+
 def _stored_result(trial) -> dict[str, Any]:
     """A COMPLETE trial's metrics as a worker reports them (null, i.e. not measured, back to NaN)."""
     attrs = trial.user_attrs
@@ -459,13 +467,14 @@ class _LoopState:
         self.study, self.space, self.depth, self.objectives = study, space, depth, objectives
         self.n_trials, self.budgets, self.config, self.log = n_trials, budgets, config, log
         self.in_flight: dict[int, Any] = {}
+        self.measuring: dict[str, int] = {}  # plan key (see _plan_key) -> number of the trial a worker measures it in
+        self.waiting: dict[int, list[tuple[Any, dict[str, Any]]]] = {}  # that number -> (trial, plan) waiting for it
         self.ran = 0
         self.reference: dict[str, float] | None = None
         self.front: list[int] = []  # trial numbers on the front at the last progress line
 
     def launch(self, executor, liveness, beater) -> None:
-        """Ask for one trial and submit it. A trial whose plan cannot be built fails here; one whose
-        plan a COMPLETE trial measured already takes that trial's values (``same_plan_as``)."""
+        """Ask for one trial and :meth:`dispatch` its plan; a trial whose plan cannot be built fails here."""
         trial = self.study.ask()
         self.in_flight[trial.number] = trial
         beater.add(trial._trial_id)
@@ -479,12 +488,30 @@ class _LoopState:
 
             self.finish(trial, {"error": one_line(exc)}, beater)
             return
+        self.dispatch(trial, plan, executor, beater)
+
+    def dispatch(self, trial, plan: dict[str, Any], executor, beater) -> None:
+        """Hand ``plan`` to a worker, unless it was measured: a trial whose plan a COMPLETE trial measured
+        already takes that trial's values (``same_plan_as``); one whose plan a worker of this search is
+        measuring now waits for it (:meth:`settle`)."""
         earlier = _measured_before(self.study, plan, self.depth)
         if earlier is not None:  # same model, images and plan: the same figures (samplers repeat on small grids)
             trial.set_user_attr("same_plan_as", earlier.number)
             self.finish(trial, _stored_result(earlier), beater)
             return
+        key = _plan_key(plan, self.depth)
+        if key in self.measuring:
+            self.waiting.setdefault(self.measuring[key], []).append((trial, plan))
+            return
+        self.measuring[key] = trial.number
         executor.submit(trial.number, plan, self.config)
+
+    def settle(self, number: int, executor, beater) -> None:
+        """After trial ``number``'s worker reported: the trials that waited for its plan take its values
+        when it completed, else one of them is measured (and the others wait for that one)."""
+        self.measuring = {key: n for key, n in self.measuring.items() if n != number}
+        for trial, plan in self.waiting.pop(number, []):
+            self.dispatch(trial, plan, executor, beater)
 
     def finish(self, trial, result: dict[str, Any], beater) -> None:
         """Write the worker's result into the study and print the progress line."""
@@ -600,3 +627,4 @@ def _loop(state: _LoopState, executor, liveness: st.Liveness, beater: _Beater, p
             trial = state.in_flight.get(number)
             if trial is not None:
                 state.finish(trial, result, beater)
+            state.settle(number, executor, beater)

@@ -380,6 +380,28 @@ def test_ray_backend_runs_trials_on_two_worker_processes(config, tmp_path, monke
     assert any(line.startswith("ray: 2 workers") for line in lines)
 
 
+def test_a_plan_a_worker_is_measuring_is_not_measured_again_by_another(config, tmp_path, monkeypatch, lines):
+    """Two Ray workers and three copies of one plan launched together: one worker measures it, the
+    other copies wait for it and take its values; the second worker goes on with other trials."""
+    monkeypatch.chdir(tmp_path)
+    run_search("busy", space="evit", n_trials=1, eval_config=config, presets=False, log=lines.append)
+    study = _load("busy", default_storage("busy"))
+    plan = paretoken.Plan((paretoken.Stage(4, "prune_fuse", keep=0.6),))
+    for label in ("first", "again", "once more"):
+        enqueue_plan(study, plan, label=label)
+    run_search("busy", space="evit", n_trials=6, backend="ray", workers=2, cpus_per_trial=1, eval_config=config,
+               presets=False, log=lines.append)
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 6
+    first, *copies = trials[1:4]
+    assert "same_plan_as" not in first.user_attrs and first.user_attrs["duration_s"] > 0
+    for again in copies:
+        assert again.user_attrs["same_plan_as"] == first.number and again.user_attrs["duration_s"] == 0.0
+        assert again.values == first.values and again.user_attrs["plan"] == first.user_attrs["plan"]
+    measured = [t for t in trials if "same_plan_as" not in t.user_attrs]
+    assert len({json.dumps(t.user_attrs["plan"], sort_keys=True) for t in measured}) == len(measured)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
