@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from paretoken.compress.plan import moot_stage_dropped
+from paretoken.compress.plan import plan_as_run
 from paretoken.compress.presets import PRESETS
 from paretoken.evaluators.evaluate import EvalConfig, environment
 from paretoken.evaluators.metrics import Budgets
@@ -48,11 +48,11 @@ def _beaten_presets(df: pd.DataFrame, objectives, images: int, depth: int) -> tu
     image, presets dominated by a plan that is not a preset made prefix-only) on a ``depth``-block
     model: one image is 100/images top-1 points (the resolution of the measurement); GFLOPs get no slack."""
     one_image = {"top1": 100.0 / images + 1e-4}  # + float32 rounding
-    made_short = [moot_stage_dropped({**p.plan.to_dict(), "prefix_only_last": True}, depth) for p in PRESETS.values()]
+    made_short = {plan_as_run({**p.plan.to_dict(), "prefix_only_last": True}, depth) for p in PRESETS.values()}
 
     def preset_made_short(plan) -> bool:
         return isinstance(plan, Mapping) and bool(plan.get("prefix_only_last")) and (
-            moot_stage_dropped(plan, depth) in made_short)
+            plan_as_run(plan, depth) in made_short)
 
     return (len(query.presets_dominated(df, objectives)),
             len(query.presets_dominated(df, objectives, slack=one_image)),

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -297,14 +297,16 @@ def is_uncompressed(data: Any) -> bool:
     return isinstance(data, Mapping) and not data.get("stages") and not data.get("prefix_only_last")
 
 
-def moot_stage_dropped(data: Mapping[str, Any], depth: int) -> dict[str, Any]:
-    """A plan's dict form without the stage in the last of ``depth`` blocks when ``prefix_only_last``
-    makes it moot (:meth:`Plan.stages_run` on the stored form, which may be malformed): plans that
-    compute the same thing compare equal."""
-    stages = data.get("stages")
-    if not data.get("prefix_only_last") or not isinstance(stages, list):
-        return dict(data)
-    return {**data, "stages": [s for s in stages if not (isinstance(s, Mapping) and s.get("layer") == depth - 1)]}
+def plan_as_run(data: Any, depth: int) -> Plan | None:
+    """The plan that ``data`` (a plan's dict form as studies store it, possibly malformed) makes a
+    ``depth``-block model run: without the last-block stage ``prefix_only_last`` makes moot
+    (:meth:`Plan.stages_run`); None when ``data`` is not a valid plan. Plans compare (and hash) without
+    ``meta``, so two stored plans that compute the same thing give equal results."""
+    try:
+        plan = Plan.from_dict(data)
+    except (ValueError, TypeError):  # ParetokenError is a ValueError
+        return None
+    return replace(plan, stages=plan.stages_run(depth))
 
 
 def load_plan(path: str | Path) -> Plan:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import signal
 import threading
@@ -32,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from paretoken.argtypes import MAX_SEED
+from paretoken.compress.plan import Plan, plan_as_run
 from paretoken.errors import ParetokenError, check_int
 from paretoken.evaluators.metrics import METRICS, Budgets
 from paretoken.search import study as st
@@ -150,8 +150,8 @@ class _CtrlC:
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         """The handler for the block. Not installed off the main thread (Python delivers no signal
-        there), nor where SIGINT is ignored: a process started that way (``cmd &`` in a script,
-        ``nohup``) is meant to outlive Ctrl-C, as Python itself leaves it."""
+        there), nor where SIGINT is ignored: a process started that way (``cmd &`` in a non-interactive
+        script) is meant to outlive Ctrl-C, as Python itself leaves it."""
         if threading.current_thread() is not threading.main_thread() \
                 or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
             yield
@@ -183,11 +183,9 @@ def model_depth(config) -> int:
     return len(model.blocks)
 
 
-def _resolve_plan(trial, space, depth: int):
+def _resolve_plan(trial, space, depth: int) -> Plan:
     """The plan ``trial`` runs: its ``enqueued_plan``; else its space's plan, as published for a preset,
     otherwise prefix-only and without a last-block stage (moot then: the plan stored is the plan run)."""
-    from paretoken.compress.plan import Plan
-
     fixed = trial.user_attrs.get("enqueued_plan")
     if fixed is not None:
         return Plan.from_dict(fixed)
@@ -348,7 +346,7 @@ def _run(study_name, url, space_obj, objectives, sampler, n_trials, backend, wor
                 _loop(state, executor, liveness, beater, poll_s, ctrl_c)
             except BaseException:  # Ctrl-C, or an error that stops the search (Ray Tune gone, storage lost)
                 with contextlib.suppress(Exception):  # what stopped the search is the error to show
-                    state.abandon(liveness)
+                    state.abandon()
                 raise
             finally:
                 beater.stop()
@@ -400,13 +398,13 @@ def _open_study(study_name, url, storage_obj, sampler_obj, space_obj, objectives
             stored = study.user_attrs.get("objectives") or [d.name.lower() for d in study.directions]
             raise ParetokenError(f"study: {study_name!r} has objectives {','.join(map(str, stored))}, not "
                                  f"{','.join(objectives)}; pass --objectives as before or start a new --study")
-        stored = st.wait_for_settings(study)
+        stored = st.wait_for_study_attr(study, "paretoken")
         if stored is None:  # made elsewhere (e.g. by hand): adopt it
             study.set_user_attr("paretoken", settings)
             study.set_user_attr("objectives", list(objectives))
         else:
             st.check_settings(study_name, stored, settings)
-        if st.wait_for_settings(study, key="presets_enqueued") is None:
+        if st.wait_for_study_attr(study, "presets_enqueued") is None:
             # the creating process died while enqueueing: finish its job (each preset at most once)
             st.enqueue_presets(study, space_obj, depth, presets, log)
             study.set_user_attr("presets_enqueued", bool(presets))
@@ -435,26 +433,6 @@ def _presets_line(study, objectives: Sequence[str]) -> str | None:
             + "; `paretoken holdout` re-measures the front on test images the search never saw")
 
 
-def _measured_before(study, plan: dict[str, Any], depth: int):
-    """The first COMPLETE trial of ``study`` that measured ``plan`` (dict form) on a ``depth``-block
-    model, or None; a stage that ``prefix_only_last`` makes moot does not tell plans apart."""
-    from optuna.trial import TrialState
-
-    from paretoken.compress.plan import moot_stage_dropped
-
-    wanted = moot_stage_dropped(plan, depth)
-    return next((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                 if isinstance(t.user_attrs.get("plan"), dict)
-                 and moot_stage_dropped(t.user_attrs["plan"], depth) == wanted), None)
-
-
-def _plan_key(plan: dict[str, Any], depth: int) -> str:
-    """``plan`` (dict form) as a string that two plans measuring the same share (moot stage dropped)."""
-    from paretoken.compress.plan import moot_stage_dropped
-
-    return json.dumps(moot_stage_dropped(plan, depth), sort_keys=True)
-
-
 def _stored_result(trial) -> dict[str, Any]:
     """A COMPLETE trial's metrics as a worker reports them (null, i.e. not measured, back to NaN)."""
     attrs = trial.user_attrs
@@ -463,12 +441,18 @@ def _stored_result(trial) -> dict[str, Any]:
 
 
 class _LoopState:
+    """What the ask/tell loop of one search process knows: the trials it holds RUNNING (``in_flight``:
+    handed to a worker, or waiting for another trial's measurement of the same plan), the plans its
+    workers are measuring, and the front at the last progress line."""
+
     def __init__(self, study, space, depth, objectives, n_trials, budgets, config, log) -> None:
         self.study, self.space, self.depth, self.objectives = study, space, depth, objectives
         self.n_trials, self.budgets, self.config, self.log = n_trials, budgets, config, log
         self.in_flight: dict[int, Any] = {}
-        self.measuring: dict[str, int] = {}  # plan key (see _plan_key) -> number of the trial a worker measures it in
+        self.measuring: dict[Plan, int] = {}  # plan as run -> number of the trial a worker measures it in
         self.waiting: dict[int, list[tuple[Any, dict[str, Any]]]] = {}  # that number -> (trial, plan) waiting for it
+        self.runs: dict[int, Plan | None] = {}  # COMPLETE trial number -> its plan as run (see plan_as_run)
+        self.stopping: str | None = None  # why the search stops once the results at hand are recorded
         self.ran = 0
         self.reference: dict[str, float] | None = None
         self.front: list[int] = []  # trial numbers on the front at the last progress line
@@ -492,42 +476,57 @@ class _LoopState:
 
     def dispatch(self, trial, plan: dict[str, Any], executor, beater) -> None:
         """Hand ``plan`` to a worker, unless it was measured: a trial whose plan a COMPLETE trial measured
-        already takes that trial's values (``same_plan_as``); one whose plan a worker of this search is
+        already takes that trial's values (``same_plan_as``); one whose plan a worker of this process is
         measuring now waits for it (:meth:`settle`)."""
-        earlier = _measured_before(self.study, plan, self.depth)
+        run = plan_as_run(plan, self.depth)
+        earlier = self.measured_before(run)
         if earlier is not None:  # same model, images and plan: the same figures (samplers repeat on small grids)
             trial.set_user_attr("same_plan_as", earlier.number)
             self.finish(trial, _stored_result(earlier), beater)
             return
-        key = _plan_key(plan, self.depth)
-        if key in self.measuring:
-            self.waiting.setdefault(self.measuring[key], []).append((trial, plan))
+        if run in self.measuring:
+            self.waiting.setdefault(self.measuring[run], []).append((trial, plan))
             return
-        self.measuring[key] = trial.number
         executor.submit(trial.number, plan, self.config)
+        self.measuring[run] = trial.number
+
+    def measured_before(self, run: Plan | None):
+        """The first COMPLETE trial of the study that measured the plan ``run`` (as :func:`plan_as_run`
+        gives it), or None."""
+        from optuna.trial import TrialState
+
+        if run is None:
+            return None
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if t.number not in self.runs:
+                self.runs[t.number] = plan_as_run(t.user_attrs.get("plan"), self.depth)
+            if self.runs[t.number] == run:
+                return t
+        return None
 
     def settle(self, number: int, executor, beater) -> None:
         """After trial ``number``'s worker reported: the trials that waited for its plan take its values
-        when it completed, else one of them is measured (and the others wait for that one)."""
-        self.measuring = {key: n for key, n in self.measuring.items() if n != number}
+        when it completed, else one of them is measured (and the others wait for that one). When the
+        search stops, they stay in flight (:meth:`abandon` enqueues their plans again)."""
+        self.measuring = {run: n for run, n in self.measuring.items() if n != number}
+        if self.stopping:
+            return
         for trial, plan in self.waiting.pop(number, []):
             self.dispatch(trial, plan, executor, beater)
 
     def finish(self, trial, result: dict[str, Any], beater) -> None:
-        """Write the worker's result into the study and print the progress line."""
+        """Write the worker's result into the study and print the progress line (a ``setup_error``:
+        :meth:`fail_setup`)."""
         import optuna
         from optuna.trial import TrialState
 
-        beater.discard(trial._trial_id)
-        self.in_flight.pop(trial.number, None)
+        if "setup_error" in result:
+            self.fail_setup(trial, result, beater)
+            return
         error = result.get("error")
         metrics = result.get("metrics") or {}
         try:
-            for key in ("worker_pid", "hostname", "device", "threads", "versions", "duration_s"):
-                if key in result:
-                    trial.set_user_attr(key, result[key])
-            if "setup_error" in result:
-                self.stop(trial, result)
+            self._store_run(trial, result)
             for key, value in metrics.items():  # NaN (not measured) is stored as null: valid JSON for dashboards
                 trial.set_user_attr(key, value if isinstance(value, (int, float)) and math.isfinite(value) else None)
             if error is None:
@@ -543,27 +542,44 @@ class _LoopState:
                 told = self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         except optuna.exceptions.UpdateFinishedTrialError:
             told = None
-        if told is None or (error is None and told.state != TrialState.COMPLETE):  # failed by another's sweep
-            self.log(f"trial {trial.number}: already failed as stale by another process; result dropped "
-                     "(its plan was enqueued again)")
+        self._release(trial, beater)
+        if told is None or (error is None and told.state != TrialState.COMPLETE):  # failed by a stale-trial sweep
+            self.log(f"trial {trial.number}: already failed as stale (its heartbeat stopped) and its plan enqueued "
+                     "again; result dropped")
             return
         self.ran += 1
         self.progress(trial, metrics, error, result)
 
-    def stop(self, trial, result: dict[str, Any]) -> None:
+    def fail_setup(self, trial, result: dict[str, Any], beater) -> None:
         """A worker could not prepare what every trial shares (``setup_error``): record the trial FAIL
-        with that error as interrupted (not counted, its plan enqueued again) and stop the search."""
+        with that error but interrupted (not counted, its plan enqueued again), and stop the search
+        once the other results at hand are recorded (``stopping``; :func:`_loop` raises it)."""
         import optuna
         from optuna.trial import TrialState
 
         storage = self.study._storage
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # failed as stale elsewhere: requeued
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # failed as stale: enqueued again
+            self._store_run(trial, result)
             trial.set_user_attr("setup_error", result["setup_error"])
             if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
                 st.requeue(self.study, storage.get_trial(trial._trial_id))
-        raise ParetokenError(f"{result['setup_error']} (trial {trial.number}, on {result.get('hostname', '?')}); "
-                             "every trial needs this, so the search stopped: fix it and run the same command "
-                             "again to go on (the trial's plan runs again)")
+        self._release(trial, beater)
+        self.stopping = self.stopping or (
+            f"{result['setup_error']} (trial {trial.number}, on {result.get('hostname', '?')}); every trial needs "
+            "this, so the search stopped: fix it and run the same command again to go on (the trial's plan runs "
+            "again)")
+
+    @staticmethod
+    def _store_run(trial, result: dict[str, Any]) -> None:
+        """Where and how long the worker ran the trial, as user attributes."""
+        for key in ("worker_pid", "hostname", "device", "threads", "versions", "duration_s"):
+            if key in result:
+                trial.set_user_attr(key, result[key])
+
+    def _release(self, trial, beater) -> None:
+        """The trial is finished (by this process or a sweep): no more heartbeats, not in flight."""
+        beater.discard(trial._trial_id)
+        self.in_flight.pop(trial.number, None)
 
     def progress(self, trial, metrics, error, result) -> None:
         c = st.counts(self.study)
@@ -589,7 +605,7 @@ class _LoopState:
                 f"#{t.number}" + (f" {t.user_attrs['preset']}" if t.user_attrs.get("preset") else "") + " "
                 + "/".join(_fmt(v) for v in t.values) for t in front))
 
-    def abandon(self, liveness) -> None:
+    def abandon(self) -> None:
         """On Ctrl-C or an error that stops the search: fail this process's running trials at once and
         enqueue their plans again (what a resumed search would do once their heartbeats went stale)."""
         import optuna
@@ -628,3 +644,5 @@ def _loop(state: _LoopState, executor, liveness: st.Liveness, beater: _Beater, p
             if trial is not None:
                 state.finish(trial, result, beater)
             state.settle(number, executor, beater)
+        if state.stopping:
+            raise ParetokenError(state.stopping)

@@ -16,6 +16,7 @@ import re
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 from paretoken.errors import ParetokenError
 
@@ -86,6 +87,20 @@ def _check_sqlite_file(path: Path, create: bool) -> None:
                          + (", or a new file" if create else ""))
 
 
+def _check_server_database(target: str, engine_kwargs: dict[str, Any], url: str) -> None:
+    """One-line error unless the database at ``target`` (a server's, e.g. PostgreSQL) has Optuna's
+    tables: a reader must not create them."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(target, **engine_kwargs)
+    try:
+        if not sqlalchemy.inspect(engine).has_table("studies"):
+            raise ParetokenError(f"storage: {redact(url)} holds no Optuna studies; valid: a database a search "
+                                 "has written")
+    finally:
+        engine.dispose()
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     text = re.sub(r"\(Background on this error at: [^)]*\)", "", text).strip()
@@ -111,7 +126,8 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
 
     RDB storages (SQLite, PostgreSQL) get Optuna's heartbeat when ``heartbeat_interval`` is given,
     with ``stale_callback(study, trial)`` called for each trial ``fail_stale_trials`` fails.
-    ``create=False`` (readers): a SQLite or journal file must exist and hold studies already.
+    ``create=False`` (readers): a SQLite or journal file must exist and hold studies already, and a
+    server's database must have Optuna's tables (a reader creates none).
     A SQLite file of another program is refused rather than given Optuna's tables.
     Unreachable or malformed storage: one-line :class:`ParetokenError`.
     """
@@ -149,13 +165,16 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         elif url.startswith(("postgresql", "postgres:")):
             engine_kwargs = {"pool_pre_ping": True}
             target = _postgres_driver(url)
+        if not create and path is None:
+            _check_server_database(target, engine_kwargs, url)
         for attempt in range(5):
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # heartbeat arguments are "experimental"
                     return optuna.storages.RDBStorage(
                         target, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                        grace_period=grace_period, heartbeat_stale_trial_callback=stale_callback)
+                        grace_period=grace_period, heartbeat_stale_trial_callback=stale_callback,
+                        skip_table_creation=not create)
             except Exception as exc:  # noqa: BLE001
                 # two processes creating Optuna's tables in an empty database at once: the loser sees
                 # "already exists" / a unique violation; the tables exist now, so try again

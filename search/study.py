@@ -162,13 +162,14 @@ def check_settings(study_name: str, stored: dict[str, Any], wanted: dict[str, An
                                  "or start a new --study")
 
 
-def wait_for_settings(study, timeout: float = 15.0, key: str = "paretoken") -> Any:
-    """Study user attr ``key`` that another process writes right after creating the study (None if never)."""
+def wait_for_study_attr(study, key: str, timeout: float = 15.0) -> Any:
+    """Study user attr ``key`` that another process writes right after creating the study (None if it
+    has not within ``timeout`` seconds)."""
     deadline = time.monotonic() + timeout
     while True:
-        settings = study.user_attrs.get(key)
-        if settings is not None or time.monotonic() > deadline:
-            return settings
+        value = study.user_attrs.get(key)
+        if value is not None or time.monotonic() > deadline:
+            return value
         time.sleep(0.2)
 
 
@@ -327,7 +328,7 @@ def _timestamp(when: datetime) -> float:
 class Counts:
     complete: int = 0
     failed: int = 0  # FAIL with an error of their own
-    interrupted: int = 0  # FAIL because their process died; their plans run again
+    interrupted: int = 0  # FAIL without an error of their own (process died, Ctrl-C, setup_error): plans run again
     running: int = 0
     waiting: int = 0
 
@@ -338,6 +339,7 @@ class Counts:
 
 
 def is_interrupted(trial) -> bool:
+    """FAIL without an ``error`` of its own: not counted towards the target, its plan enqueued again."""
     from optuna.trial import TrialState
 
     return trial.state == TrialState.FAIL and "error" not in trial.user_attrs

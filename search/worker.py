@@ -2,8 +2,9 @@
 
 :func:`run_trial` is what a worker does with a plan: it calls the evaluator and
 returns plain data (metrics, device, versions, duration, pid, or the error as
-one line). The driver writes that into the Optuna study; the worker never
-touches the storage, so the study has a single writer per trial.
+one line: the plan's, or that of the set-up every trial shares). The driver writes
+that into the Optuna study; the worker never touches the storage, so the study has
+a single writer per trial.
 """
 from __future__ import annotations
 

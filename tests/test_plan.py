@@ -99,6 +99,15 @@ def test_prefix_only_last_is_part_of_the_plan():
     moot = Plan((Stage(3, "merge", r=4), Stage(11, "prune", keep=0.5)), prefix_only_last=True)
     assert moot.stages_run(12) == short.stages and moot.stages_run(13) == moot.stages  # only the last block's
     assert dataclasses.replace(moot, prefix_only_last=False).stages_run(12) == moot.stages
+    # a stored plan as it runs: moot stage dropped, provenance and int/float spelling not telling plans apart
+    from paretoken.compress.plan import plan_as_run
+
+    stored = {**moot.to_dict(), "meta": {"from": "an export"}}
+    assert plan_as_run(stored, 12) == short and hash(plan_as_run(stored, 12)) == hash(short)
+    assert plan_as_run(moot.to_dict(), 13) == moot != short
+    whole = {"stages": [{"layer": 3, "op": "prune", "keep": 1}]}
+    assert plan_as_run(whole, 12) == Plan((Stage(3, "prune", keep=1.0),))
+    assert plan_as_run({"stages": 3}, 12) is None and plan_as_run(None, 12) is None
     from paretoken.results.query import plan_label
 
     assert plan_label(short) == "merge(r=4)@3 + prefix-only last" and plan_label(Plan(prefix_only_last=True)) == (

@@ -276,14 +276,18 @@ def test_a_plan_measured_before_takes_its_values_without_a_second_run(config, tm
     enqueue_plan(study, short, label="short")
     moot = paretoken.Stage(11, "prune_fuse", keep=0.7)  # a stage prefix_only_last makes moot: the same plan
     enqueue_plan(study, paretoken.Plan((*short.stages, moot), prefix_only_last=True), label="short+moot")
+    enqueue_plan(study, paretoken.Plan(short.stages, prefix_only_last=True, meta={"from": "an export"}),
+                 label="short+meta")  # provenance does not tell plans apart
     measured: list = []
     real = ev.evaluate
     monkeypatch.setattr(ev, "evaluate", lambda plan, cfg: measured.append(plan) or real(plan, cfg))
-    result = run_search("dup", space="evit", n_trials=5, eval_config=config, presets=False, log=lines.append)
+    result = run_search("dup", space="evit", n_trials=6, eval_config=config, presets=False, log=lines.append)
     by_label = {t.user_attrs.get("preset"): t for t in _load("dup", result.storage).get_trials()}
+    assert by_label["short+meta"].user_attrs["plan"]["meta"] == {"from": "an export"}
     # the repeats never reached a worker
     assert measured == [paretoken.Plan(()), paretoken.preset("evit-0.7"), short]
-    for first, again in ((by_label["first"], by_label["again"]), (by_label["short"], by_label["short+moot"])):
+    for first, again in ((by_label["first"], by_label["again"]), (by_label["short"], by_label["short+moot"]),
+                         (by_label["short"], by_label["short+meta"])):
         assert again.state.name == "COMPLETE" and again.values == first.values
         assert again.user_attrs["same_plan_as"] == first.number and again.user_attrs["duration_s"] == 0.0
         assert {k: again.user_attrs[k] for k in METRICS} == {k: first.user_attrs[k] for k in METRICS}

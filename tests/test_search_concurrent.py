@@ -136,3 +136,23 @@ def test_two_processes_on_postgresql(postgres_url, checkpoint, tmp_path):
     done = subprocess.run([sys.executable, "-m", "paretoken.cli", "search", "--study", "x", "--storage", bad,
                            "--trials", "1"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "storage: cannot open" in done.stderr
+
+
+def test_reading_a_postgresql_database_without_studies_creates_nothing(postgres_url):
+    import psycopg2
+
+    port = int(postgres_url.rsplit(":", 1)[1].split("/")[0])
+    conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+    conn.autocommit = True
+    conn.cursor().execute("CREATE DATABASE empty")
+    conn.close()
+    empty = postgres_url.rsplit("/", 1)[0] + "/empty"
+    done = subprocess.run([sys.executable, "-m", "paretoken.cli", "front", "--study", "x", "--storage", empty],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert f"storage: {empty} holds no Optuna studies" in done.stderr
+    conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="empty")
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'")
+        assert cur.fetchone()[0] == 0
+    conn.close()
