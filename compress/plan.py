@@ -230,6 +230,11 @@ class Plan:
         meta = data.get("meta") or {}
         if not isinstance(meta, Mapping):
             raise ParetokenError(f"plan: meta must be a mapping, got {type(meta).__name__}")
+        try:
+            json.dumps(meta)  # studies and exports store it as JSON
+        except (TypeError, ValueError) as exc:
+            raise ParetokenError(f"plan: meta must hold JSON values (mappings, lists, strings, numbers, booleans, "
+                                 f"null): {exc}") from None
         return cls(stages=tuple(stages), version=data.get("version", SCHEMA_VERSION), meta=dict(meta),
                    prefix_only_last=data.get("prefix_only_last", False))
 
@@ -261,6 +266,7 @@ class Plan:
 
 
 _PLAN_FIELDS = ("version", "stages", "prefix_only_last", "meta")
+MAX_FILE_VALUES = 100_000  # a plan file's values (an export's meta holds a few hundred)
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
 
@@ -326,6 +332,23 @@ def load_plan(path: str | Path) -> Plan:
         raise ParetokenError(f"plan: {str(path)!r} is not UTF-8 text; valid: a YAML or JSON plan file") from None
     except RecursionError:
         raise ParetokenError(f"plan: {str(path)!r} nests too deeply; valid: a YAML or JSON plan file") from None
+    if _values(data) > MAX_FILE_VALUES:  # YAML aliases can nest a few lines into billions of values
+        raise ParetokenError(f"plan: {str(path)!r} holds more than {MAX_FILE_VALUES:,} values once its YAML aliases "
+                             "are expanded; valid: a YAML or JSON plan file")
     if isinstance(data, Mapping) and "plan" in data and "stages" not in data:
         data = data["plan"]  # an export file: the plan sits under 'plan'
     return Plan.from_dict(data)
+
+
+def _values(data: Any, limit: int = MAX_FILE_VALUES) -> int:
+    """How many values ``data`` holds, each alias counted again, counting stopped past ``limit``."""
+    count, todo = 0, [data]
+    while todo and count <= limit:
+        value = todo.pop()
+        count += 1
+        if isinstance(value, Mapping):
+            todo.extend(value.keys())
+            todo.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            todo.extend(value)
+    return count

@@ -161,6 +161,11 @@ def _load_image_folder_split(root: Path, model: torch.nn.Module, split: Split, n
             f"data: {root} is neither a Fashion-MNIST directory nor an image folder ({first_line}); "
             "pass a folder laid out as DIR/<class>/*.jpeg|png or the Fashion-MNIST idx.gz files"
         ) from None
+    classes = getattr(model, "num_classes", 0)
+    if classes and len(dataset.classes) > classes:
+        raise ParetokenError(f"data: {root} has {len(dataset.classes)} class folders but the model predicts "
+                             f"{classes} classes; valid: a folder of at most {classes} classes (sorted names map "
+                             "to the model's class indices)")
     idx = _seeded_indices(len(dataset), n, seed, str(root), from_end=split == "calib", skip=skip)[:load]
     images = torch.stack([dataset[int(i)][0] for i in idx])
     labels = torch.tensor([dataset.targets[int(i)] for i in idx], dtype=torch.int64)

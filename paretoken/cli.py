@@ -12,6 +12,7 @@ import warnings
 
 from paretoken import argtypes
 from paretoken.errors import ParetokenError
+from paretoken.outputs import PLAN_SUFFIXES, check_output
 from paretoken.results.cli import add_results_parsers, format_metric
 from paretoken.search.cli import add_search_parser, add_spaces_parser
 
@@ -138,6 +139,7 @@ def cmd_slim(args: argparse.Namespace) -> int:
     from paretoken.evaluators.models import create_model
 
     device = resolve_device(args.device)
+    check_output("out", args.out, PLAN_SUFFIXES)
     model = create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained).to(device)
     images = load_split(args.data, model, "calib", n=args.images, seed=args.seed)[0].to(device)
     print(f"choosing a Patch Slimming pyramid top-down on {len(images)} calibration images "
@@ -190,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KL budget of the whole plan, nats [0.05]")
     p.add_argument("--images", type=argtypes.positive_int, default=256, help="calibration images [256]")
     p.add_argument("--seed", type=argtypes.seed, default=0, help="seed of the calibration subset [0]")
-    p.add_argument("--out", default="slim.yaml", help="plan file to write [slim.yaml]")
+    p.add_argument("--out", default="slim.yaml", metavar="FILE", help="plan file to write, .yaml or .json [slim.yaml]")
     p.set_defaults(func=cmd_slim)
 
     add_search_parser(sub)

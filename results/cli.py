@@ -5,13 +5,13 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from paretoken import argtypes
 from paretoken.errors import ParetokenError
 from paretoken.evaluators.metrics import BOUNDS, OBJECTIVES_HELP, Budgets
-from paretoken.search.storage import redact
+from paretoken.outputs import PLAN_SUFFIXES, PLOT_SUFFIXES, check_output
+from paretoken.search.storage import default_storage, redact
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -83,12 +83,16 @@ def _table(df, columns) -> str:
 
 def cmd_front(args: argparse.Namespace) -> int:
     from paretoken.results import query
-    from paretoken.results.plots import plot_suffix
 
     args.objectives = query._check_objectives(args.objectives)
-    for path in (args.plot, args.history):  # before any output is written
-        if path:
-            plot_suffix(path)
+    if len(args.study) > 1 and (args.plot or args.history):
+        raise ParetokenError("plot: --plot and --history draw one study; valid: one --study (several compare in a "
+                             "table, --csv for a file)")
+    storages = [args.storage or default_storage(name) for name in args.study]
+    for flag, path, suffixes in (("plot", args.plot, PLOT_SUFFIXES), ("history", args.history, PLOT_SUFFIXES),
+                                 ("csv", args.csv, (".csv",))):  # before any output is written
+        for storage in storages if path else ():
+            check_output(flag, path, suffixes, storage)
     budgets = _budgets(args)
     if len(args.study) > 1:
         return _compare(args)
@@ -109,7 +113,6 @@ def cmd_front(args: argparse.Namespace) -> int:
         out = fr.drop(columns=["values"]).copy()
         out["plan"] = out["plan"].map(json.dumps)
         out["versions"] = out["versions"].map(lambda v: json.dumps(v) if v is not None else "")
-        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
         out.to_csv(args.csv, index=False)
     states = df["state"].where(~df["interrupted"], "INTERRUPTED") if "interrupted" in df else df["state"]
     counts = states.value_counts().to_dict()
@@ -177,13 +180,12 @@ def cmd_holdout(args: argparse.Namespace) -> int:
     df = query.load(args.study, args.storage)
     config = holdout.held_out_config(df.attrs["user_attrs"].get("paretoken"), args.images, device_name(args.device),
                                      args.batch_size)
-    if args.plot:
-        from paretoken.results.plots import plot_front, plot_suffix
-
-        plot_suffix(args.plot)  # before minutes of evaluation, not after
+    if args.plot:  # before minutes of evaluation, not after
+        check_output("plot", args.plot, PLOT_SUFFIXES, args.storage or default_storage(args.study))
     rows = holdout.candidates(df, objectives)
     if rows.empty:
         raise ParetokenError(f"study: {args.study!r} has no COMPLETE trial to re-measure")
+    query.reference_point(df, objectives)  # an objective the study never measured: one line, before measuring
     if not args.json:
         print(f"study {args.study}: re-measuring {rows['plan'].map(json.dumps).nunique()} plans (the searched front, "
               f"the presets, the uncompressed model) on {config.images} test images after the search's "
@@ -192,6 +194,8 @@ def cmd_holdout(args: argparse.Namespace) -> int:
     figures = holdout.summary(held, objectives)
     challenges = holdout.preset_challenges(held)
     if args.plot:
+        from paretoken.results.plots import plot_front
+
         plot_front(held, objectives, args.plot, title=f"study {args.study}: front and presets on {config.images} "
                                                        f"held-out test images")
     if args.json:
@@ -226,6 +230,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from paretoken.compress.plan import load_plan
     from paretoken.results.export import export
 
+    check_output("out", args.out, PLAN_SUFFIXES, args.storage or default_storage(args.study))
     path = export(args.study, args.storage, trial=args.trial, best=args.best, budgets=_budgets(args), out=args.out,
                   cheapest=args.cheapest)
     meta = load_plan(path).meta
@@ -292,7 +297,7 @@ def add_results_parsers(sub) -> None:
     p.add_argument("--study", required=True, metavar="NAME", help="study name")
     _storage_args(p)
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--trial", type=int, metavar="N", help="trial number")
+    which.add_argument("--trial", type=argtypes.non_negative_int, metavar="N", help="trial number")
     which.add_argument("--best", action="store_true",
                        help="the best top-1 within --max-gflops / --min-top1 / --max-top1-drop")
     which.add_argument("--cheapest", action="store_true",
@@ -312,23 +317,23 @@ def add_results_parsers(sub) -> None:
     p.add_argument("--pretrained", action="store_true", help="start from the local Hugging Face cache weights")
     p.add_argument("--data", metavar="DIR", help="Fashion-MNIST dir or ImageFolder [the plan's meta, else "
                                                  "fashion-mnist]")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training images [1]")
-    p.add_argument("--train-images", type=int, default=None, help="training images [all of the calib split]")
-    p.add_argument("--eval-images", type=int, default=1000, help="images for the before/after top-1 [1000]")
-    p.add_argument("--batch-size", type=int, default=128, help="[128]")
-    p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate, cosine schedule [5e-5]")
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term; (1-alpha) on CE [0.5]")
-    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature [1]")
+    p.add_argument("--epochs", type=argtypes.positive, default=1.0, help="passes over the training images [1]")
+    p.add_argument("--train-images", type=argtypes.positive_int, default=None, help="training images [all of the calib split]")
+    p.add_argument("--eval-images", type=argtypes.positive_int, default=1000, help="images for the before/after top-1 [1000]")
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=128, help="[128]")
+    p.add_argument("--lr", type=argtypes.positive, default=5e-5, help="AdamW learning rate, cosine schedule [5e-5]")
+    p.add_argument("--alpha", type=argtypes.non_negative, default=0.5, help="weight of the KL term; (1-alpha) on CE [0.5]")
+    p.add_argument("--temperature", type=argtypes.positive, default=1.0, help="distillation temperature [1]")
     p.add_argument("--fixed-thresholds", action="store_true",
                    help="keep threshold stages' thresholds as the plan gives them (default: learn them, AS-ViT)")
-    p.add_argument("--budget", type=float, default=None, metavar="F",
+    p.add_argument("--budget", type=argtypes.positive, default=None, metavar="F",
                    help="fraction of patch tokens threshold stages keep on average, 0 < F <= 1 "
                         "[what the plan's thresholds keep before fine-tuning]")
-    p.add_argument("--budget-weight", type=float, default=2.0,
+    p.add_argument("--budget-weight", type=argtypes.non_negative, default=2.0,
                    help="weight of the token budget / predictor ratio loss [2]")
-    p.add_argument("--learned-lr", type=float, default=1e-3,
+    p.add_argument("--learned-lr", type=argtypes.positive, default=1e-3,
                    help="learning rate of thresholds and DynamicViT predictors [1e-3]")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
+    p.add_argument("--max-steps", type=argtypes.positive_int, default=None, help="stop after this many optimiser steps")
     p.add_argument("--seed", type=argtypes.seed, default=0, help="[0]")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [cpu]")
     p.add_argument("--out", default="finetuned.safetensors", metavar="FILE",

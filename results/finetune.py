@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from paretoken.compress import Plan, Stage, apply, learn, learn_thresholds, learned_plan, load_plan, token_counts
 from paretoken.argtypes import MAX_SEED
 from paretoken.errors import ParetokenError, check_int
+from paretoken.outputs import check_output
 
 _LEARNED_KEY = re.compile(r"\.token_(predictor|threshold)\.")
 _BUDGET_WITHOUT_THRESHOLDS = ("finetune: --budget steers learned thresholds; valid only for a plan with threshold "
@@ -163,20 +164,6 @@ def _say(log: TextIO | None, text: str) -> None:
         print(text, file=log, flush=True)
 
 
-def _check_writable(path: Path) -> None:
-    """One-line error unless a file can be written at ``path`` (its folder is created)."""
-    existed = path.exists()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("ab"):
-            pass
-    except OSError as exc:
-        raise ParetokenError(f"out: cannot write {path} ({exc.strerror or exc})") from None
-    finally:
-        if not existed and path.is_file():
-            path.unlink()
-
-
 def meta_after_finetune(meta: dict[str, Any], before: Plan, after: Plan) -> dict[str, Any]:
     """An exported plan's ``meta`` once fine-tuning turned plan ``before`` into ``after``: its metrics
     (measured on the old weights) and, when learned thresholds moved, its label and preset name are
@@ -242,8 +229,8 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
     train_x, train_y = load_split(data, student, "calib", n=config.train_images, seed=config.seed)
     eval_x, eval_y = load_split(data, student, "eval", n=config.eval_images, seed=config.seed)
     base_pred = _predict(teacher, eval_x, config.batch_size, device)[0].argmax(1)
-    for path in (out, plan_file):  # after every input is known good, before minutes of training
-        _check_writable(path)
+    for path, suffix in ((out, ".safetensors"), (plan_file, ".yaml")):  # before minutes of training
+        check_output("out", path, (suffix,))
 
     def measure() -> dict[str, Any]:
         logits, mean_tokens = _predict(student, eval_x, config.batch_size, device)

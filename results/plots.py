@@ -18,6 +18,7 @@ import pandas as pd
 
 from paretoken.errors import ParetokenError
 from paretoken.evaluators.metrics import Budgets
+from paretoken.outputs import PLOT_SUFFIXES
 from paretoken.results import query
 
 _STATIC = (".png", ".svg", ".pdf")
@@ -33,8 +34,8 @@ PRESET_COLOR = "#1f77b4"
 def plot_suffix(path: str | Path) -> str:
     """The plot format of ``path`` from its suffix (.png, .svg, .pdf or .html); a one-line error otherwise."""
     suffix = Path(path).suffix.lower()
-    if suffix not in (*_STATIC, ".html"):
-        raise ParetokenError(f"plot: {str(path)!r} has suffix {suffix or '(none)'!r}; valid: .png, .svg, .pdf, .html")
+    if suffix not in PLOT_SUFFIXES:
+        raise ParetokenError(f"plot: {str(path)!r} has suffix {suffix or '(none)'!r}; valid: {', '.join(PLOT_SUFFIXES)}")
     return suffix
 
 

@@ -206,6 +206,9 @@ def _check_inputs(objectives, backend, workers, ray_address, n_trials, cpus_per_
                   config, seed) -> None:
     if backend not in BACKENDS:
         raise ParetokenError(f"backend: {backend!r} is unknown; valid: {', '.join(BACKENDS)}")
+    if ray_address is not None and not ray_address.strip():
+        raise ParetokenError("ray-address: '' names no cluster; valid: host:port of a head node, auto, or no "
+                             "--ray-address for a local Ray")
     if ray_address is not None and backend != "ray":
         raise ParetokenError(f"ray-address: {ray_address!r} needs --backend ray (the local backend runs in process)")
     check_int("seed", seed, 0, MAX_SEED)
@@ -218,6 +221,9 @@ def _check_inputs(objectives, backend, workers, ray_address, n_trials, cpus_per_
         raise ParetokenError(f"cpus-per-trial: {cpus_per_trial!r} is invalid; valid: a finite number > 0")
     if gpus_per_trial is not None and not 0 <= gpus_per_trial < math.inf:
         raise ParetokenError(f"gpus-per-trial: {gpus_per_trial!r} is invalid; valid: a finite number >= 0")
+    if gpus_per_trial is not None and backend == "local":
+        raise ParetokenError(f"gpus-per-trial: {gpus_per_trial:g} is for Ray trials; the local backend runs in process "
+                             "on --device; valid: --backend ray, or no --gpus-per-trial")
     budgets.check()
     if not config.speed:
         for o in objectives:
@@ -394,12 +400,15 @@ def _open_study(study_name, url, storage_obj, sampler_obj, space_obj, objectives
         st.enqueue_presets(study, space_obj, depth, presets, log)
         study.set_user_attr("presets_enqueued", bool(presets))
     else:
+        if study.user_attrs.get("paretoken") is None and study.get_trials(deepcopy=False):
+            raise ParetokenError(f"study: {study_name!r} in {redact(url)} was not made by a paretoken search (it "
+                                 "holds trials without paretoken's settings); valid: a new --study name")
         if [d.name.lower() for d in study.directions] != st.directions(objectives):
             stored = study.user_attrs.get("objectives") or [d.name.lower() for d in study.directions]
             raise ParetokenError(f"study: {study_name!r} has objectives {','.join(map(str, stored))}, not "
                                  f"{','.join(objectives)}; pass --objectives as before or start a new --study")
         stored = st.wait_for_study_attr(study, "paretoken")
-        if stored is None:  # made elsewhere (e.g. by hand): adopt it
+        if stored is None:  # made empty elsewhere (e.g. `optuna create-study`): adopt it
             study.set_user_attr("paretoken", settings)
             study.set_user_attr("objectives", list(objectives))
         else:

@@ -41,7 +41,7 @@ def default_storage(study: str) -> str:
 
 def redact(url: str) -> str:
     """``url`` without its password, for messages."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+    return re.sub(r"(://[^:/@]+):.*@", r"\1:***@", url)  # up to the last @: a password may hold / or @
 
 
 def journal_path(url: str) -> Path | None:
@@ -101,6 +101,26 @@ def _check_server_database(target: str, engine_kwargs: dict[str, Any], url: str)
         engine.dispose()
 
 
+def _check_journal_file(path: Path, create: bool) -> None:
+    """One-line error unless ``path`` is empty or its first line is an Optuna journal record (a JSON
+    object with an ``op_code``): Optuna would append its records to another file."""
+    import json
+
+    try:
+        with path.open("rb") as file:
+            first = file.readline(1 << 20)
+    except OSError as exc:
+        raise ParetokenError(f"storage: cannot read {str(path)!r} ({exc.strerror or exc})") from None
+    try:
+        record = json.loads(first) if first.strip() else {"op_code": None}
+    except ValueError:  # not JSON, not UTF-8
+        record = None
+    if isinstance(record, dict) and "op_code" in record:
+        return
+    raise ParetokenError(f"storage: {str(path)!r} is not an Optuna journal file; valid: a journal a search wrote"
+                         + (", or a new or empty file" if create else ""))
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     text = re.sub(r"\(Background on this error at: [^)]*\)", "", text).strip()
@@ -137,6 +157,9 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         raise ParetokenError(f"storage: {url!r} is not a storage URL; valid: {_FORMS}")
     journal = journal_path(url)
     path = storage_file(url)
+    if create and url.startswith("sqlite:") and path is None:
+        raise ParetokenError(f"storage: {url!r} is an in-memory database: the study would be lost when the search "
+                             f"ends; valid: {_FORMS}")
     if path is not None and path.exists() and not path.is_file():
         raise ParetokenError(f"storage: {str(path)!r} is not a file (from {redact(url)}); valid: {_FORMS}")
     if path is not None and not create and not path.exists():
@@ -145,6 +168,8 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         raise ParetokenError(f"storage: {str(path)!r} does not exist (from {redact(url)}){hint}")
     if path is not None and journal is None and path.exists():
         _check_sqlite_file(path, create)
+    if journal is not None and journal.is_file():
+        _check_journal_file(journal, create)
     target = url
     try:
         if journal is not None:

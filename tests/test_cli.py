@@ -64,6 +64,10 @@ def _write_plan_files(folder) -> None:
     (folder / "bad_keep.json").write_text('{"version": 1, "stages": [{"layer": 1, "op": "merge", "keep": 2}]}')
     (folder / "binary.yaml").write_bytes(bytes(range(128, 256)) * 3)
     (folder / "deep.yaml").write_text("[" * 5000)
+    (folder / "dated.yaml").write_text("version: 1\nmeta: {made: 2020-01-01}\nstages: []\n")
+    bomb = "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}' if i else 'x'] * 10)}]\n" for i in range(9))
+    (folder / "aliases.yaml").write_text(bomb + "version: 1\nstages:\n  - {layer: 3, op: *a8, keep: 0.7}\n")
+    (folder / "notes.txt").write_text("not a journal\n")
 
 
 def _bad_inputs(tmp_path):
@@ -140,7 +144,19 @@ def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path):
                                                           "valid: a finite number > 0"),
     (["search", "--study", "s", "--plot", "front.bogus"], "plot: 'front.bogus' has suffix '.bogus'"),
     (["front", "--study", "s", "--max-gflops", "-1"], "max-gflops: -1.0 is invalid; valid: a finite number > 0"),
-    (["front", "--study", "s", "--plot", "f.png", "--history", "h.bogus"], "plot: 'h.bogus' has suffix"),
+    (["front", "--study", "s", "--plot", "f.png", "--history", "h.bogus"], "history: 'h.bogus' has suffix"),
+    (["front", "--study", "s", "--storage", "journal:s.csv", "--csv", "s.csv"], "csv: 's.csv' is the study's storage"),
+    (["front", "--study", "a", "--study", "b", "--plot", "f.png"], "plot: --plot and --history draw one study"),
+    (["export", "--study", "s", "--trial", "1", "--out", "s.db"], "out: 's.db' has suffix '.db'; valid: a file "
+                                                                  "ending in .yaml, .yml, .json"),
+    (["export", "--study", "s", "--trial", "1", "--out", "binary.yaml/p.yaml"], "out: cannot write 'binary.yaml/p.yaml': 'binary.yaml' is a file"),
+    (["slim", "--out", "slim.txt"], "out: 'slim.txt' has suffix '.txt'"),
+    (["flops", "--plan", "dated.yaml"], "plan: meta must hold JSON values"),
+    (["flops", "--plan", "aliases.yaml"], "holds more than 100,000 values once its YAML aliases are expanded"),
+    (["search", "--study", "s", "--storage", "journal:notes.txt"], "storage: 'notes.txt' is not an Optuna journal"),
+    (["search", "--study", "s", "--storage", "sqlite://"], "storage: 'sqlite://' is an in-memory database"),
+    (["search", "--study", "s", "--gpus-per-trial", "1"], "gpus-per-trial: 1 is for Ray trials"),
+    (["search", "--study", "s", "--backend", "ray", "--ray-address", ""], "ray-address: '' names no cluster"),
     (["holdout", "--study", "s", "--images", "0"], "argument --images: '0' is out of range"),
 ])
 def test_bad_input_in_process_is_one_line_before_any_work(args, message, tmp_path, monkeypatch, capsys):

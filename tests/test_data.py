@@ -146,6 +146,14 @@ def test_bad_split_and_n(default_model, tmp_path) -> None:
         load_split(tmp_path / "val", default_model, "eval", 4)
 
 
+def test_a_folder_of_more_classes_than_the_model_predicts_is_refused(tmp_path, default_model) -> None:
+    for k in range(11):
+        (tmp_path / "val" / f"c{k:02d}").mkdir(parents=True)
+        Image.new("L", (28, 28), 20 * k).save(tmp_path / "val" / f"c{k:02d}" / "0.png")
+    with pytest.raises(ParetokenError, match="data: .* has 11 class folders but the model predicts 10 classes"):
+        load_split(tmp_path / "val", default_model, "eval", None)
+
+
 def test_unreadable_image_is_named(tmp_path, default_model) -> None:
     _write_folder(tmp_path / "val", per_class=1)
     broken = tmp_path / "val" / "bag" / "broken.png"

@@ -92,7 +92,7 @@ def test_export_cli(storage, tmp_path, capsys):
 @pytest.mark.parametrize("args,needle", [
     (["front", "--study", "nope"], "studies there: s"),
     (["front", "--study", "s", "--objectives", "top1,acc"], "objectives: 'acc' is unknown; valid: top1"),
-    (["front", "--study", "s", "--plot", "front.gif"], "valid: .png"),
+    (["front", "--study", "s", "--plot", "front.gif"], "valid: a file ending in .png"),
     (["export", "--study", "s", "--trial", "6"], "trial 6 is FAIL (RuntimeError: out of memory)"),
     (["export", "--study", "s", "--best", "--max-gflops", "0.1"], "no COMPLETE trial within gflops <= 0.1"),
     (["front", "--study", "s", "--objectives", "top1,peak_mem_mb"], "no COMPLETE trial has 'peak_mem_mb'"),

@@ -266,6 +266,19 @@ def test_a_setup_every_trial_needs_stops_the_search_and_the_same_command_goes_on
     assert trials[3].user_attrs["retry_of"] == 0 and trials[3].user_attrs["preset"] == "uncompressed"
 
 
+def test_a_study_of_another_program_is_not_taken_over(config, tmp_path, lines):
+    storage = f"sqlite:///{tmp_path / 'theirs.db'}"
+    theirs = optuna.create_study(study_name="theirs", storage=storage, directions=["maximize", "minimize"])
+    theirs.optimize(lambda trial: (trial.suggest_float("x", 0, 1), 1.0), n_trials=2)
+    with pytest.raises(ParetokenError, match="study: 'theirs' in .* was not made by a paretoken search"):
+        run_search("theirs", storage=storage, space="evit", n_trials=3, eval_config=config, log=lines.append)
+    again = _load("theirs", storage)
+    assert again.user_attrs == {} and len(again.trials) == 2 and not lines
+    optuna.create_study(study_name="empty", storage=storage, directions=["maximize", "minimize"])
+    result = run_search("empty", storage=storage, space="evit", n_trials=1, eval_config=config, log=lines.append)
+    assert result.counts.complete == 1 and _load("empty", storage).user_attrs["paretoken"]["space"] == "evit"
+
+
 def test_a_plan_measured_before_takes_its_values_without_a_second_run(config, tmp_path, monkeypatch, lines):
     monkeypatch.chdir(tmp_path)
     run_search("dup", space="evit", n_trials=0, eval_config=config, presets=False, log=lines.append)

@@ -1,0 +1,47 @@
+"""Files the commands write, checked before the work that fills them: a bad path is one line that
+names its flag, not a traceback (or a study overwritten) after minutes of measuring."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from paretoken.errors import ParetokenError
+
+PLAN_SUFFIXES = (".yaml", ".yml", ".json")
+PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".html")
+
+
+def check_output(flag: str, path: str | Path, suffixes: Sequence[str], storage: str | None = None) -> Path:
+    """``path`` once a file ending in one of ``suffixes`` (any case) can be written there and it is not
+    the file that ``storage`` (a study's URL) keeps its studies in. Its folder is created; the file
+    itself is left as it was. Otherwise a :class:`ParetokenError` naming ``flag`` (``out``, ``csv``, ...)."""
+    path = Path(path)
+    valid = f"a file ending in {', '.join(suffixes)}"
+    if path.suffix.lower() not in suffixes:
+        raise ParetokenError(f"{flag}: {str(path)!r} has suffix {path.suffix or '(none)'!r}; valid: {valid}")
+    if storage is not None:
+        from paretoken.search.storage import storage_file
+
+        kept = storage_file(storage)
+        if kept is not None and path.resolve() == kept.resolve():
+            raise ParetokenError(f"{flag}: {str(path)!r} is the study's storage; valid: {valid}, another file")
+    if path.is_dir():
+        raise ParetokenError(f"{flag}: {str(path)!r} is a folder; valid: {valid}")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ParetokenError(f"{flag}: cannot write {str(path)!r}: {str(folder)!r} is a file, not a folder; "
+                             f"valid: {valid}")
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("ab"):
+            pass
+    except OSError as exc:
+        raise ParetokenError(f"{flag}: cannot write {str(path)!r} ({exc.strerror or exc}); valid: {valid} "
+                             "in a folder that can be written") from None
+    finally:
+        if not existed and path.is_file():
+            path.unlink()
+    return path
