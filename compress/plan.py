@@ -63,6 +63,10 @@ PER_IMAGE_OPS = frozenset({"joint", "threshold"})
 _AMOUNT_FIELDS = ("keep", "r", "mass", "sim", "threshold")
 
 
+RANGES = {  # the valid amounts of a stage, in words
+    "keep": "0 < keep <= 1", "mass": "0 < mass <= 1", "sim": "-1 <= sim <= 1", "threshold": "threshold > 0"}
+
+
 def _fail(where: str, message: str) -> ParetokenError:
     return ParetokenError(f"{where}: {message}")
 
@@ -126,20 +130,20 @@ class Stage:
             if value is None:
                 return None
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise _fail(where, f"{name} {value!r} is not a finite number")
+                raise _fail(where, f"{name} {value!r} is not a finite number; valid: {RANGES[name]}")
             return float(value)
 
         keep, mass, sim, threshold = number("keep"), number("mass"), number("sim"), number("threshold")
         if keep is not None and not 0.0 < keep <= 1.0:
-            raise _fail(where, f"keep {self.keep!r} is out of range; valid: 0 < keep <= 1")
+            raise _fail(where, f"keep {self.keep!r} is out of range; valid: {RANGES['keep']}")
         if self.r is not None and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0):
             raise _fail(where, f"r {self.r!r} is invalid; valid: an integer >= 0")
         if mass is not None and not 0.0 < mass <= 1.0:
-            raise _fail(where, f"mass {self.mass!r} is out of range; valid: 0 < mass <= 1")
+            raise _fail(where, f"mass {self.mass!r} is out of range; valid: {RANGES['mass']}")
         if sim is not None and not -1.0 <= sim <= 1.0:
-            raise _fail(where, f"sim {self.sim!r} is out of range; valid: -1 <= sim <= 1")
+            raise _fail(where, f"sim {self.sim!r} is out of range; valid: {RANGES['sim']}")
         if threshold is not None and not threshold > 0.0:
-            raise _fail(where, f"threshold {self.threshold!r} is out of range; valid: threshold > 0")
+            raise _fail(where, f"threshold {self.threshold!r} is out of range; valid: {RANGES['threshold']}")
 
     @property
     def per_image(self) -> bool:
@@ -332,6 +336,8 @@ def load_plan(path: str | Path) -> Plan:
         raise ParetokenError(f"plan: {str(path)!r} is not UTF-8 text; valid: a YAML or JSON plan file") from None
     except RecursionError:
         raise ParetokenError(f"plan: {str(path)!r} nests too deeply; valid: a YAML or JSON plan file") from None
+    if data is None:
+        raise ParetokenError(f"plan: {str(path)!r} is empty; valid: a YAML or JSON plan file")
     if _values(data) > MAX_FILE_VALUES:  # YAML aliases can nest a few lines into billions of values
         raise ParetokenError(f"plan: {str(path)!r} holds more than {MAX_FILE_VALUES:,} values once its YAML aliases "
                              "are expanded; valid: a YAML or JSON plan file")

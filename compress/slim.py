@@ -62,7 +62,10 @@ def fit_slim(model: torch.nn.Module, images: torch.Tensor, layers: Sequence[int]
     if not 0 < tolerance < math.inf:
         raise ParetokenError(f"tolerance: {tolerance} is out of range; valid: a finite number > 0 (nats of KL)")
     apply(model, Plan())
-    Plan(tuple(Stage(layer, "slim", keep=1.0) for layer in sorted(layers))).check_depth(len(model.blocks))
+    depth = len(model.blocks)
+    if not all(isinstance(layer, int) and 0 <= layer < depth for layer in layers):
+        raise ParetokenError(f"layers: {','.join(map(str, layers))} is out of range; valid: block indices in "
+                             f"0..{depth - 1} for this {depth}-block model")
     patches = model.patch_embed.num_patches
 
     def log_probs() -> torch.Tensor:

@@ -106,7 +106,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate(plan, config)
     env = environment(args.device)
     if args.json:
-        print(json.dumps({"plan": plan.to_dict(), "metrics": metrics, "environment": env}, allow_nan=True))
+        measured = {name: None if math.isnan(value) else value for name, value in metrics.items()}  # null: not measured
+        print(json.dumps({"plan": plan.to_dict(), "metrics": measured, "environment": env}, allow_nan=False))
         return 0
     units = {"top1": "%", "top1_drop": "points", "agreement": "%", "kl": "nats", "gflops": "GFLOPs/image",
              "img_per_s": "images/s",

@@ -44,7 +44,7 @@ def check_objectives(objectives: Iterable[str] | str, valid: Iterable[str] = DIR
         if name not in valid:
             raise ParetokenError(f"objectives: {name!r} is unknown; valid: {', '.join(valid)}")
     if len(set(objectives)) != len(objectives):
-        raise ParetokenError(f"objectives: {','.join(objectives)} names one twice")
+        raise ParetokenError(f"objectives: {','.join(objectives)} names one twice; valid: each objective once")
     return objectives
 
 

@@ -68,6 +68,8 @@ def _write_plan_files(folder) -> None:
     bomb = "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}' if i else 'x'] * 10)}]\n" for i in range(9))
     (folder / "aliases.yaml").write_text(bomb + "version: 1\nstages:\n  - {layer: 3, op: *a8, keep: 0.7}\n")
     (folder / "notes.txt").write_text("not a journal\n")
+    (folder / "empty.yaml").write_text("# nothing\n")
+    (folder / "nan_keep.yaml").write_text("version: 1\nstages:\n  - {layer: 3, op: prune, keep: .nan}\n")
 
 
 def _bad_inputs(tmp_path):
@@ -152,6 +154,9 @@ def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path):
     (["export", "--study", "s", "--trial", "1", "--out", "binary.yaml/p.yaml"], "out: cannot write 'binary.yaml/p.yaml': 'binary.yaml' is a file"),
     (["slim", "--out", "slim.txt"], "out: 'slim.txt' has suffix '.txt'"),
     (["flops", "--plan", "dated.yaml"], "plan: meta must hold JSON values"),
+    (["flops", "--plan", "empty.yaml"], "plan: 'empty.yaml' is empty; valid: a YAML or JSON plan file"),
+    (["flops", "--plan", "nan_keep.yaml"], "stage 0: keep nan is not a finite number; valid: 0 < keep <= 1"),
+    (["slim", "--layers", "10-12"], "layers: 10,11,12 is out of range; valid: block indices in 0..11"),
     (["flops", "--plan", "aliases.yaml"], "holds more than 100,000 values once its YAML aliases are expanded"),
     (["search", "--study", "s", "--storage", "journal:notes.txt"], "storage: 'notes.txt' is not an Optuna journal"),
     (["search", "--study", "s", "--storage", "sqlite://"], "storage: 'sqlite://' is an in-memory database"),
