@@ -78,10 +78,17 @@ def remeasure(rows: pd.DataFrame, config, log: Callable[[str], None] | None = No
     from paretoken.evaluators.evaluate import evaluate_per_image
 
     keys = rows["plan"].map(lambda plan: json.dumps(plan, sort_keys=True))
+    plans: dict[str, Plan] = {}
+    for key, number in zip(keys, rows["number"]):  # every stored plan read before minutes of measuring
+        if key not in plans:
+            try:
+                plans[key] = Plan.from_dict(json.loads(key))
+            except ParetokenError as exc:
+                raise ParetokenError(f"trial {number}: its stored {exc}") from None
     measured: dict[str, tuple[dict[str, float], np.ndarray]] = {}
     for key, label in zip(keys, rows["plan_str"]):
         if key not in measured:
-            metrics, correct = evaluate_per_image(Plan.from_dict(json.loads(key)), config)
+            metrics, correct = evaluate_per_image(plans[key], config)
             measured[key] = metrics, correct.numpy()
             if log:
                 log(f"  {len(measured)}/{keys.nunique()}: top1 {metrics['top1']:.2f}  {label}")

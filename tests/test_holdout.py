@@ -188,3 +188,10 @@ def test_a_study_without_measurement_settings_is_one_line(tmp_path, capsys):
     make_study(storage, "made", POINTS)
     assert main(["holdout", "--study", "made", "--storage", storage]) == 2
     assert "study: it has no measurement settings" in capsys.readouterr().err
+
+
+def test_a_corrupt_stored_plan_is_named_by_its_trial():
+    rows = pd.DataFrame({"number": [0, 3], "plan": [{"version": 1, "stages": []}, "junk"],
+                         "plan_str": ["uncompressed", "?"]})
+    with pytest.raises(paretoken.ParetokenError, match="trial 3: its stored plan: expected a mapping"):
+        holdout.remeasure(rows, ev.EvalConfig(images=8, batch_size=8, speed=False, flops_images=1))
