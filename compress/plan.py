@@ -254,7 +254,7 @@ class Plan:
         """Write the plan as YAML (``.yaml``/``.yml``) or JSON (anything else)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix in (".yaml", ".yml"):
+        if path.suffix.lower() in (".yaml", ".yml"):
             path.write_text(yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False))
         else:
             path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -299,6 +299,9 @@ class _Dumper(yaml.SafeDumper):
 
 for _yaml_class in (_Loader, _Dumper):
     _yaml_class.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
+_Loader.yaml_implicit_resolvers = {  # YAML 1.2 has no timestamps: 2024-05-01 in a meta is the string it reads as
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in _Loader.yaml_implicit_resolvers.items()}
 
 
 def is_uncompressed(data: Any) -> bool:

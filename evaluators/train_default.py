@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from paretoken.errors import ParetokenError
 from paretoken.evaluators.data import FASHION_MNIST_DIR, fashion_mnist_to_model, load_fashion_mnist
 from paretoken.evaluators.models import DEFAULT_WEIGHTS, build_default_architecture
+from paretoken.outputs import check_output
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
@@ -98,6 +100,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    for path, suffix in ((args.out, ".safetensors"), (args.out.with_suffix(".json"), ".json")):  # before training
+        try:
+            check_output("out", path, (suffix,))
+        except ParetokenError as err:
+            raise SystemExit(f"train_default: error: {err}") from None
     command = "python -m paretoken.evaluators.train_default " + " ".join(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -106,8 +106,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate(plan, config)
     env = environment(args.device)
     if args.json:
-        measured = {name: None if math.isnan(value) else value for name, value in metrics.items()}  # null: not measured
-        print(json.dumps({"plan": plan.to_dict(), "metrics": measured, "environment": env}, allow_nan=False))
+        measured = {name: value if math.isfinite(value) else None for name, value in metrics.items()}  # null: not measured
+        print(json.dumps({"plan": plan.to_dict(), "metrics": measured, "environment": env}))
         return 0
     units = {"top1": "%", "top1_drop": "points", "agreement": "%", "kl": "nats", "gflops": "GFLOPs/image",
              "img_per_s": "images/s",

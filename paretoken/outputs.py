@@ -13,8 +13,9 @@ PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".html")
 
 def check_output(flag: str, path: str | Path, suffixes: Sequence[str], storage: str | None = None) -> Path:
     """``path`` once a file ending in one of ``suffixes`` (any case) can be written there and it is not
-    the file that ``storage`` (a study's URL) keeps its studies in. Its folder is created; the file
-    itself is left as it was. Otherwise a :class:`ParetokenError` naming ``flag`` (``out``, ``csv``, ...)."""
+    the file that ``storage`` (a study's URL) keeps its studies in. Nothing is left behind (folders
+    made to try are removed; the writer makes them again). Otherwise a :class:`ParetokenError`
+    naming ``flag`` (``out``, ``csv``, ...)."""
     path = Path(path)
     valid = f"a file ending in {', '.join(suffixes)}"
     if path.suffix.lower() not in suffixes:
@@ -27,21 +28,26 @@ def check_output(flag: str, path: str | Path, suffixes: Sequence[str], storage: 
             raise ParetokenError(f"{flag}: {str(path)!r} is the study's storage; valid: {valid}, another file")
     if path.is_dir():
         raise ParetokenError(f"{flag}: {str(path)!r} is a folder; valid: {valid}")
-    folder = path.parent
+    missing, folder = [], path.parent
     while not folder.exists():
+        missing.append(folder)
         folder = folder.parent
     if not folder.is_dir():
         raise ParetokenError(f"{flag}: cannot write {str(path)!r}: {str(folder)!r} is a file, not a folder; "
                              f"valid: {valid}")
-    existed = path.exists()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    existed, made = path.exists(), []
+    try:  # the real test (permissions, read-only disks, root): make it, then take back what was made
+        for folder in reversed(missing):
+            folder.mkdir()
+            made.append(folder)
         with path.open("ab"):
             pass
     except OSError as exc:
-        raise ParetokenError(f"{flag}: cannot write {str(path)!r} ({exc.strerror or exc}); valid: {valid} "
-                             "in a folder that can be written") from None
+        raise ParetokenError(f"{flag}: cannot write {str(path)!r} ({exc.strerror or exc}); valid: {valid} in a "
+                             "folder that can be written") from None
     finally:
         if not existed and path.is_file():
             path.unlink()
+        for folder in reversed(made):
+            folder.rmdir()
     return path

@@ -5,6 +5,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from paretoken import argtypes
@@ -88,6 +89,8 @@ def cmd_front(args: argparse.Namespace) -> int:
     if len(args.study) > 1 and (args.plot or args.history):
         raise ParetokenError("plot: --plot and --history draw one study; valid: one --study (several compare in a "
                              "table, --csv for a file)")
+    if args.plot and args.history and Path(args.plot).resolve() == Path(args.history).resolve():
+        raise ParetokenError(f"history: {args.history!r} is the --plot file too; valid: another file")
     storages = [args.storage or default_storage(name) for name in args.study]
     for flag, path, suffixes in (("plot", args.plot, PLOT_SUFFIXES), ("history", args.history, PLOT_SUFFIXES),
                                  ("csv", args.csv, (".csv",))):  # before any output is written
@@ -113,6 +116,7 @@ def cmd_front(args: argparse.Namespace) -> int:
         out = fr.drop(columns=["values"]).copy()
         out["plan"] = out["plan"].map(json.dumps)
         out["versions"] = out["versions"].map(lambda v: json.dumps(v) if v is not None else "")
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
         out.to_csv(args.csv, index=False)
     states = df["state"].where(~df["interrupted"], "INTERRUPTED") if "interrupted" in df else df["state"]
     counts = states.value_counts().to_dict()
@@ -150,6 +154,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     table = query.compare([(name, args.storage) for name in args.study], args.objectives, _budgets(args))
     if args.csv:
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.csv, index=False)
     if args.json:
         print(json.dumps({"reference": table.attrs["reference"], "studies": _records(table, table.columns)},
@@ -272,8 +277,8 @@ def add_results_parsers(sub) -> None:
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     out.add_argument("--csv", metavar="FILE", help="also write the front (or the comparison) as CSV")
-    p.add_argument("--plot", metavar="FILE", help="draw the front: FILE.png (matplotlib) or FILE.html (plotly)")
-    p.add_argument("--history", metavar="FILE", help="draw the hypervolume after each trial: FILE.png or FILE.html")
+    p.add_argument("--plot", metavar="FILE", help="draw the front: FILE.png/.svg/.pdf (matplotlib) or FILE.html (plotly)")
+    p.add_argument("--history", metavar="FILE", help="draw the hypervolume after each trial: FILE.png/.svg/.pdf or FILE.html")
     p.set_defaults(func=cmd_front)
 
     p = sub.add_parser("holdout", help="re-measure a study's front on test images the search never saw",
@@ -289,7 +294,7 @@ def add_results_parsers(sub) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda where present) [auto]")
     p.add_argument("--batch-size", type=argtypes.positive_int, default=100, help="images per forward [100]")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    p.add_argument("--plot", metavar="FILE", help="draw the front on the held-out images: FILE.png or FILE.html")
+    p.add_argument("--plot", metavar="FILE", help="draw the front on the held-out images: FILE.png/.svg/.pdf or FILE.html")
     p.set_defaults(func=cmd_holdout)
 
     p = sub.add_parser("export", help="write a trial's plan with model, weights, metrics and provenance",

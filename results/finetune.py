@@ -203,8 +203,8 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
         plan_path = str(Path(plan).resolve())
         plan = load_plan(plan)
     out = Path(out)
-    if out.suffix != ".safetensors":
-        raise ParetokenError(f"finetune: --out {str(out)!r} must end in .safetensors")
+    if out.suffix.lower() != ".safetensors":
+        raise ParetokenError(f"finetune: --out {str(out)!r} must end in .safetensors; valid: NAME.safetensors")
     given, out = out, out.resolve()  # the plan names its weights wherever it is read
     plan_file = given.with_suffix(".yaml").resolve()
     if plan_path is not None and plan_file == Path(plan_path):
@@ -213,6 +213,8 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
     if config.budget is not None and not (config.learn_thresholds and any(s.op == "threshold" for s in plan.stages)):
         raise ParetokenError(_BUDGET_WITHOUT_THRESHOLDS)  # at once; a moot threshold is known with the model
     model_name, checkpoint, pretrained, data = _resolve(plan, config)
+    if checkpoint is not None and Path(checkpoint).resolve() == out:
+        raise ParetokenError(f"finetune: --out {str(given)!r} is the checkpoint it starts from; valid: another --out")
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
 

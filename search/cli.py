@@ -65,7 +65,7 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--heartbeat", type=argtypes.int_in(1, MAX_HEARTBEAT_S), default=10, metavar="S",
                    help="heartbeat of running trials, s; a trial silent for 3 heartbeats is re-run [10]")
     g = p.add_argument_group("output")
-    g.add_argument("--plot", metavar="FILE", help="also draw the front to FILE (.png or .html)")
+    g.add_argument("--plot", metavar="FILE", help="also draw the front to FILE (.png, .svg, .pdf or .html)")
     p.set_defaults(func=cmd_search)
     return p
 

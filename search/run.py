@@ -207,8 +207,8 @@ def _check_inputs(objectives, backend, workers, ray_address, n_trials, cpus_per_
     if backend not in BACKENDS:
         raise ParetokenError(f"backend: {backend!r} is unknown; valid: {', '.join(BACKENDS)}")
     if ray_address is not None and not ray_address.strip():
-        raise ParetokenError("ray-address: '' names no cluster; valid: host:port of a head node, auto, or no "
-                             "--ray-address for a local Ray")
+        raise ParetokenError(f"ray-address: {ray_address!r} names no cluster; valid: host:port of a head node, "
+                             "auto, ray://HOST:10001, or no --ray-address for a local Ray")
     if ray_address is not None and backend != "ray":
         raise ParetokenError(f"ray-address: {ray_address!r} needs --backend ray (the local backend runs in process)")
     check_int("seed", seed, 0, MAX_SEED)
@@ -266,7 +266,7 @@ def run_search(study_name: str, storage: str | None = None, space: str = "mixed"
     """
     import optuna
 
-    from paretoken.evaluators.evaluate import EvalConfig, checked_config
+    from paretoken.evaluators.evaluate import EvalConfig, checked_config, device_name
     from paretoken.spaces import get_space
 
     log = log or (lambda line: print(line, flush=True))
@@ -274,6 +274,7 @@ def run_search(study_name: str, storage: str | None = None, space: str = "mixed"
     objectives = st.check_objectives(objectives)
     space_obj = get_space(space)
     config = eval_config if eval_config is not None else EvalConfig()
+    config = dataclasses.replace(config, device=device_name(config.device))  # auto: what this machine has
     if sampler not in st.SAMPLERS:
         raise ParetokenError(f"sampler: {sampler!r} is unknown; valid: {', '.join(st.SAMPLERS)}")
     budgets = budgets if budgets is not None else Budgets()

@@ -57,10 +57,12 @@ def journal_path(url: str) -> Path | None:
 
 
 def sqlite_path(url: str) -> Path | None:
-    """The file of a ``sqlite:///FILE`` URL, else None (also for an in-memory database)."""
-    if not url.startswith("sqlite:///"):
+    """The file of a ``sqlite:///FILE`` (or ``sqlite+DRIVER:///FILE``) URL, else None (also for an
+    in-memory database)."""
+    match = re.match(r"sqlite(\+\w+)?:///", url)
+    if match is None:
         return None
-    rest = url[len("sqlite:///"):].split("?", 1)[0]
+    rest = url[match.end():].split("?", 1)[0]
     return None if rest in ("", ":memory:") else Path(rest)
 
 
@@ -157,9 +159,11 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         raise ParetokenError(f"storage: {url!r} is not a storage URL; valid: {_FORMS}")
     journal = journal_path(url)
     path = storage_file(url)
-    if create and url.startswith("sqlite:") and path is None:
-        raise ParetokenError(f"storage: {url!r} is an in-memory database: the study would be lost when the search "
-                             f"ends; valid: {_FORMS}")
+    if create and url.startswith("sqlite") and path is None:
+        if re.match(r"sqlite(\+\w+)?://(/:memory:)?(\?|$)", url) or "mode=memory" in url:
+            raise ParetokenError(f"storage: {url!r} is an in-memory database: the study would be lost when the "
+                                 f"search ends; valid: {_FORMS}")
+        raise ParetokenError(f"storage: {url!r} is not a storage URL; valid: {_FORMS}")
     if path is not None and path.exists() and not path.is_file():
         raise ParetokenError(f"storage: {str(path)!r} is not a file (from {redact(url)}); valid: {_FORMS}")
     if path is not None and not create and not path.exists():

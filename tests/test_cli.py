@@ -64,7 +64,7 @@ def _write_plan_files(folder) -> None:
     (folder / "bad_keep.json").write_text('{"version": 1, "stages": [{"layer": 1, "op": "merge", "keep": 2}]}')
     (folder / "binary.yaml").write_bytes(bytes(range(128, 256)) * 3)
     (folder / "deep.yaml").write_text("[" * 5000)
-    (folder / "dated.yaml").write_text("version: 1\nmeta: {made: 2020-01-01}\nstages: []\n")
+    (folder / "bytes.yaml").write_text("version: 1\nmeta: {b: !!binary aGVsbG8=}\nstages: []\n")
     bomb = "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}' if i else 'x'] * 10)}]\n" for i in range(9))
     (folder / "aliases.yaml").write_text(bomb + "version: 1\nstages:\n  - {layer: 3, op: *a8, keep: 0.7}\n")
     (folder / "notes.txt").write_text("not a journal\n")
@@ -153,7 +153,11 @@ def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path):
                                                                   "ending in .yaml, .yml, .json"),
     (["export", "--study", "s", "--trial", "1", "--out", "binary.yaml/p.yaml"], "out: cannot write 'binary.yaml/p.yaml': 'binary.yaml' is a file"),
     (["slim", "--out", "slim.txt"], "out: 'slim.txt' has suffix '.txt'"),
-    (["flops", "--plan", "dated.yaml"], "plan: meta must hold JSON values"),
+    (["flops", "--plan", "bytes.yaml"], "plan: meta must hold JSON values"),
+    (["search", "--study", "s", "--storage", "sqlite://studies/s.db"], "storage: 'sqlite://studies/s.db' is not a "
+                                                                      "storage URL; valid: sqlite:///FILE.db"),
+    (["front", "--study", "s", "--storage", "sqlite+pysqlite:///none.db"], "storage: 'none.db' does not exist"),
+    (["front", "--study", "s", "--plot", "f.png", "--history", "./f.png"], "history: './f.png' is the --plot file"),
     (["flops", "--plan", "empty.yaml"], "plan: 'empty.yaml' is empty; valid: a YAML or JSON plan file"),
     (["flops", "--plan", "nan_keep.yaml"], "stage 0: keep nan is not a finite number; valid: 0 < keep <= 1"),
     (["slim", "--layers", "10-12"], "layers: 10,11,12 is out of range; valid: block indices in 0..11"),

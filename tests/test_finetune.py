@@ -139,6 +139,8 @@ def test_bad_finetune_requests(checkpoint, tmp_path):
                           FinetuneConfig(budget=0.5))):  # the only threshold is moot
         with pytest.raises(ParetokenError, match="--budget steers learned thresholds; valid only for a plan with"):
             finetune(plan, config, out=tmp_path / "x.safetensors")
+    with pytest.raises(ParetokenError, match="is the checkpoint it starts from; valid: another --out"):
+        finetune(paretoken.Plan(), FinetuneConfig(checkpoint=str(checkpoint)), out=checkpoint)
     with pytest.raises(ParetokenError, match="must end in .safetensors"):
         finetune(paretoken.Plan(), FinetuneConfig(checkpoint=str(checkpoint)), out=tmp_path / "x.pt")
     with pytest.raises(ParetokenError, match="alpha"):

@@ -114,6 +114,15 @@ def test_prefix_only_last_is_part_of_the_plan():
         "prefix-only last")
 
 
+def test_a_date_in_a_plan_files_meta_reads_as_the_string_it_is(tmp_path):
+    path = tmp_path / "dated.yaml"
+    path.write_text("version: 1\nmeta: {made: 2024-05-01}\nstages:\n  - {layer: 3, op: prune, keep: 0.7}\n")
+    plan = paretoken.load_plan(path)
+    assert plan.meta == {"made": "2024-05-01"}
+    assert paretoken.load_plan(plan.save(tmp_path / "again.YAML")).meta == plan.meta  # YAML whatever the case
+    assert (tmp_path / "again.YAML").read_text().startswith("version: 1")
+
+
 def test_plan_files_read_as_written(tmp_path):
     """Exponent floats are numbers (YAML 1.2; PyYAML's 1.1 made them strings); a key given twice is
     refused (PyYAML kept the last one silently)."""
