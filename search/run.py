@@ -221,7 +221,7 @@ def _check_inputs(objectives, backend, workers, ray_address, n_trials, cpus_per_
         raise ParetokenError(f"cpus-per-trial: {cpus_per_trial!r} is invalid; valid: a finite number > 0")
     if gpus_per_trial is not None and not 0 <= gpus_per_trial < math.inf:
         raise ParetokenError(f"gpus-per-trial: {gpus_per_trial!r} is invalid; valid: a finite number >= 0")
-    if gpus_per_trial is not None and backend == "local":
+    if gpus_per_trial and backend == "local":
         raise ParetokenError(f"gpus-per-trial: {gpus_per_trial:g} is for Ray trials; the local backend runs in process "
                              "on --device; valid: --backend ray, or no --gpus-per-trial")
     budgets.check()
