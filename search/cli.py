@@ -130,5 +130,5 @@ def cmd_spaces(args: argparse.Namespace) -> int:
         if "presets" in entry:
             print(f"    presets: {', '.join(entry['presets']) or '(none)'}")
     print("A search runs every sampled plan with prefix_only_last (exact; the last block computes only the "
-          "class token); presets run as published.")
+          "class token), so the spaces choose no stage for the last block (depth-1); presets run as published.")
     return 0

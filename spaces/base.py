@@ -7,6 +7,9 @@ index (``at_3``, ``keep_3``), so a trial's parameters read like its plan.
 Spaces make stages only: a search runs every sampled plan with ``prefix_only_last``
 (the last block computes only the prefix tokens, which is exact and never costs more),
 so it is not a choice for the sampler (see :func:`paretoken.search.study.runs_prefix_only`).
+A stage in the last block is then moot, so the blocks a space chooses stages for
+(:func:`chosen_blocks`) stop before it; a schedule over every block (a ToMe ramp, a
+Patch Slimming pyramid) keeps its last entry, and the search drops that stage.
 
 :meth:`Space.params_for` is the inverse: the parameters that make the space
 produce a given plan (``None`` when the space cannot express it). The search
@@ -42,6 +45,12 @@ class Param:
         if self.when:
             out["when"] = self.when
         return out
+
+
+def chosen_blocks(depth: int) -> range:
+    """The blocks of a ``depth``-block model a space chooses stages for: all but the last (moot under
+    ``prefix_only_last``), or the one block of a one-block model."""
+    return range(max(depth - 1, 1))
 
 
 def check_depth(depth: Any) -> int:

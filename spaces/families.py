@@ -18,7 +18,7 @@ import math
 from typing import Any, Mapping
 
 from paretoken.compress.plan import Plan, Stage
-from paretoken.spaces.base import Param, Space, stages_by_layer, suggest_grid
+from paretoken.spaces.base import Param, Space, chosen_blocks, stages_by_layer, suggest_grid
 
 KEEP = (0.4, 0.95, 0.05)
 SLIM_KEEP = (0.6, 1.0, 0.05)
@@ -45,7 +45,7 @@ def _on_grid(value: float | None, values: tuple[float, float, float]) -> bool:
     return abs(k - round(k)) < 1e-6
 
 
-_AT = Param("at_<l>", "categorical False/True, l = 0..depth-1", "block l has a stage")
+_AT = Param("at_<l>", "categorical False/True, l = 0..depth-2", "block l has a stage")
 
 Amounts = dict[str, tuple[tuple[float, float, float], str]]  # amount field -> ((low, high, step), help)
 
@@ -75,7 +75,7 @@ class TomeSpace(Space):
         Param("r", f"int 0..{R_MAX}", "r in every block", "schedule = constant"),
         Param("r_first", f"int 0..{R_RAMP_MAX}", "r in block 0", "schedule = linear"),
         Param("r_last", f"int 0..{R_RAMP_MAX}", "r in the last block (rounded linear in between)", "schedule = linear"),
-        Param("r_<l>", f"int 0..{R_MAX}", "r in block l (0: no stage)", "schedule = per_layer"),
+        Param("r_<l>", f"int 0..{R_MAX}, l = 0..depth-2", "r in block l (0: no stage)", "schedule = per_layer"),
     )
 
     @staticmethod
@@ -92,7 +92,8 @@ class TomeSpace(Space):
             rs = self.ramp(trial.suggest_int("r_first", 0, R_RAMP_MAX), trial.suggest_int("r_last", 0, R_RAMP_MAX),
                            depth)
         else:
-            rs = [trial.suggest_int(f"r_{layer}", 0, R_MAX) for layer in range(depth)]
+            chosen = chosen_blocks(depth)
+            rs = [trial.suggest_int(f"r_{layer}", 0, R_MAX) for layer in chosen] + [0] * (depth - len(chosen))
         return Plan(tuple(Stage(layer, "merge", r=r) for layer, r in enumerate(rs) if r > 0))
 
     def _params_for(self, plan: Plan, depth: int) -> list[dict[str, Any]] | None:
@@ -105,7 +106,9 @@ class TomeSpace(Space):
             candidates.append({"schedule": "constant", "r": rs[0]})
         if self.ramp(rs[0], rs[-1], depth) == rs:
             candidates.append({"schedule": "linear", "r_first": rs[0], "r_last": rs[-1]})
-        candidates.append({"schedule": "per_layer", **{f"r_{layer}": r for layer, r in enumerate(rs)}})
+        chosen = chosen_blocks(depth)
+        if not any(rs[len(chosen):]):
+            candidates.append({"schedule": "per_layer", **{f"r_{layer}": rs[layer] for layer in chosen}})
         return candidates
 
 
@@ -128,15 +131,18 @@ class LocatedSpace(Space):
 
     def _sample(self, trial, depth: int) -> Plan:
         stages = []
-        for layer in range(depth):
+        for layer in chosen_blocks(depth):
             if trial.suggest_categorical(f"at_{layer}", (False, True)):
                 stages.append(Stage(layer, self.op, score=self.score, **_suggest_amount(trial, layer, self.amounts)))
         return Plan(tuple(stages))
 
     def _params_for(self, plan: Plan, depth: int) -> dict[str, Any] | None:
         by = stages_by_layer(plan)
+        chosen = chosen_blocks(depth)
+        if any(layer not in chosen for layer in by):
+            return None
         params: dict[str, Any] = {}
-        for layer in range(depth):
+        for layer in chosen:
             stage = by.get(layer)
             params[f"at_{layer}"] = stage is not None
             if stage is None:
@@ -240,8 +246,8 @@ class MixedSpace(Space):
     params = (
         Param("r_first", f"int 0..{R_RAMP_MAX}", "base ToMe ramp: r in block 0"),
         Param("r_last", f"int 0..{R_RAMP_MAX}", "base ToMe ramp: r in the last block (rounded linear in between)"),
-        Param("overrides", f"int 0..{MAX_OVERRIDES} (at most depth)", "how many blocks override the base"),
-        Param("override_<k>", "int 0..depth-1, k = 0..overrides-1", "the k-th overriding block (a repeat adds none)",
+        Param("overrides", f"int 0..{MAX_OVERRIDES} (at most depth-1)", "how many blocks override the base"),
+        Param("override_<k>", "int 0..depth-2, k = 0..overrides-1", "the k-th overriding block (a repeat adds none)",
               "overrides"),
         Param("op_<l>", "categorical " + "/".join(MIXED_OPS), "block l's op", "override_<k> = l"),
         Param("keep_<l>", _grid(KEEP), "fraction of patch tokens kept", "op_<l> in prune, prune_fuse"),
@@ -255,13 +261,13 @@ class MixedSpace(Space):
     @staticmethod
     def max_overrides(depth: int) -> int:
         """Blocks a plan may override on a ``depth``-block model."""
-        return min(MAX_OVERRIDES, depth)
+        return min(MAX_OVERRIDES, len(chosen_blocks(depth)))
 
     def _sample(self, trial, depth: int) -> Plan:
         base = TomeSpace.ramp(trial.suggest_int("r_first", 0, R_RAMP_MAX), trial.suggest_int("r_last", 0, R_RAMP_MAX),
                               depth)
         count = trial.suggest_int("overrides", 0, self.max_overrides(depth))
-        overridden = {trial.suggest_int(f"override_{k}", 0, depth - 1) for k in range(count)}
+        overridden = {trial.suggest_int(f"override_{k}", 0, chosen_blocks(depth)[-1]) for k in range(count)}
         stages = []
         for layer in range(depth):
             if layer in overridden:
@@ -294,7 +300,8 @@ class MixedSpace(Space):
         base = TomeSpace.ramp(first, last, depth)
         layers = [layer for layer in range(depth)
                   if by.get(layer) != (Stage(layer, "merge", r=base[layer]) if base[layer] else None)]
-        if len(layers) > MixedSpace.max_overrides(depth) or any(overrides.get(layer) is None for layer in layers):
+        if len(layers) > MixedSpace.max_overrides(depth) or any(
+                overrides.get(layer) is None or layer not in chosen_blocks(depth) for layer in layers):
             return None
         params: dict[str, Any] = {"r_first": first, "r_last": last, "overrides": len(layers)}
         for k, layer in enumerate(layers):

@@ -72,6 +72,14 @@ def test_many_random_samples_are_valid_plans(name, depth):
                 assert stage.keep == round(stage.keep, 6) and 0 < stage.keep < 1
             if stage.r is not None:
                 assert stage.r > 0
+        # no stage of the space's choosing in the last block (moot under prefix_only_last); a schedule over
+        # every block (ToMe's constant r or ramp, the mixed space's base ramp, a slim pyramid) keeps its entry
+        last = {s.layer: s for s in plan.stages}.get(depth - 1)
+        if name in ("evit", "dynamicvit", "asvit", "jmp") or params.get("schedule") == "per_layer":
+            assert last is None
+        if name == "mixed":
+            assert depth - 1 not in {v for k, v in params.items() if k.startswith("override_")}
+            assert last is None or last.op == "merge"
         if name == "slim":  # a pyramid: counts never grow with depth
             counts, current = [], 196
             for stage in plan.stages:
@@ -115,21 +123,22 @@ def test_tome_schedules():
     ramp = tome.sample(optuna.trial.FixedTrial(linear), 12)
     assert [s.r for s in ramp.stages] == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22]  # block 0 has r = 0: no stage
     assert tome.params_for(ramp, 12) == linear
-    per_layer = {"schedule": "per_layer", **{f"r_{i}": i % 3 for i in range(12)}}
+    per_layer = {"schedule": "per_layer", **{f"r_{i}": i % 3 for i in range(11)}}  # no r_11: moot
     plan = tome.sample(optuna.trial.FixedTrial(per_layer), 12)
-    assert [(s.layer, s.r) for s in plan.stages] == [(i, i % 3) for i in range(12) if i % 3]
+    assert [(s.layer, s.r) for s in plan.stages] == [(i, i % 3) for i in range(11) if i % 3]
     assert tome.params_for(plan, 12) == per_layer
+    assert tome.params_for(Plan((Stage(3, "merge", r=2), Stage(11, "merge", r=5))), 12) is None
 
 
 def test_mixed_space_overrides_a_tome_ramp():
     mixed = get_space("mixed")
     params = {"r_first": 13, "r_last": 13, "overrides": 2,
               "override_0": 3, "op_3": "prune_fuse", "keep_3": 0.7, "score_3": "head_weighted",
-              "override_1": 11, "op_11": "merge", "r_11": 2}
+              "override_1": 10, "op_10": "merge", "r_10": 2}
     plan = mixed.sample(optuna.trial.FixedTrial(params), 12)
     assert [(s.layer, s.op, s.r or s.keep) for s in plan.stages] == (
         [(i, "merge", 13) for i in (0, 1, 2)] + [(3, "prune_fuse", 0.7)]
-        + [(i, "merge", 13) for i in range(4, 11)] + [(11, "merge", 2)])
+        + [(i, "merge", 13) for i in range(4, 10)] + [(10, "merge", 2), (11, "merge", 13)])
     assert plan.stages[3].score == "head_weighted"
     # a ToMe schedule is a pure base ramp (two parameters), so a sampler finds its neighbours
     assert mixed.params_for(paretoken.preset("tome-r13"), 12) == {"r_first": 13, "r_last": 13, "overrides": 0}
@@ -138,7 +147,9 @@ def test_mixed_space_overrides_a_tome_ramp():
     assert mixed.sample(optuna.trial.FixedTrial(mixed.params_for(plan, 12)), 12) == plan
     # a repeated block overrides once
     assert mixed.sample(optuna.trial.FixedTrial({**params, "override_1": 3}), 12) == Plan(
-        tuple(s for s in plan.stages if s.layer != 11) + (Stage(11, "merge", r=13),))
+        tuple(Stage(10, "merge", r=13) if s.layer == 10 else s for s in plan.stages))
+    # the last block is not the space's to override (moot under prefix_only_last): such a plan is not expressible
+    assert mixed.params_for(Plan((Stage(11, "prune", keep=0.5),)), 12) is None
     # more blocks off every ramp than the space allows: not expressible
     assert mixed.params_for(Plan(tuple(Stage(layer, "prune", keep=0.9) for layer in range(1, 6))), 12) is None
 
