@@ -48,7 +48,7 @@ def main() -> None:
             name = f"scale-{backend}-{workers}"
             result = run_search(name, storage=f"sqlite:///{tmp}/{name}.db", space=args.space, sampler="random",
                                 n_trials=args.trials + 1, backend=backend, workers=workers,
-                                cpus_per_trial=cpus_per_trial,
+                                cpus_per_trial=cpus_per_trial if backend == "ray" else None,
                                 gpus_per_trial=(1.0 / workers if gpu else 0.0) if backend == "ray" else None,
                                 eval_config=config, presets=False, seed=0, log=log)
             # from the first finished trial (models loaded, baseline cached) to the last

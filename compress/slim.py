@@ -43,6 +43,17 @@ def smallest_passing(lo: int, hi: int, passes: Callable[[int], bool]) -> int:
     return lo
 
 
+def check_layers(layers: Sequence[int], depth: int) -> None:
+    """One-line error unless ``layers`` are distinct blocks of a ``depth``-block model (at least one)."""
+    if not layers:
+        raise ParetokenError("layers: no layers given; valid: block indices, e.g. 1-11")
+    if len(set(layers)) != len(layers):
+        raise ParetokenError(f"layers: {','.join(map(str, layers))} names a block twice; valid: distinct block indices")
+    if not all(isinstance(layer, int) and 0 <= layer < depth for layer in layers):
+        raise ParetokenError(f"layers: {','.join(map(str, layers))} is out of range; valid: block indices in "
+                             f"0..{depth - 1} for this {depth}-block model")
+
+
 @torch.inference_mode()
 def fit_slim(model: torch.nn.Module, images: torch.Tensor, layers: Sequence[int], tolerance: float = 0.05,
              score: str = "cls_attn", batch_size: int = 256, log: Callable[[str], None] | None = None,
@@ -55,17 +66,10 @@ def fit_slim(model: torch.nn.Module, images: torch.Tensor, layers: Sequence[int]
     when the plan stays within ``tolerance`` without it.
     Returns the plan; the model is left with an empty plan applied.
     """
-    if not layers:
-        raise ParetokenError("layers: no layers given; valid: block indices, e.g. 1-11")
-    if len(set(layers)) != len(layers):
-        raise ParetokenError(f"layers: {','.join(map(str, layers))} names a block twice; valid: distinct block indices")
+    check_layers(layers, len(model.blocks))
     if not 0 < tolerance < math.inf:
         raise ParetokenError(f"tolerance: {tolerance} is out of range; valid: a finite number > 0 (nats of KL)")
     apply(model, Plan())
-    depth = len(model.blocks)
-    if not all(isinstance(layer, int) and 0 <= layer < depth for layer in layers):
-        raise ParetokenError(f"layers: {','.join(map(str, layers))} is out of range; valid: block indices in "
-                             f"0..{depth - 1} for this {depth}-block model")
     patches = model.patch_embed.num_patches
 
     def log_probs() -> torch.Tensor:

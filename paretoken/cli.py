@@ -134,7 +134,7 @@ def _layer_list(text: str) -> list[int]:
 
 def cmd_slim(args: argparse.Namespace) -> int:
     import paretoken
-    from paretoken.compress.slim import fit_slim
+    from paretoken.compress.slim import check_layers, fit_slim
     from paretoken.evaluators.data import load_split
     from paretoken.evaluators.evaluate import resolve_device
     from paretoken.evaluators.models import create_model
@@ -143,6 +143,7 @@ def cmd_slim(args: argparse.Namespace) -> int:
     check_output("out", args.out, PLAN_SUFFIXES)
     model = create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained).to(device)
     images = load_split(args.data, model, "calib", n=args.images, seed=args.seed)[0].to(device)
+    check_layers(args.layers, len(model.blocks))
     print(f"choosing a Patch Slimming pyramid top-down on {len(images)} calibration images "
           f"(KL within {args.tolerance:g} nats of the uncompressed model)", flush=True)
 

@@ -59,7 +59,7 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--workers", type=argtypes.positive_int, default=None, help="concurrent Ray workers [ray: 2, local: 1]")
     g.add_argument("--ray-address", metavar="A", help="an existing Ray cluster (e.g. auto or ray://HOST:10001); "
                                                       "default: start a local Ray")
-    g.add_argument("--cpus-per-trial", type=argtypes.positive, default=1.0, help="CPUs each Ray trial declares [1]")
+    g.add_argument("--cpus-per-trial", type=argtypes.positive, default=None, help="CPUs each Ray trial declares [1]")
     g.add_argument("--gpus-per-trial", type=argtypes.non_negative, default=None,
                    help="GPUs each Ray trial declares [1 when the device is CUDA, else 0]")
     g.add_argument("--heartbeat", type=argtypes.int_in(1, MAX_HEARTBEAT_S), default=10, metavar="S",

@@ -217,8 +217,11 @@ def _check_inputs(objectives, backend, workers, ray_address, n_trials, cpus_per_
     if backend == "local" and workers != 1:
         raise ParetokenError(f"workers: the local backend runs one trial at a time, not {workers}; "
                              "use --backend ray for --workers K (or run K processes on a shared storage)")
-    if not 0 < cpus_per_trial < math.inf:
+    if cpus_per_trial is not None and not 0 < cpus_per_trial < math.inf:
         raise ParetokenError(f"cpus-per-trial: {cpus_per_trial!r} is invalid; valid: a finite number > 0")
+    if cpus_per_trial is not None and backend == "local":
+        raise ParetokenError(f"cpus-per-trial: {cpus_per_trial:g} is for Ray trials; the local backend runs in "
+                             "process with torch's threads; valid: --backend ray, or no --cpus-per-trial")
     if gpus_per_trial is not None and not 0 <= gpus_per_trial < math.inf:
         raise ParetokenError(f"gpus-per-trial: {gpus_per_trial!r} is invalid; valid: a finite number >= 0")
     if gpus_per_trial and backend == "local":
@@ -238,7 +241,7 @@ def _check_inputs(objectives, backend, workers, ray_address, n_trials, cpus_per_
 def run_search(study_name: str, storage: str | None = None, space: str = "mixed",
                objectives: Sequence[str] | str = st.DEFAULT_OBJECTIVES, sampler: str = "tpe", n_trials: int = 40,
                backend: str = "local", workers: int = 1, ray_address: str | None = None,
-               cpus_per_trial: float = 1.0, gpus_per_trial: float | None = None, budgets: Budgets | None = None,
+               cpus_per_trial: float | None = None, gpus_per_trial: float | None = None, budgets: Budgets | None = None,
                eval_config=None, seed: int = 0,
                presets: bool = True, heartbeat_s: int = 10, grace_s: int | None = None, poll_s: float = 1.0,
                log: Callable[[str], None] | None = None) -> SearchResult:
@@ -251,8 +254,9 @@ def run_search(study_name: str, storage: str | None = None, space: str = "mixed"
       peak_mem_mb, padding_pct minimised.
     sampler: tpe, nsga2, gp or random, seeded with ``seed``.
     backend: ``local`` (in process, one trial at a time) or ``ray`` (Ray Tune trials, ``workers`` at
-      once, with ``cpus_per_trial``/``gpus_per_trial`` each, on a local Ray or ``ray_address``; default
-      one GPU per trial when the evaluation device is CUDA).
+      once, with ``cpus_per_trial`` (default 1) and ``gpus_per_trial`` each, on a local Ray or
+      ``ray_address``; default one GPU per trial when the evaluation device is CUDA; both are refused
+      on the local backend).
     budgets: :class:`~paretoken.evaluators.metrics.Budgets` (GFLOPs per image at most; top-1 % at least;
       top-1 points lost against the uncompressed model at most), recorded as Optuna constraints
       (``trial.set_constraint``): infeasible trials stay in the study but leave the front, and the
@@ -337,7 +341,7 @@ def _run(study_name, url, space_obj, objectives, sampler, n_trials, backend, wor
                                                                   else 0.0)
         from paretoken.search.ray_tune import TuneExecutor
 
-        executor: Any = TuneExecutor(workers, cpus_per_trial, gpus, ray_address, log)
+        executor: Any = TuneExecutor(workers, cpus_per_trial or 1.0, gpus, ray_address, log)
     else:
         executor = LocalExecutor(ctrl_c)
     try:
