@@ -24,6 +24,7 @@ STUDIES_DIR = Path("studies")
 JOURNAL_LOCK_GRACE_S = 5
 MAX_HEARTBEAT_S = 86_400  # s; a running trial's heartbeat (a day: far longer overflows thread timers)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SQLITE = re.compile(r"sqlite(\+\w+)?://")  # sqlite:// and sqlite+DRIVER://, what follows names the database
 _FORMS = "sqlite:///FILE.db, journal:FILE, postgresql://USER[:PASSWORD]@HOST[:PORT]/DB"
 
 
@@ -59,10 +60,10 @@ def journal_path(url: str) -> Path | None:
 def sqlite_path(url: str) -> Path | None:
     """The file of a ``sqlite:///FILE`` (or ``sqlite+DRIVER:///FILE``) URL, else None (also for an
     in-memory database)."""
-    match = re.match(r"sqlite(\+\w+)?:///", url)
-    if match is None:
+    match = _SQLITE.match(url)
+    if match is None or not url.startswith("/", match.end()):
         return None
-    rest = url[match.end():].split("?", 1)[0]
+    rest = url[match.end() + 1:].split("?", 1)[0]
     return None if rest in ("", ":memory:") else Path(rest)
 
 
@@ -160,7 +161,8 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     journal = journal_path(url)
     path = storage_file(url)
     if create and url.startswith("sqlite") and path is None:
-        if re.match(r"sqlite(\+\w+)?://(/:memory:)?(\?|$)", url) or "mode=memory" in url:
+        match = _SQLITE.match(url)
+        if match and url[match.end():].split("?", 1)[0] in ("", "/:memory:") or "mode=memory" in url:
             raise ParetokenError(f"storage: {url!r} is an in-memory database: the study would be lost when the "
                                  f"search ends; valid: {_FORMS}")
         raise ParetokenError(f"storage: {url!r} is not a storage URL; valid: {_FORMS}")
