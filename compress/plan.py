@@ -235,10 +235,10 @@ class Plan:
         if not isinstance(meta, Mapping):
             raise ParetokenError(f"plan: meta must be a mapping, got {type(meta).__name__}")
         try:
-            json.dumps(meta)  # studies and exports store it as JSON
+            json.dumps(meta, allow_nan=False)  # studies and exports store it as JSON
         except (TypeError, ValueError) as exc:
-            raise ParetokenError(f"plan: meta must hold JSON values (mappings, lists, strings, numbers, booleans, "
-                                 f"null): {exc}") from None
+            raise ParetokenError(f"plan: meta must hold JSON values (mappings, lists, strings, finite numbers, "
+                                 f"booleans, null): {exc}") from None
         return cls(stages=tuple(stages), version=data.get("version", SCHEMA_VERSION), meta=dict(meta),
                    prefix_only_last=data.get("prefix_only_last", False))
 

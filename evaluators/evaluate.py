@@ -115,7 +115,8 @@ def _forward_all(model, images, batch_size) -> tuple[torch.Tensor, list[float], 
 def prepare(config: EvalConfig) -> _Bench:
     """What every plan measured under ``config`` shares, built once per process: the model on its device,
     the evaluation images and the uncompressed model's logits. Its errors (a model or image that cannot
-    be read, out of memory in the uncompressed forward) are no plan's fault: every trial would meet them."""
+    be read, weights whose logits are not finite, out of memory in the uncompressed forward) are no
+    plan's fault: every trial would meet them."""
     key = (config.model, config.checkpoint, config.pretrained, config.data, config.images, config.seed, config.skip,
            config.device, config.batch_size)
     if key not in _BENCHES:
@@ -125,6 +126,10 @@ def prepare(config: EvalConfig) -> _Bench:
         images, labels = images.to(device), labels.to(device)
         apply(model, Plan())
         base_logits, _, _ = _forward_all(model, images, config.batch_size)
+        if not torch.isfinite(base_logits).all():
+            field, value = ("checkpoint", config.checkpoint) if config.checkpoint else ("model", config.model)
+            raise ParetokenError(f"{field}: the uncompressed model's logits with {value!r} are not finite; "
+                                 f"valid: weights without NaN or infinity")
         _BENCHES[key] = _Bench(model, images, labels, base_logits)
     return _BENCHES[key]
 

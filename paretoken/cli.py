@@ -12,6 +12,7 @@ import warnings
 
 from paretoken import argtypes
 from paretoken.errors import ParetokenError
+from paretoken.jsonvalues import json_ready
 from paretoken.outputs import PLAN_SUFFIXES, check_output
 from paretoken.results.cli import add_results_parsers, format_metric
 from paretoken.search.cli import add_search_parser, add_spaces_parser
@@ -106,8 +107,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate(plan, config)
     env = environment(args.device)
     if args.json:
-        measured = {name: value if math.isfinite(value) else None for name, value in metrics.items()}  # null: not measured
-        print(json.dumps({"plan": plan.to_dict(), "metrics": measured, "environment": env}))
+        print(json.dumps(json_ready({"plan": plan.to_dict(), "metrics": metrics, "environment": env}), allow_nan=False))
         return 0
     units = {"top1": "%", "top1_drop": "points", "agreement": "%", "kl": "nats", "gflops": "GFLOPs/image",
              "img_per_s": "images/s",
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module="fvcore")
     try:
         return args.func(args)
-    except ParetokenError as err:
+    except (ParetokenError, FloatingPointError) as err:  # the latter: a model whose logits are not finite
         print(f"paretoken: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from paretoken import argtypes
 from paretoken.errors import ParetokenError
+from paretoken.jsonvalues import json_ready
 from paretoken.evaluators.metrics import BOUNDS, OBJECTIVES_HELP, Budgets
 from paretoken.outputs import PLAN_SUFFIXES, PLOT_SUFFIXES, check_output
 from paretoken.search.storage import default_storage, redact
@@ -259,7 +260,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                             budget=args.budget, budget_weight=args.budget_weight, learned_lr=args.learned_lr)
     report = finetune(args.plan, config, out=args.out, log=None if args.json else sys.stdout)
     if args.json:
-        print(json.dumps(report, allow_nan=True))
+        print(json.dumps(json_ready(report), allow_nan=False))
     return 0
 
 

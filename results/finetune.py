@@ -296,7 +296,8 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
             if token_loss is not None:
                 loss = loss + config.budget_weight * token_loss
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"finetune: the loss became {loss.item()} at step {step}; lower --lr")
+                raise ParetokenError(f"lr: the loss became {loss.item()} at step {step} with lr {config.lr:g}; "
+                                     f"valid: a lower --lr (or --learned-lr, --budget-weight)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)

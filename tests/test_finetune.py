@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 
@@ -63,8 +64,30 @@ def test_distillation_lowers_the_loss_and_the_result_evaluates(checkpoint, tmp_p
                            str(tmp_path / "tuned.yaml"), "--images", "64", "--json"], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
-    measured = json.loads(proc.stdout)["metrics"]
+    measured = json.loads(proc.stdout, parse_constant=pytest.fail)["metrics"]  # strict JSON: null, not NaN
     assert measured["top1"] == pytest.approx(report["after"]["top1"])
+
+
+def test_a_loss_that_is_not_finite_is_one_line_naming_lr_and_writes_nothing(tmp_path):
+    plan_file = paretoken.preset("evit-0.5").save(tmp_path / "plan.yaml")
+    weights = build_default_architecture().state_dict()
+    weights["head.weight"][0, 0] = math.inf
+    bad_weights = tmp_path / "inf.safetensors"
+    safetensors.torch.save_file(weights, str(bad_weights))
+    out = tmp_path / "tuned.safetensors"
+    common = ["finetune", "--plan", str(plan_file), "--train-images", "64", "--eval-images", "32",
+              "--batch-size", "32", "--max-steps", "2", "--out", str(out), "--json"]
+    proc = subprocess.run([sys.executable, "-m", "paretoken.cli", *common, "--lr", "1e30"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("paretoken: error: lr: the loss became nan at step 1 with lr 1e+30; valid: a "
+                                  "lower --lr") and proc.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inf.safetensors", "plan.yaml"]
+    proc = subprocess.run([sys.executable, "-m", "paretoken.cli", "eval", "--checkpoint", str(bad_weights),
+                           "--preset", "evit-0.7", "--images", "8"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr == (f"paretoken: error: checkpoint: the uncompressed model's logits "
+                                                    f"with '{bad_weights}' are not finite; valid: weights without "
+                                                    f"NaN or infinity\n")
 
 
 def test_thresholds_learn_towards_the_budget(checkpoint, tmp_path, monkeypatch):

@@ -266,6 +266,22 @@ def test_a_setup_every_trial_needs_stops_the_search_and_the_same_command_goes_on
     assert trials[3].user_attrs["retry_of"] == 0 and trials[3].user_attrs["preset"] == "uncompressed"
 
 
+def test_weights_whose_logits_are_not_finite_stop_the_search_at_setup(tmp_path, monkeypatch, lines):
+    """Every trial would fail the same way (the uncompressed model too), so it is a setup error."""
+    monkeypatch.chdir(tmp_path)
+    weights = build_default_architecture().state_dict()
+    weights["head.weight"][0, 0] = math.nan
+    path = tmp_path / "nan.safetensors"
+    safetensors.torch.save_file(weights, str(path))
+    nan_config = ev.EvalConfig(checkpoint=str(path), images=16, batch_size=16, speed=False, flops_images=2)
+    with pytest.raises(ParetokenError) as excinfo:
+        run_search("nan", space="evit", n_trials=3, eval_config=nan_config, log=lines.append)
+    assert str(excinfo.value).startswith(f"checkpoint: the uncompressed model's logits with '{path}' are not finite")
+    trials = _load("nan", default_storage("nan")).get_trials()
+    first, retry = trials[0], trials[-1]
+    assert first.user_attrs["setup_error"].startswith("checkpoint: ") and retry.state.name == "WAITING"
+
+
 def test_a_study_of_another_program_is_not_taken_over(config, tmp_path, lines):
     storage = f"sqlite:///{tmp_path / 'theirs.db'}"
     theirs = optuna.create_study(study_name="theirs", storage=storage, directions=["maximize", "minimize"])
