@@ -219,14 +219,13 @@ def _check_inputs(objectives, backend, workers, ray_address, n_trials, cpus_per_
                              "use --backend ray for --workers K (or run K processes on a shared storage)")
     if cpus_per_trial is not None and not 0 < cpus_per_trial < math.inf:
         raise ParetokenError(f"cpus-per-trial: {cpus_per_trial!r} is invalid; valid: a finite number > 0")
-    if cpus_per_trial is not None and backend == "local":
-        raise ParetokenError(f"cpus-per-trial: {cpus_per_trial:g} is for Ray trials; the local backend runs in "
-                             "process with torch's threads; valid: --backend ray, or no --cpus-per-trial")
     if gpus_per_trial is not None and not 0 <= gpus_per_trial < math.inf:
         raise ParetokenError(f"gpus-per-trial: {gpus_per_trial!r} is invalid; valid: a finite number >= 0")
-    if gpus_per_trial and backend == "local":
-        raise ParetokenError(f"gpus-per-trial: {gpus_per_trial:g} is for Ray trials; the local backend runs in process "
-                             "on --device; valid: --backend ray, or no --gpus-per-trial")
+    for flag, amount, local in (("cpus-per-trial", cpus_per_trial, "with torch's threads"),
+                                ("gpus-per-trial", gpus_per_trial, "on --device")):
+        if amount is not None and backend == "local":
+            raise ParetokenError(f"{flag}: {amount:g} is for Ray trials; the local backend runs in process {local}; "
+                                 f"valid: --backend ray, or no --{flag}")
     budgets.check()
     if not config.speed:
         for o in objectives:

@@ -205,17 +205,19 @@ class SlimSpace(Space):
     name = "slim"
     description = ("Patch Slimming: a static pyramid, a keep ratio of the current tokens in every block "
                    "(so counts never grow with depth), tokens picked by class importance")
-    params = (Param("keep_<l>", _grid(SLIM_KEEP) + ", l = 0..depth-1",
-                    "fraction of the block's patch tokens kept (1: no stage)"),)
+    params = (Param("keep_<l>", _grid(SLIM_KEEP) + ", l = 0..depth-2",
+                    "fraction of the block's patch tokens kept (1: no stage); the last block repeats "
+                    "block depth-2's"),)
 
     def _sample(self, trial, depth: int) -> Plan:
-        keeps = [suggest_grid(trial, f"keep_{layer}", *SLIM_KEEP) for layer in range(depth)]
+        keeps = [suggest_grid(trial, f"keep_{layer}", *SLIM_KEEP) for layer in chosen_blocks(depth)]
+        keeps += keeps[-1:] * (depth - len(keeps))  # the pyramid's last step: moot under prefix_only_last
         return Plan(tuple(Stage(layer, "slim", keep=k) for layer, k in enumerate(keeps) if k < 1.0))
 
     def _params_for(self, plan: Plan, depth: int) -> dict[str, Any] | None:
         by = stages_by_layer(plan)
         params = {}
-        for layer in range(depth):
+        for layer in chosen_blocks(depth):  # the last block's stage is checked by params_for's resampling
             stage = by.get(layer)
             if stage is None:
                 params[f"keep_{layer}"] = 1.0

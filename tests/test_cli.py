@@ -169,6 +169,9 @@ def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path):
     (["search", "--study", "s", "--storage", "journal:notes.txt"], "storage: 'notes.txt' is not an Optuna journal"),
     (["search", "--study", "s", "--storage", "sqlite://"], "storage: 'sqlite://' is an in-memory database"),
     (["search", "--study", "s", "--gpus-per-trial", "1"], "gpus-per-trial: 1 is for Ray trials"),
+    (["search", "--study", "s", "--gpus-per-trial", "0"], "gpus-per-trial: 0 is for Ray trials; the local backend "
+                                                          "runs in process on --device; valid: --backend ray, or "
+                                                          "no --gpus-per-trial"),
     (["search", "--study", "s", "--cpus-per-trial", "2"], "cpus-per-trial: 2 is for Ray trials"),
     (["search", "--study", "s", "--backend", "ray", "--ray-address", ""], "ray-address: '' names no cluster"),
     (["holdout", "--study", "s", "--images", "0"], "argument --images: '0' is out of range"),

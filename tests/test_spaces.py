@@ -73,13 +73,18 @@ def test_many_random_samples_are_valid_plans(name, depth):
             if stage.r is not None:
                 assert stage.r > 0
         # no stage of the space's choosing in the last block (moot under prefix_only_last); a schedule over
-        # every block (ToMe's constant r or ramp, the mixed space's base ramp, a slim pyramid) keeps its entry
+        # every block (ToMe's constant r or ramp, the mixed space's base ramp, a slim pyramid) keeps its entry,
+        # derived from the others
         last = {s.layer: s for s in plan.stages}.get(depth - 1)
         if name in ("evit", "dynamicvit", "asvit", "jmp") or params.get("schedule") == "per_layer":
             assert last is None
         if name == "mixed":
             assert depth - 1 not in {v for k, v in params.items() if k.startswith("override_")}
             assert last is None or last.op == "merge"
+        if name == "slim" and depth > 1:  # the pyramid's last step repeats the one before: no sampled keep there
+            by = {s.layer: s for s in plan.stages}
+            assert f"keep_{depth - 1}" not in params and by.get(depth - 1) == (
+                dataclasses.replace(by[depth - 2], layer=depth - 1) if depth - 2 in by else None)
         if name == "slim":  # a pyramid: counts never grow with depth
             counts, current = [], 196
             for stage in plan.stages:
