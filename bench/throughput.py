@@ -1,13 +1,17 @@
 """Throughput of DeiT-S, uncompressed vs every preset (random weights: speed does not depend on them).
 
-    python bench/throughput.py [--device cpu|cuda] [--batch-size N] [--repeats R]
+    python bench/throughput.py [--device cpu|cuda] [--batch-size N] [--repeats R] [--rounds K]
     python bench/throughput.py --prefix-only-last --plans tome-r13,evit-0.7 --repeats 3
 
 CPU: batch 64, fp32. GPU: batch 256, fp16 autocast. Prints a table and saves
 bench/results/throughput_<device>.json. Efficiency = (throughput ratio) /
 (FLOPs ratio): 1.0 means the FLOPs saved all turn into speed. Per-image plans
 run batched with padding: their row also gives the GFLOPs the padded batch
-really executes, so the cost of padding shows. ``--prefix-only-last`` follows each
+really executes, so the cost of padding shows. The plans are timed in ``--rounds``
+rounds, every plan once per round, and a plan's figures are medians over the rounds
+(its speed-up paired with the uncompressed model's time in the same round), so a
+machine whose speed drifts during the run (a shared VM's varies by 1.5x within
+minutes) does not favour the plans timed in its fast minutes. ``--prefix-only-last`` follows each
 plan with its ``prefix_only_last`` form (row ``NAME+pol``) and saves
 bench/results/throughput_<device>_prefix_only_last.json.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 from pathlib import Path
 
 import timm
@@ -32,7 +37,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default="deit_small_patch16_224")
     parser.add_argument("--batch-size", type=int, default=None, help="[64 on CPU, 256 on GPU]")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per plan and round [5]")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over every plan [3]")
     parser.add_argument("--plans", default=",".join(["uncompressed", *paretoken.PRESETS]),
                         help="comma-separated preset names; the uncompressed model always runs first [all]")
     parser.add_argument("--prefix-only-last", action="store_true",
@@ -58,24 +64,28 @@ def main() -> None:
         paretoken.apply(model, plan)
         gflops = count_flops(model, flops_images, per_image=plan.per_image)
         padded = count_flops(model, flops_images) if plan.per_image else gflops
-        img_per_s = throughput(model, batch, repeats=args.repeats)
-        rows.append({"plan": name, "gflops": gflops, "padded_gflops": padded,
-                     "img_per_s": img_per_s})
-        base = rows[0]
-        row = rows[-1]
-        row["speedup"] = row["img_per_s"] / base["img_per_s"]
+        rows.append({"plan": name, "gflops": gflops, "padded_gflops": padded, "img_per_s_rounds": []})
+    for _ in range(args.rounds):
+        for (name, plan), row in zip(plans, rows):
+            paretoken.apply(model, plan)
+            row["img_per_s_rounds"].append(throughput(model, batch, repeats=args.repeats))
+    base = rows[0]
+    for row in rows:
+        row["img_per_s"] = statistics.median(row["img_per_s_rounds"])
+        row["speedup"] = statistics.median(p / b for p, b in zip(row["img_per_s_rounds"], base["img_per_s_rounds"]))
         row["flops_ratio"] = base["gflops"] / row["gflops"]
         row["efficiency"] = row["speedup"] / row["flops_ratio"]
-        print(f"{row['plan']:15s} {gflops:6.3f} GFLOPs (padded {padded:6.3f})  {img_per_s:8.1f} img/s  "
-              f"speed-up {row['speedup']:5.2f}x  FLOPs ratio {row['flops_ratio']:5.2f}x  "
-              f"efficiency {row['efficiency']:5.2f}", flush=True)
+        rounds = " ".join(f"{v:.1f}" for v in row["img_per_s_rounds"])
+        print(f"{row['plan']:15s} {row['gflops']:6.3f} GFLOPs (padded {row['padded_gflops']:6.3f})  "
+              f"{row['img_per_s']:8.1f} img/s (rounds {rounds})  speed-up {row['speedup']:5.2f}x  "
+              f"FLOPs ratio {row['flops_ratio']:5.2f}x  efficiency {row['efficiency']:5.2f}", flush=True)
 
     suffix = "_prefix_only_last" if args.prefix_only_last else ""
     out = Path(__file__).parent / "results" / f"{args.out or f'throughput_{device.type}{suffix}'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": f"python bench/throughput.py --device {args.device} --batch-size {batch_size} "
-                   f"--repeats {args.repeats} --plans {args.plans}" + (" --prefix-only-last" if suffix else "")
+                   f"--repeats {args.repeats} --rounds {args.rounds} --plans {args.plans}" + (" --prefix-only-last" if suffix else "")
                    + (f" --out {args.out}" if args.out else ""),
         "model": args.model, "batch_size": batch_size, "amp": device.type == "cuda",
         "environment": environment(args.device), "timing": timing_context(), "rows": rows}, indent=2) + "\n")
