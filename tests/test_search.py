@@ -443,13 +443,16 @@ def _free_port() -> int:
 
 @pytest.fixture
 def ray_head():
-    """A Ray cluster started the way a user starts one (`ray start --head`, 2 CPUs); stopped afterwards."""
+    """A two-node Ray cluster started the way a user starts one: `ray start --head` with no CPUs for
+    trials, and a node of 2 CPUs joined to it with `ray start --address`; stopped afterwards."""
     ray_cli = str(Path(sys.executable).with_name("ray"))
     port = _free_port()
-    subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
-                    "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True,
-                   timeout=180)
+    common = ["--num-gpus=0", "--disable-usage-stats"]
+    subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
+                    *common], check=True, capture_output=True, timeout=180)
     try:
+        subprocess.run([ray_cli, "start", f"--address=127.0.0.1:{port}", "--num-cpus=2", *common], check=True,
+                       capture_output=True, timeout=180, env={**os.environ, "RAY_AUTH_MODE": "token"})
         yield f"127.0.0.1:{port}"
     finally:
         subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=180)
@@ -481,6 +484,7 @@ def test_ray_backend_joins_a_running_cluster_and_leaves_it_running(config, tmp_p
     status = subprocess.run([str(Path(sys.executable).with_name("ray")), "status", f"--address={ray_head}"],
                             capture_output=True, text=True, timeout=120)
     assert status.returncode == 0 and "2.0 CPU" in status.stdout.replace("/", " ")  # still up for others
+    assert status.stdout.count(" node_") == 2  # and the trials ran on the joined node: the head has no CPUs
 
 
 def test_unreachable_ray_cluster_is_one_line_and_writes_no_study(config, tmp_path, monkeypatch):
