@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import optuna
 import pandas as pd
 
 from paretoken.evaluators.evaluate import environment
+from paretoken.jsonvalues import json_ready
 from paretoken.results import holdout, query
 from paretoken.search.study import UNCOMPRESSED
 
@@ -67,8 +67,7 @@ def main() -> None:
             "front_held_out": [{"trial": t.number, "plan": t.plan_str, "top1": t.top1, "top1_search": t.top1_search,
                                 "gflops": t.gflops} for t in searched.itertuples()],
             "verdicts": challenges["verdict"].value_counts().to_dict(),
-            "challenges": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in c.items()}
-                           for c in challenges.to_dict("records")],
+            "challenges": json_ready(challenges.to_dict("records")),
         })
         r = rows[-1]
         print(f"{name}: presets dominated {r['presets_dominated_search_images']}/{r['presets']} on the "

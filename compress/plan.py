@@ -31,6 +31,7 @@ from typing import Any, Mapping
 import yaml
 
 from paretoken.errors import ParetokenError
+from paretoken.jsonvalues import json_ready
 
 SCHEMA_VERSION = 1
 
@@ -163,7 +164,8 @@ class Plan:
 
     ``prefix_only_last``: the last block computes only the prefix tokens (see the module docstring).
     ``meta`` carries free-form provenance (model, weights, metrics) that export
-    adds; it never changes what the plan does.
+    adds; it never changes what the plan does. It is JSON: a number that is not finite (a metric
+    not measured) is read and written as null.
     """
 
     stages: tuple[Stage, ...] = ()
@@ -235,11 +237,11 @@ class Plan:
         if not isinstance(meta, Mapping):
             raise ParetokenError(f"plan: meta must be a mapping, got {type(meta).__name__}")
         try:
-            json.dumps(meta, allow_nan=False)  # studies and exports store it as JSON
+            json.dumps(meta)  # studies and exports store it as JSON
         except (TypeError, ValueError) as exc:
-            raise ParetokenError(f"plan: meta must hold JSON values (mappings, lists, strings, finite numbers, "
-                                 f"booleans, null): {exc}") from None
-        return cls(stages=tuple(stages), version=data.get("version", SCHEMA_VERSION), meta=dict(meta),
+            raise ParetokenError(f"plan: meta must hold JSON values (mappings, lists, strings, numbers, booleans, "
+                                 f"null): {exc}") from None
+        return cls(stages=tuple(stages), version=data.get("version", SCHEMA_VERSION), meta=json_ready(dict(meta)),
                    prefix_only_last=data.get("prefix_only_last", False))
 
     def to_dict(self) -> dict[str, Any]:
@@ -247,7 +249,7 @@ class Plan:
         if self.prefix_only_last:
             out["prefix_only_last"] = True
         if self.meta:
-            out["meta"] = dict(self.meta)
+            out["meta"] = json_ready(dict(self.meta))
         return out
 
     def save(self, path: str | Path) -> Path:

@@ -151,7 +151,8 @@ def evaluate_per_image(plan: Plan, config: EvalConfig = EvalConfig()) -> tuple[d
     logits, seconds, padding_pct = _forward_all(model, bench.images, config.batch_size)
     peak = (torch.cuda.max_memory_allocated(device) - resident) / 2**20 if device.type == "cuda" else math.nan
     if not torch.isfinite(logits).all():
-        raise FloatingPointError("the compressed model produced non-finite logits")
+        raise ParetokenError(f"plan: {plan.describe()} makes the logits non-finite (the uncompressed model's "
+                             f"are finite); valid: a plan that keeps them finite, e.g. fewer or milder stages")
     pred, base_pred = logits.argmax(1), bench.base_logits.argmax(1)
     kl = F.kl_div(logits.log_softmax(1), bench.base_logits.log_softmax(1), log_target=True, reduction="batchmean")
     full = max(len(bench.images) // config.batch_size, 1)  # a short last batch is not timed

@@ -40,13 +40,13 @@ def _budget_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _plain(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
+    """A table cell as JSON has it: numpy scalars as Python numbers, times as ISO strings, what is not
+    a finite number as null."""
     if hasattr(value, "item") and callable(value.item):
-        return _plain(value.item())
+        value = value.item()
     if hasattr(value, "isoformat"):
         return value.isoformat()
-    return value
+    return json_ready(value)
 
 
 def _records(df, columns) -> list[dict]:

@@ -170,7 +170,7 @@ def export_meta(study, row, storage: str) -> dict[str, Any]:
         "input_size": _input_size(model),
         "data": str(data),
         "eval": {k: v for k, v in evaluation.items() if v is not None},
-        "metrics": {m: float(row[m]) for m in query.METRICS if m in row and not math.isnan(float(row[m]))},
+        "metrics": {m: float(row[m]) for m in query.METRICS if m in row and math.isfinite(float(row[m]))},
         "plan_str": row.get("plan_str"),
         "preset": row.get("preset") if isinstance(row.get("preset"), str) else None,
         "search": {k: settings[k] for k in ("space", "objectives", *BOUNDS)

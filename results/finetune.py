@@ -182,6 +182,12 @@ def meta_after_finetune(meta: dict[str, Any], before: Plan, after: Plan) -> dict
     return meta
 
 
+def _diverged(what: str, step: int, total: int, config: FinetuneConfig) -> ParetokenError:
+    """The one-line error of a training that diverged at ``step`` (1-based, as the log counts)."""
+    return ParetokenError(f"lr: {what} at step {step}/{total} with lr {config.lr:g}; valid: a lower --lr "
+                          f"(or --learned-lr, --budget-weight)")
+
+
 def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
              out: str | Path = "finetuned.safetensors", log: TextIO | None = None) -> dict[str, Any]:
     """Fine-tune ``plan`` on ``config``'s model and data; write ``out`` (weights) and ``out``.yaml (plan).
@@ -296,18 +302,24 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
             if token_loss is not None:
                 loss = loss + config.budget_weight * token_loss
             if not torch.isfinite(loss):
-                raise ParetokenError(f"lr: the loss became {loss.item()} at step {step} with lr {config.lr:g}; "
-                                     f"valid: a lower --lr (or --learned-lr, --budget-weight)")
+                raise _diverged(f"the loss became {loss.item()}", step + 1, total, config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            optimizer.step()
+            try:
+                optimizer.step()
+            except RuntimeError as exc:  # an update the weights' dtype cannot hold (a huge --lr)
+                if "overflow" not in str(exc):
+                    raise
+                raise _diverged("the update overflowed", step + 1, total, config) from None
             scheduler.step()
             losses.append((step, float(loss.item())))
             if step % log_every == 0 or step == total - 1:
                 _say(log, f"  step {step + 1}/{total}  loss {loss.item():.4f}  "
                           f"({time.perf_counter() - started:.0f} s)")
             step += 1
+    if not all(torch.isfinite(p).all() for p in student.parameters()):  # the last step's update
+        raise _diverged("the weights became non-finite", step, total, config)
     after = measure()
     _say(log, f"  after:  top1 {after['top1']:.2f} ({after['top1'] - before['top1']:+.2f}), "
               f"agreement {after['agreement']:.2f}, mean tokens/block {after['mean_tokens']:.1f}"

@@ -80,8 +80,12 @@ def test_a_loss_that_is_not_finite_is_one_line_naming_lr_and_writes_nothing(tmp_
     proc = subprocess.run([sys.executable, "-m", "paretoken.cli", *common, "--lr", "1e30"],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.startswith("paretoken: error: lr: the loss became nan at step 1 with lr 1e+30; valid: a "
+    assert proc.stderr.startswith("paretoken: error: lr: the loss became nan at step 2/2 with lr 1e+30; valid: a "
                                   "lower --lr") and proc.stderr.count("\n") == 1
+    proc = subprocess.run([sys.executable, "-m", "paretoken.cli", *common, "--lr", "1e38"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr == ("paretoken: error: lr: the update overflowed at step 1/2 with lr "
+                                                    "1e+38; valid: a lower --lr (or --learned-lr, --budget-weight)\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inf.safetensors", "plan.yaml"]
     proc = subprocess.run([sys.executable, "-m", "paretoken.cli", "eval", "--checkpoint", str(bad_weights),
                            "--preset", "evit-0.7", "--images", "8"], capture_output=True, text=True, timeout=300)

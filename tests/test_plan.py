@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 
@@ -121,6 +122,17 @@ def test_a_date_in_a_plan_files_meta_reads_as_the_string_it_is(tmp_path):
     assert plan.meta == {"made": "2024-05-01"}
     assert paretoken.load_plan(plan.save(tmp_path / "again.YAML")).meta == plan.meta  # YAML whatever the case
     assert (tmp_path / "again.YAML").read_text().startswith("version: 1")
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_meta_numbers_that_are_not_finite_read_and_write_as_null(tmp_path, suffix):
+    path = tmp_path / "nan.yaml"
+    path.write_text("version: 1\nmeta: {metrics: {top1: .nan, kl: .inf}, runs: [1, -.inf]}\nstages: []\n")
+    assert paretoken.load_plan(path).meta == {"metrics": {"top1": None, "kl": None}, "runs": [1, None]}
+    built = Plan(meta={"metrics": {"kl": math.inf}, "runs": (math.nan, 2.5)})  # as a library caller makes one
+    written = built.save(tmp_path / f"built{suffix}")
+    assert paretoken.load_plan(written).meta == {"metrics": {"kl": None}, "runs": [None, 2.5]}
+    assert json.dumps(built.to_dict(), allow_nan=False)  # strict JSON, as studies store it
 
 
 def test_plan_files_read_as_written(tmp_path):

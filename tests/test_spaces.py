@@ -101,6 +101,17 @@ def test_many_random_samples_are_valid_plans(name, depth):
                for _, p in plans[:20])
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_slim_pyramids_of_the_shallowest_models(depth):
+    """One block: its keep is sampled (it is the only one). Two: block 0's, repeated in block 1."""
+    space = get_space("slim")
+    for params, plan in _samples(space, 20, depth=depth):
+        assert set(params) == {"keep_0"}
+        keep = params["keep_0"]
+        assert plan.stages == (() if keep == 1.0 else tuple(Stage(layer, "slim", keep=keep) for layer in range(depth)))
+        assert space.params_for(plan, depth) == params
+
+
 @pytest.mark.parametrize("name", sorted(FAMILY_OPS))
 def test_presets_of_the_family_are_expressible_and_others_are_not(name):
     space = get_space(name)
