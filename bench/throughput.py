@@ -1,18 +1,19 @@
 """Throughput of DeiT-S, uncompressed vs every preset (random weights: speed does not depend on them).
 
     python bench/throughput.py [--device cpu|cuda] [--batch-size N] [--repeats R] [--rounds K]
-    python bench/throughput.py --prefix-only-last --plans tome-r13,evit-0.7 --repeats 3
+    python bench/throughput.py --prefix-only-last --plans tome-r13,evit-0.7 --repeats 3 --rounds 3
 
 CPU: batch 64, fp32. GPU: batch 256, fp16 autocast. Prints a table and saves
 bench/results/throughput_<device>.json. Efficiency = (throughput ratio) /
 (FLOPs ratio): 1.0 means the FLOPs saved all turn into speed. Per-image plans
 run batched with padding: their row also gives the GFLOPs the padded batch
-really executes, so the cost of padding shows. The plans are timed in ``--rounds``
-rounds, every plan once per round, and a plan's figures are medians over the rounds
-(its speed-up paired with the uncompressed model's time in the same round), so a
-machine whose speed drifts during the run (a shared VM's varies by 1.5x within
-minutes) does not favour the plans timed in its fast minutes. ``--prefix-only-last`` follows each
-plan with its ``prefix_only_last`` form (row ``NAME+pol``) and saves
+really executes, so the cost of padding shows. The machine's speed may drift during
+the run (a shared VM's moved by 1.5x within minutes), so each plan is timed right
+after the uncompressed model and right before it again, its speed-up in a round is
+its throughput over the mean of those two, and its figures are the medians over
+``--rounds`` rounds, in a shuffled order each round. ``--prefix-only-last`` follows each
+plan with its ``prefix_only_last`` form (row ``NAME+pol``, with its speed-up over the
+plan timed just before it) and saves
 bench/results/throughput_<device>_prefix_only_last.json.
 """
 from __future__ import annotations
@@ -20,13 +21,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
 import statistics
+import time
 from pathlib import Path
 
 import timm
 import torch
 
 import paretoken
+from paretoken.argtypes import positive_int
 from paretoken.evaluators.evaluate import environment
 from paretoken.evaluators.flops import count_flops
 from paretoken.evaluators.speed import throughput, timing_context
@@ -37,8 +41,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default="deit_small_patch16_224")
     parser.add_argument("--batch-size", type=int, default=None, help="[64 on CPU, 256 on GPU]")
-    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per plan and round [5]")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds over every plan [3]")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed forwards per plan and round [5]")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="rounds over every plan [3]")
     parser.add_argument("--plans", default=",".join(["uncompressed", *paretoken.PRESETS]),
                         help="comma-separated preset names; the uncompressed model always runs first [all]")
     parser.add_argument("--prefix-only-last", action="store_true",
@@ -53,32 +57,55 @@ def main() -> None:
     batch = torch.randn(batch_size, 3, 224, 224, device=device)
     flops_images = batch[:16]
 
-    rows = []
-    plans = []
-    for name in ["uncompressed", *(n for n in args.plans.split(",") if n != "uncompressed")]:
-        plan = paretoken.Plan() if name == "uncompressed" else paretoken.preset(name)
-        plans.append((name, plan))
-        if args.prefix_only_last:
-            plans.append((f"{name}+pol", dataclasses.replace(plan, prefix_only_last=True)))
-    for name, plan in plans:
+    named = [("uncompressed", paretoken.Plan())] + [(n, paretoken.preset(n)) for n in args.plans.split(",")
+                                                     if n != "uncompressed"]
+    groups = []  # timed together, right after a timing of the uncompressed model and right before the next
+    for name, plan in named:
+        pol = [(f"{name}+pol", dataclasses.replace(plan, prefix_only_last=True))] if args.prefix_only_last else []
+        groups.append(pol if name == "uncompressed" else [(name, plan), *pol])
+    rows = {}
+    for name, plan in [named[0], *(member for group in groups for member in group)]:
         paretoken.apply(model, plan)
         gflops = count_flops(model, flops_images, per_image=plan.per_image)
         padded = count_flops(model, flops_images) if plan.per_image else gflops
-        rows.append({"plan": name, "gflops": gflops, "padded_gflops": padded, "img_per_s_rounds": []})
+        rows[name] = {"plan": name, "gflops": gflops, "padded_gflops": padded, "img_per_s_rounds": [],
+                      "speedup_rounds": []}
+
+    def timed(plan: paretoken.Plan) -> float:
+        paretoken.apply(model, plan)
+        return throughput(model, batch, repeats=args.repeats)
+
+    started, order_rng, round_starts = time.perf_counter(), random.Random(0), []
+    base = rows["uncompressed"]
     for _ in range(args.rounds):
-        for (name, plan), row in zip(plans, rows):
-            paretoken.apply(model, plan)
-            row["img_per_s_rounds"].append(throughput(model, batch, repeats=args.repeats))
-    base = rows[0]
-    for row in rows:
+        round_starts.append(round(time.perf_counter() - started, 1))
+        before = timed(named[0][1])
+        base["img_per_s_rounds"].append(before)
+        for group in order_rng.sample(groups, len(groups)):
+            figures = [(name, timed(plan)) for name, plan in group]
+            after = timed(named[0][1])
+            base["img_per_s_rounds"].append(after)
+            for name, img_per_s in figures:
+                rows[name]["img_per_s_rounds"].append(img_per_s)
+                rows[name]["speedup_rounds"].append(img_per_s / ((before + after) / 2))
+                if name.endswith("+pol") and name != "uncompressed+pol":  # against its plan, timed just before
+                    rows[name].setdefault("speedup_over_plan_rounds", []).append(img_per_s / figures[0][1])
+            before = after
+    base["speedup_rounds"] = [1.0]
+    for row in rows.values():
         row["img_per_s"] = statistics.median(row["img_per_s_rounds"])
-        row["speedup"] = statistics.median(p / b for p, b in zip(row["img_per_s_rounds"], base["img_per_s_rounds"]))
+        row["speedup"] = statistics.median(row["speedup_rounds"])
         row["flops_ratio"] = base["gflops"] / row["gflops"]
         row["efficiency"] = row["speedup"] / row["flops_ratio"]
-        rounds = " ".join(f"{v:.1f}" for v in row["img_per_s_rounds"])
-        print(f"{row['plan']:15s} {row['gflops']:6.3f} GFLOPs (padded {row['padded_gflops']:6.3f})  "
-              f"{row['img_per_s']:8.1f} img/s (rounds {rounds})  speed-up {row['speedup']:5.2f}x  "
-              f"FLOPs ratio {row['flops_ratio']:5.2f}x  efficiency {row['efficiency']:5.2f}", flush=True)
+        over = row.get("speedup_over_plan_rounds")
+        if over:
+            row["speedup_over_plan"] = statistics.median(over)
+        spread = f"{min(row['speedup_rounds']):.2f}-{max(row['speedup_rounds']):.2f}"
+        print(f"{row['plan']:17s} {row['gflops']:6.3f} GFLOPs (padded {row['padded_gflops']:6.3f})  "
+              f"{row['img_per_s']:6.1f} img/s  speed-up {row['speedup']:5.2f}x (rounds {spread})  "
+              f"FLOPs ratio {row['flops_ratio']:5.2f}x  efficiency {row['efficiency']:5.2f}"
+              + (f"  over the plan {row['speedup_over_plan']:5.3f}x" if over else ""), flush=True)
+    seconds = time.perf_counter() - started
 
     suffix = "_prefix_only_last" if args.prefix_only_last else ""
     out = Path(__file__).parent / "results" / f"{args.out or f'throughput_{device.type}{suffix}'}.json"
@@ -88,7 +115,8 @@ def main() -> None:
                    f"--repeats {args.repeats} --rounds {args.rounds} --plans {args.plans}" + (" --prefix-only-last" if suffix else "")
                    + (f" --out {args.out}" if args.out else ""),
         "model": args.model, "batch_size": batch_size, "amp": device.type == "cuda",
-        "environment": environment(args.device), "timing": timing_context(), "rows": rows}, indent=2) + "\n")
+        "environment": environment(args.device), "timing": timing_context(), "seconds": round(seconds, 1),
+        "round_starts_s": round_starts, "rows": list(rows.values())}, indent=2) + "\n")
     print(f"saved {out}")
 
 
