@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 from paretoken import argtypes
 from paretoken.errors import ParetokenError
-from paretoken.jsonvalues import json_ready
 from paretoken.evaluators.metrics import BOUNDS, OBJECTIVES_HELP, Budgets
+from paretoken.jsonvalues import json_ready
 from paretoken.outputs import PLAN_SUFFIXES, PLOT_SUFFIXES, check_output
 from paretoken.search.storage import default_storage, redact
 
@@ -51,6 +51,12 @@ def _plain(value):
 
 def _records(df, columns) -> list[dict]:
     return [{c: _plain(row[c]) for c in columns if c in df.columns} for _, row in df.iterrows()]
+
+
+def _write_csv(df: pd.DataFrame, path: str) -> None:
+    """``df`` as CSV at ``path`` (checked by :func:`check_output` before the work; its folders made)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, index=False)
 
 
 def format_metric(column: str, value) -> str:
@@ -117,8 +123,7 @@ def cmd_front(args: argparse.Namespace) -> int:
         out = fr.drop(columns=["values"]).copy()
         out["plan"] = out["plan"].map(json.dumps)
         out["versions"] = out["versions"].map(lambda v: json.dumps(v) if v is not None else "")
-        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-        out.to_csv(args.csv, index=False)
+        _write_csv(out, args.csv)
     states = df["state"].where(~df["interrupted"], "INTERRUPTED") if "interrupted" in df else df["state"]
     counts = states.value_counts().to_dict()
     settings = df.attrs.get("user_attrs", {}).get("paretoken") or {}
@@ -155,8 +160,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     table = query.compare([(name, args.storage) for name in args.study], args.objectives, _budgets(args))
     if args.csv:
-        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(args.csv, index=False)
+        _write_csv(table, args.csv)
     if args.json:
         print(json.dumps({"reference": table.attrs["reference"], "studies": _records(table, table.columns)},
                          allow_nan=False))
