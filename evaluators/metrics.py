@@ -15,6 +15,12 @@ Torch-free, so that reading a study never imports torch.
                model only (images are preloaded tensors); AMP and
                ``torch.cuda.synchronize`` on GPU.
   latency_ms   batch-1 latency, median of ``latency_repeats`` after warm-up.
+  speedup      times faster than the uncompressed model on one batch of
+               ``batch_size``, on the same worker: each of ``speedup_rounds``
+               forwards of the plan is timed between two of the uncompressed
+               model and compared with their mean; the median of those ratios.
+               Unlike img_per_s it does not move with the machine's speed, so
+               trials timed on different workers or at different times compare.
   peak_mem_mb  CUDA memory the evaluation pass allocates at its peak on top of
                what it starts with (weights, preloaded images): the activations
                at ``batch_size``, MiB; NaN on CPU, where PyTorch offers no allocator peak.
@@ -33,8 +39,8 @@ from paretoken.errors import ParetokenError
 #: Whether a larger (``maximize``) or smaller (``minimize``) value is better, per metric, in table order.
 DIRECTIONS: dict[str, str] = {
     "top1": "maximize", "top1_drop": "minimize", "agreement": "maximize", "kl": "minimize",
-    "gflops": "minimize", "img_per_s": "maximize", "latency_ms": "minimize", "peak_mem_mb": "minimize",
-    "padding_pct": "minimize",
+    "gflops": "minimize", "img_per_s": "maximize", "latency_ms": "minimize", "speedup": "maximize",
+    "peak_mem_mb": "minimize", "padding_pct": "minimize",
 }
 METRICS: tuple[str, ...] = tuple(DIRECTIONS)
 #: For help texts: "top1, agreement, img_per_s (maximised); top1_drop, ... (minimised)".

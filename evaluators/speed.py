@@ -1,11 +1,13 @@
 """Real timing of a model's forward: warm-up, device synchronisation, AMP on GPU, medians.
 
-Only the model is timed: inputs are tensors already on the device.
+Only the model is timed: inputs are tensors already on the device. Speed-ups pair each timing
+with timings of the base model right around it, so a drift of the machine's speed cancels.
 """
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -47,6 +49,22 @@ def throughput(model: torch.nn.Module, batch: torch.Tensor, repeats: int = 5, wa
 def latency_ms(model: torch.nn.Module, image: torch.Tensor, repeats: int = 10, warmup: int = 2) -> float:
     """Batch-1 latency in milliseconds of ``image`` (1, C, H, W)."""
     return 1e3 * median_seconds(model, image, repeats, warmup)
+
+
+def paired_speedup(base_seconds: Callable[[], float], plan_seconds: Callable[[], float], rounds: int = 3) -> float:
+    """How many times faster the plan runs than the base, robust to a machine whose speed drifts.
+
+    Times base, plan, base, plan, ..., base (``2 * rounds + 1`` calls, each returning one timing in
+    seconds): each plan timing is compared with the mean of the base timings right before and right
+    after it, and the speed-up is the median of those ``rounds`` ratios (base seconds / plan seconds).
+    """
+    before, ratios = base_seconds(), []
+    for _ in range(rounds):
+        seconds = plan_seconds()
+        after = base_seconds()
+        ratios.append((before + after) / 2 / seconds)
+        before = after
+    return statistics.median(ratios)
 
 
 def timing_context() -> dict[str, int | str]:

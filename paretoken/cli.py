@@ -110,7 +110,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(json_ready({"plan": plan.to_dict(), "metrics": metrics, "environment": env}), allow_nan=False))
         return 0
     units = {"top1": "%", "top1_drop": "points", "agreement": "%", "kl": "nats", "gflops": "GFLOPs/image",
-             "img_per_s": "images/s",
+             "img_per_s": "images/s", "speedup": "x the uncompressed model's speed",
              "latency_ms": "ms (batch 1)", "peak_mem_mb": "MiB (CUDA only)", "padding_pct": "% of token slots"}
     after = f" (after the first {args.skip})" if args.skip else ""
     print(f"model {args.model} on {args.images} images{after} of {args.data or 'fashion-mnist'}; {env['device']}, "

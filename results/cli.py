@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-TABLE_COLUMNS = ("number", "preset", "top1", "agreement", "kl", "gflops", "img_per_s", "latency_ms", "plan_str")
+TABLE_COLUMNS = ("number", "preset", "top1", "agreement", "kl", "gflops", "img_per_s", "speedup", "latency_ms", "plan_str")
 
 
 def _budgets(args: argparse.Namespace) -> Budgets:
@@ -60,7 +60,7 @@ def _write_csv(df: pd.DataFrame, path: str) -> None:
 
 
 def format_metric(column: str, value) -> str:
-    """A metric or table cell as printed: GFLOPs to 4 decimals, top-1 to 2, throughput whole."""
+    """A metric or table cell as printed: GFLOPs to 4 decimals, top-1 to 2, throughput whole, speed-up to 2."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if not isinstance(value, float):
@@ -71,6 +71,8 @@ def format_metric(column: str, value) -> str:
         return f"{value:.2f}"
     if column == "img_per_s":
         return f"{value:.0f}"
+    if column == "speedup":
+        return f"{value:.2f}"
     if column in ("gflops", "best_gflops", "challenger_gflops"):
         return f"{value:.4f}"
     if column in ("latency_ms", "peak_mem_mb", "duration_s"):
@@ -245,8 +247,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                   cheapest=args.cheapest)
     meta = load_plan(path).meta
     metrics = meta["metrics"]
-    shown = ", ".join(f"{k} {format_metric(k, float(metrics[k]))}" for k in ("top1", "agreement", "gflops", "img_per_s")
-                      if k in metrics)
+    shown = ", ".join(f"{k} {format_metric(k, float(metrics[k]))}" for k in ("top1", "agreement", "gflops", "img_per_s",
+                                                                              "speedup") if k in metrics)
     print(f"trial {meta['provenance']['trial']} of study {args.study}: {meta['plan_str']}\n"
           f"  {shown}\n  model {meta['model']}, weights {meta['checkpoint'] or meta['weights'].get('file') or 'timm'}"
           f"\nsaved {path}")

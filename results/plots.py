@@ -25,6 +25,7 @@ _STATIC = (".png", ".svg", ".pdf")
 LABELS = {"top1": "top-1 (%)", "top1_drop": "top-1 lost (points)", "agreement": "agreement with uncompressed (%)",
           "kl": "KL to uncompressed (nats)",
           "gflops": "GFLOPs per image", "img_per_s": "throughput (images/s)", "latency_ms": "latency (ms, batch 1)",
+          "speedup": "speed-up over uncompressed (x)",
           "peak_mem_mb": "peak memory (MiB)", "padding_pct": "padding (% of token slots)",
           "duration_s": "trial duration (s)"}
 FRONT_COLOR = "#d62728"

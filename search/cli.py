@@ -39,7 +39,7 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
                    help="images whose GFLOPs are averaged for plans with per-image token counts [16]")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda where present) [auto]")
     g.add_argument("--no-speed", action="store_true",
-                   help="skip throughput/latency timing (img_per_s, latency_ms are then not recorded)")
+                   help="skip throughput/latency timing (img_per_s, latency_ms, speedup are then not recorded)")
     g = p.add_argument_group("search")
     g.add_argument("--space", default="mixed", help=f"search space: {', '.join(SPACE_NAMES)} [mixed]")
     g.add_argument("--objectives", default="top1,gflops",

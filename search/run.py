@@ -249,7 +249,7 @@ def run_search(study_name: str, storage: str | None = None, space: str = "mixed"
     study_name / storage: the Optuna study and its storage URL (default ``sqlite:///studies/<study>.db``;
       ``journal:PATH``; ``postgresql://...``).
     space: a name of :data:`paretoken.spaces.SPACES`.
-    objectives: metric names; top1, agreement, img_per_s are maximised, gflops, latency_ms, kl,
+    objectives: metric names; top1, agreement, img_per_s, speedup are maximised, gflops, latency_ms, kl,
       peak_mem_mb, padding_pct minimised.
     sampler: tpe, nsga2, gp or random, seeded with ``seed``.
     backend: ``local`` (in process, one trial at a time) or ``ray`` (Ray Tune trials, ``workers`` at

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import safetensors.torch
 import torch
 
 import paretoken
+from paretoken.compress import applied_plan
 from paretoken.evaluators import evaluate as ev
 from paretoken.evaluators.data import load_split
 from paretoken.evaluators.models import build_default_architecture
+from paretoken.evaluators.speed import paired_speedup
 from reference import DEFAULT_GFLOPS
 
 
@@ -34,6 +37,7 @@ def test_uncompressed_metrics(config):
     assert metrics["top1_drop"] == 0.0
     assert 0.0 <= metrics["top1"] <= 100.0
     assert metrics["img_per_s"] > 0 and metrics["latency_ms"] > 0
+    assert 0 < metrics["speedup"] < math.inf
     assert math.isnan(metrics["peak_mem_mb"])  # CPU: no allocator peak
     assert metrics["gflops"] == pytest.approx(DEFAULT_GFLOPS, rel=1e-12)
 
@@ -54,6 +58,36 @@ def test_top1_agreement_and_kl_against_a_direct_computation(config):
     kl = (p * (p.log() - out.log_softmax(1))).sum(1).mean().item()
     assert metrics["kl"] == pytest.approx(kl, rel=1e-3, abs=1e-6)
     assert metrics["agreement"] < 100.0 and metrics["gflops"] < DEFAULT_GFLOPS
+
+
+def test_speedup_leaves_the_model_running_the_plan_and_needs_speed(config):
+    plan = paretoken.preset("evit-0.5")
+    assert 0 < ev.evaluate(plan, config)["speedup"] < math.inf
+    assert applied_plan(ev.prepare(config).model) == plan
+    assert math.isnan(ev.evaluate(plan, replace(config, speed=False))["speedup"])
+
+
+def test_paired_speedup_cancels_a_steady_drift():
+    """The machine slows down steadily (base 1.0 s, 1.2 s, ...); the plan always runs twice as fast as
+    the base would at that moment. The paired speed-up is 2; plan over the first base timing is not."""
+    calls, clock = [], iter(range(100))
+
+    def base() -> float:
+        calls.append("base")
+        return 1.0 + 0.1 * next(clock)
+
+    def plan() -> float:
+        calls.append("plan")
+        return (1.0 + 0.1 * next(clock)) / 2
+
+    assert paired_speedup(base, plan, rounds=3) == pytest.approx(2.0)
+    assert calls == ["base", "plan"] * 3 + ["base"]
+
+
+def test_paired_speedup_is_the_median_of_its_rounds():
+    base = iter([1.0, 1.0, 1.0, 1.0]).__next__
+    plan = iter([0.5, 0.01, 0.25]).__next__  # ratios 2, 100, 4
+    assert paired_speedup(base, plan, rounds=3) == pytest.approx(4.0)
 
 
 def test_baseline_is_computed_once_per_config(config):

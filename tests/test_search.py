@@ -140,6 +140,7 @@ def test_resuming_with_other_settings_is_a_one_line_error(config, tmp_path, monk
     ({"backend": "dask"}, "backend: 'dask' is unknown"),
     ({"workers": 2}, "local backend runs one trial at a time"),
     ({"objectives": "top1,img_per_s"}, "needs speed measurement"),
+    ({"objectives": "top1,speedup"}, "'speedup' needs speed measurement"),
     ({"objectives": "top1,peak_mem_mb"}, "CUDA devices only"),
     ({"storage": "postgresql://nobody:secret@127.0.0.1:1/none"}, "storage: cannot open postgresql://nobody:\\*\\*\\*@"),
     ({"storage": "mysql:/x"}, "not a storage URL"),
@@ -389,12 +390,26 @@ def test_other_samplers_run(config, tmp_path, monkeypatch, sampler):
     assert result.counts.complete == 3
 
 
+def test_search_on_speedup_pairs_timings_in_every_trial(config, tmp_path, monkeypatch, lines):
+    monkeypatch.chdir(tmp_path)
+    timed = dataclasses.replace(config, speed=True, latency_repeats=1, speedup_rounds=1)
+    result = run_search("fast", space="evit", objectives="top1,speedup", n_trials=3, eval_config=timed,
+                        log=lines.append)
+    trials = _load("fast", result.storage).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert all(t.values == [t.user_attrs["top1"], t.user_attrs["speedup"]] and 0 < t.values[1] < math.inf
+               for t in trials)
+    assert result.reference == pytest.approx({"top1": trials[0].user_attrs["top1"] - 10, "speedup": 1.0})
+    assert "speedup" in result.front.columns
+
+
 def test_gp_models_noise_only_for_measured_objectives():
     from paretoken.search.study import make_sampler
 
     # Optuna's GPSampler keeps the flag as _deterministic; a rename there fails here, not silently
     assert make_sampler("gp", 0, ("top1", "gflops")).inner._deterministic is True
     assert make_sampler("gp", 0, ("top1", "img_per_s")).inner._deterministic is False
+    assert make_sampler("gp", 0, ("top1", "speedup")).inner._deterministic is False
 
 
 def test_ray_backend_runs_trials_on_two_worker_processes(config, tmp_path, monkeypatch, lines):
