@@ -20,14 +20,13 @@ from paretoken.evaluators.data import load_split
 from paretoken.evaluators.flops import count_flops
 from paretoken.evaluators.metrics import METRICS
 from paretoken.evaluators.models import create_model
-from paretoken.evaluators.speed import latency_ms, paired_speedup, timed_forward
+from paretoken.evaluators.speed import bracketed_speedup, latency_ms, timed_forward
 
 @dataclass(frozen=True)
 class EvalConfig:
     """What a trial is measured on. ``images``: evaluation images, after the first ``skip`` of the
     seeded test order (``skip=k`` holds them out from a search that measured on ``images=k``);
-    ``batch_size``: images per timed batch; ``speedup_rounds``: plan timings in ``speedup``, each
-    between two of the uncompressed model."""
+    ``batch_size``: images per timed batch."""
 
     model: str = "default"
     checkpoint: str | None = None
@@ -40,7 +39,6 @@ class EvalConfig:
     speed: bool = True
     flops_images: int = 16
     latency_repeats: int = 10
-    speedup_rounds: int = 3
     pretrained: bool = False
 
 
@@ -146,12 +144,16 @@ def evaluate_per_image(plan: Plan, config: EvalConfig = EvalConfig()) -> tuple[d
     CPU, in the order of ``config``'s evaluation images (what paired comparisons of plans need)."""
     bench = prepare(config)
     model, device = bench.model, bench.images.device
+    speed_batch = bench.images[:config.batch_size]
+    base_before = _base_seconds(model, speed_batch) if config.speed else math.nan
     apply(model, plan)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         resident = torch.cuda.memory_allocated(device)  # weights, preloaded images, uncompressed logits
     logits, seconds, padding_pct = _forward_all(model, bench.images, config.batch_size)
     peak = (torch.cuda.max_memory_allocated(device) - resident) / 2**20 if device.type == "cuda" else math.nan
+    base_after = _base_seconds(model, speed_batch) if config.speed else math.nan
+    apply(model, plan)
     if not torch.isfinite(logits).all():
         raise ParetokenError(f"plan: {plan.describe()} makes the logits non-finite (the uncompressed model's "
                              f"are finite); valid: a plan that keeps them finite, e.g. fewer or milder stages")
@@ -169,26 +171,17 @@ def evaluate_per_image(plan: Plan, config: EvalConfig = EvalConfig()) -> tuple[d
                               max_images=config.flops_images),
         "img_per_s": min(config.batch_size, len(bench.images)) / statistics.median(timed) if config.speed else math.nan,
         "latency_ms": latency_ms(model, bench.images[:1], config.latency_repeats) if config.speed else math.nan,
-        "speedup": (_speedup(model, plan, bench.images[:config.batch_size], config.speedup_rounds)
-                    if config.speed else math.nan),
+        "speedup": bracketed_speedup(base_before, timed, base_after) if config.speed else math.nan,
         "peak_mem_mb": peak,
         "padding_pct": padding_pct,
     }
     return metrics, (pred == bench.labels).cpu()
 
 
-def _speedup(model: torch.nn.Module, plan: Plan, batch: torch.Tensor, rounds: int) -> float:
-    """``plan``'s speed-up over the uncompressed model on ``batch`` (B, C, H, W), one forward per timing,
-    both warmed up first; ``model`` is left running ``plan``."""
-    def seconds(run: Plan) -> float:
-        apply(model, run)
-        return timed_forward(model, batch)[1]
-
-    seconds(Plan())
-    seconds(plan)
-    speedup = paired_speedup(lambda: seconds(Plan()), lambda: seconds(plan), rounds)
-    apply(model, plan)
-    return speedup
+def _base_seconds(model: torch.nn.Module, batch: torch.Tensor) -> float:
+    """Seconds of one uncompressed forward on ``batch`` (B, C, H, W); ``model`` is left uncompressed."""
+    apply(model, Plan())
+    return timed_forward(model, batch)[1]
 
 
 def _version(package: str) -> str:

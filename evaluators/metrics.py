@@ -15,12 +15,12 @@ Torch-free, so that reading a study never imports torch.
                model only (images are preloaded tensors); AMP and
                ``torch.cuda.synchronize`` on GPU.
   latency_ms   batch-1 latency, median of ``latency_repeats`` after warm-up.
-  speedup      times faster than the uncompressed model on one batch of
-               ``batch_size``, on the same worker: each of ``speedup_rounds``
-               forwards of the plan is timed between two of the uncompressed
-               model and compared with their mean; the median of those ratios.
-               Unlike img_per_s it does not move with the machine's speed, so
-               trials timed on different workers or at different times compare.
+  speedup      times faster than the uncompressed model on the same worker:
+               the mean of two uncompressed forwards on a batch of
+               ``batch_size``, one right before and one right after the
+               evaluation pass, over the median batch time of img_per_s.
+               Unlike img_per_s it does not move with a worker's speed, so
+               trials timed on different workers or minutes apart compare.
   peak_mem_mb  CUDA memory the evaluation pass allocates at its peak on top of
                what it starts with (weights, preloaded images): the activations
                at ``batch_size``, MiB; NaN on CPU, where PyTorch offers no allocator peak.

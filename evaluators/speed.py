@@ -1,13 +1,13 @@
 """Real timing of a model's forward: warm-up, device synchronisation, AMP on GPU, medians.
 
-Only the model is timed: inputs are tensors already on the device. Speed-ups pair each timing
-with timings of the base model right around it, so a drift of the machine's speed cancels.
+Only the model is timed: inputs are tensors already on the device. Speed-ups bracket a plan's
+timings with timings of the base model right before and after, so a steady drift cancels.
 """
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
@@ -51,20 +51,12 @@ def latency_ms(model: torch.nn.Module, image: torch.Tensor, repeats: int = 10, w
     return 1e3 * median_seconds(model, image, repeats, warmup)
 
 
-def paired_speedup(base_seconds: Callable[[], float], plan_seconds: Callable[[], float], rounds: int = 3) -> float:
-    """How many times faster the plan runs than the base, robust to a machine whose speed drifts.
-
-    Times base, plan, base, plan, ..., base (``2 * rounds + 1`` calls, each returning one timing in
-    seconds): each plan timing is compared with the mean of the base timings right before and right
-    after it, and the speed-up is the median of those ``rounds`` ratios (base seconds / plan seconds).
-    """
-    before, ratios = base_seconds(), []
-    for _ in range(rounds):
-        seconds = plan_seconds()
-        after = base_seconds()
-        ratios.append((before + after) / 2 / seconds)
-        before = after
-    return statistics.median(ratios)
+def bracketed_speedup(base_before: float, plan_seconds: Sequence[float], base_after: float) -> float:
+    """How many times faster a plan runs than the base model: the mean of one base timing right before
+    and one right after the plan's timings, over the median of those (seconds per batch of one size).
+    A steady drift of the machine's speed cancels: the plan's median sits midway in time as the mean
+    of the two base timings does."""
+    return (base_before + base_after) / 2 / statistics.median(plan_seconds)
 
 
 def timing_context() -> dict[str, int | str]:

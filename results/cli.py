@@ -13,7 +13,7 @@ from paretoken.errors import ParetokenError
 from paretoken.evaluators.metrics import BOUNDS, OBJECTIVES_HELP, Budgets
 from paretoken.jsonvalues import json_ready
 from paretoken.outputs import PLAN_SUFFIXES, PLOT_SUFFIXES, check_output
-from paretoken.search.storage import default_storage, redact
+from paretoken.search.storage import redact, study_storage
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -100,7 +100,7 @@ def cmd_front(args: argparse.Namespace) -> int:
                              "table, --csv for a file)")
     if args.plot and args.history and Path(args.plot).resolve() == Path(args.history).resolve():
         raise ParetokenError(f"history: {args.history!r} is the --plot file too; valid: another file")
-    storages = [args.storage or default_storage(name) for name in args.study]
+    storages = [study_storage(name, args.storage) for name in args.study]
     for flag, path, suffixes in (("plot", args.plot, PLOT_SUFFIXES), ("history", args.history, PLOT_SUFFIXES),
                                  ("csv", args.csv, (".csv",))):  # before any output is written
         for storage in storages if path else ():
@@ -193,7 +193,7 @@ def cmd_holdout(args: argparse.Namespace) -> int:
     config = holdout.held_out_config(df.attrs["user_attrs"].get("paretoken"), args.images, device_name(args.device),
                                      args.batch_size)
     if args.plot:  # before minutes of evaluation, not after
-        check_output("plot", args.plot, PLOT_SUFFIXES, args.storage or default_storage(args.study))
+        check_output("plot", args.plot, PLOT_SUFFIXES, study_storage(args.study, args.storage))
     rows = holdout.candidates(df, objectives)
     if rows.empty:
         raise ParetokenError(f"study: {args.study!r} has no COMPLETE trial to re-measure")
@@ -242,7 +242,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from paretoken.compress.plan import load_plan
     from paretoken.results.export import export
 
-    check_output("out", args.out, PLAN_SUFFIXES, args.storage or default_storage(args.study))
+    check_output("out", args.out, PLAN_SUFFIXES, study_storage(args.study, args.storage))
     path = export(args.study, args.storage, trial=args.trial, best=args.best, budgets=_budgets(args), out=args.out,
                   cheapest=args.cheapest)
     meta = load_plan(path).meta

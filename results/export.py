@@ -32,7 +32,7 @@ from typing import Any
 from paretoken.errors import ParetokenError
 from paretoken.evaluators.metrics import BOUNDS, Budgets
 from paretoken.results import query
-from paretoken.search.storage import default_storage, redact
+from paretoken.search.storage import redact, study_storage
 
 _EVALUATION_KEYS = ("images", "seed", "skip", "batch_size", "flops_images")  # what meta.evaluation records
 #: Evaluation settings looked up, in this order, in the trial's user attrs, the search's study
@@ -199,7 +199,7 @@ def export(study: str, storage: str | None = None, trial: int | None = None, bes
     """
     from paretoken.compress.plan import Plan
 
-    storage = storage if storage is not None else default_storage(study)
+    storage = study_storage(study, storage)
     opened = query.load_study(study, storage)
     df = query.trials_frame(opened)
     row = choose_trial(df, trial, best, budgets, cheapest=cheapest)

@@ -28,7 +28,7 @@ import pandas as pd
 from paretoken.errors import ParetokenError
 from paretoken.evaluators.metrics import METRICS, Budgets
 from paretoken.search import storage as search_storage
-from paretoken.search.storage import default_storage
+from paretoken.search.storage import default_storage, study_storage
 from paretoken.search.study import DEFAULT_OBJECTIVES, DIRECTIONS, UNCOMPRESSED, check_objectives, reference_value
 
 #: Whether each objective is maximised (True) or minimised (False).
@@ -55,7 +55,7 @@ def load_study(study: str, storage: str | None = None):
     """``optuna.load_study`` with one-line errors naming the studies that do exist."""
     import optuna
 
-    storage = storage if storage is not None else default_storage(study)
+    storage = study_storage(study, storage)
     backend = open_storage(storage)
     try:
         return optuna.load_study(study_name=study, storage=backend)
@@ -216,7 +216,7 @@ def load(study: str, storage: str | None = None) -> pd.DataFrame:
     Unknown study or unreachable storage: a one-line :class:`ParetokenError` that lists the
     studies that exist. ``df.attrs`` holds ``study``, ``storage`` and the study's user attrs.
     """
-    storage = storage if storage is not None else default_storage(study)
+    storage = study_storage(study, storage)
     df = trials_frame(load_study(study, storage))
     df.attrs["storage"] = storage
     return df

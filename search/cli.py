@@ -11,7 +11,7 @@ import json
 from paretoken import argtypes
 from paretoken.evaluators.metrics import OBJECTIVES_HELP, Budgets
 from paretoken.outputs import PLOT_SUFFIXES, check_output
-from paretoken.search.storage import MAX_HEARTBEAT_S, default_storage
+from paretoken.search.storage import MAX_HEARTBEAT_S, study_storage
 
 SPACE_NAMES = ("tome", "evit", "dynamicvit", "asvit", "jmp", "slim", "mixed")  # kept in step with spaces.SPACES
 
@@ -93,7 +93,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                         device=device_name(args.device), speed=not args.no_speed)
     budgets = Budgets(args.max_gflops, args.min_top1, args.max_top1_drop)
     if args.plot:  # before the search, not after
-        check_output("plot", args.plot, PLOT_SUFFIXES, args.storage or default_storage(args.study))
+        check_output("plot", args.plot, PLOT_SUFFIXES, study_storage(args.study, args.storage))
     result = run_search(args.study, storage=args.storage, space=args.space, objectives=args.objectives,
                         sampler=args.sampler, n_trials=args.trials, backend=args.backend, workers=workers,
                         ray_address=args.ray_address, cpus_per_trial=args.cpus_per_trial,

@@ -35,8 +35,8 @@ from paretoken.compress.plan import Plan, plan_as_run
 from paretoken.errors import ParetokenError, check_int
 from paretoken.evaluators.metrics import METRICS, Budgets
 from paretoken.search import study as st
-from paretoken.search.storage import (MAX_HEARTBEAT_S, check_study_name, default_storage, open_storage, redact,
-                                      storage_file)
+from paretoken.search.storage import (MAX_HEARTBEAT_S, check_study_name, open_storage, redact, storage_file,
+                                      study_storage)
 from paretoken.search.worker import config_to_dict, nan_objectives, run_trial
 
 BACKENDS = ("local", "ray")
@@ -289,7 +289,7 @@ def run_search(study_name: str, storage: str | None = None, space: str = "mixed"
         raise ParetokenError(f"grace: {grace_s} s must exceed the heartbeat interval {heartbeat_s} s")
     config = checked_config(config)  # a missing model, checkpoint or data is one line, not a study of failures
     depth = model_depth(config)
-    url = storage if storage is not None else default_storage(study_name)
+    url = study_storage(study_name, storage)
     config_dict = config_to_dict(config)
     settings = st.study_settings(space_obj.name, objectives, budgets, config_dict, depth, heartbeat_s, grace_s)
 

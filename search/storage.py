@@ -40,6 +40,11 @@ def default_storage(study: str) -> str:
     return f"sqlite:///{STUDIES_DIR / (check_study_name(study) + '.db')}"
 
 
+def study_storage(study: str, storage: str | None) -> str:
+    """``storage``, or where study ``study`` lives when it is None (:func:`default_storage`)."""
+    return storage if storage is not None else default_storage(study)
+
+
 def redact(url: str) -> str:
     """``url`` without its password, for messages."""
     return re.sub(r"(://[^:/@]+):.*@", r"\1:***@", url)  # up to the last @: a password may hold / or @

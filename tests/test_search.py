@@ -392,7 +392,7 @@ def test_other_samplers_run(config, tmp_path, monkeypatch, sampler):
 
 def test_search_on_speedup_pairs_timings_in_every_trial(config, tmp_path, monkeypatch, lines):
     monkeypatch.chdir(tmp_path)
-    timed = dataclasses.replace(config, speed=True, latency_repeats=1, speedup_rounds=1)
+    timed = dataclasses.replace(config, speed=True, latency_repeats=1)
     result = run_search("fast", space="evit", objectives="top1,speedup", n_trials=3, eval_config=timed,
                         log=lines.append)
     trials = _load("fast", result.storage).get_trials()
