@@ -1,5 +1,8 @@
-"""On a CUDA device: the patched model under AMP matches fp32 on CPU, and per-image batching holds."""
+"""On a CUDA device: the patched model under AMP matches fp32 on CPU, per-image batching holds, peak
+memory and speedup are measured."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import timm
@@ -50,3 +53,12 @@ def test_peak_memory_is_the_plans_activations():
     full = evaluate(paretoken.Plan(), config)["peak_mem_mb"]
     merged = evaluate(paretoken.preset("tome-r16"), config)["peak_mem_mb"]
     assert 0 < merged < full
+
+
+def test_speedup_is_timed_with_cuda_synchronisation():
+    """speedup brackets the pass with uncompressed forwards on the GPU too (a tiny model at batch 100
+    may be launch-bound there, so only its range is asserted)."""
+    from paretoken.evaluators.evaluate import EvalConfig, evaluate
+
+    metrics = evaluate(paretoken.preset("evit-0.5"), EvalConfig(images=400, batch_size=100, device="cuda"))
+    assert 0 < metrics["speedup"] < math.inf and metrics["img_per_s"] > 0
