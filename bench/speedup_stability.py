@@ -1,13 +1,15 @@
 """How steady the two speed metrics are: ``img_per_s`` against ``speedup``, for plans measured again and
 again over minutes and on "workers" of different speed (torch CPU threads).
 
-    python bench/speedup_stability.py [--plans tome-r13,evit-0.7] [--threads 2,1] [--repeats 10] [--images 1000]
+    python bench/speedup_stability.py [--plans uncompressed,tome-r13,evit-0.7] [--threads 2,1] [--repeats 10]
+                                      [--images 1000]
 
-Each round evaluates every plan once per thread count, on the default model (the cached uncompressed
-baseline is built once per thread count). Per plan and thread count it prints the median of each
+Each round evaluates every plan once per thread count, on the default model (the uncompressed
+model's cached logits are built once, in the first round's first thread count). Per plan and thread count it prints the median of each
 metric and its coefficient of variation over the rounds (std / mean, %); per plan, how far the
 medians of the thread counts are apart (largest over smallest). Saves
-bench/results/speedup_stability.json with every measurement.
+bench/results/speedup_stability.json with every measurement. The uncompressed model's ``speedup``
+would be exactly 1 without noise: its spread is the metric's noise.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ def _cv(values: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plans", default="tome-r13,evit-0.7", help="comma-separated preset names [tome-r13,evit-0.7]")
+    parser.add_argument("--plans", default="uncompressed,tome-r13,evit-0.7",
+                        help="comma-separated preset names or uncompressed [uncompressed,tome-r13,evit-0.7]")
     parser.add_argument("--threads", default="2,1", help="comma-separated torch CPU thread counts [2,1]")
     parser.add_argument("--repeats", type=positive_int, default=10, help="rounds over every plan [10]")
     parser.add_argument("--images", type=positive_int, default=1000, help="evaluation images [1000]")
@@ -45,7 +48,7 @@ def main() -> None:
         for count in threads:
             torch.set_num_threads(count)
             for name in names:
-                metrics = evaluate(paretoken.preset(name), config)
+                metrics = evaluate(paretoken.Plan() if name == "uncompressed" else paretoken.preset(name), config)
                 measured.append({"round": round_, "threads": count, "plan": name,
                                  "at_s": round(time.perf_counter() - started, 1),
                                  **{m: metrics[m] for m in METRICS}})
@@ -56,12 +59,13 @@ def main() -> None:
         medians = {}
         for count in threads:
             rows = [r for r in measured if r["plan"] == name and r["threads"] == count]
-            figures = {m: {"median": statistics.median(r[m] for r in rows), "cv_pct": _cv([r[m] for r in rows])}
-                       for m in METRICS}
+            figures = {m: {"median": statistics.median(r[m] for r in rows), "cv_pct": _cv([r[m] for r in rows]),
+                           "min": min(r[m] for r in rows), "max": max(r[m] for r in rows)} for m in METRICS}
             medians[count] = figures
             summary.append({"plan": name, "threads": count, **figures})
             print(f"{name:12s} {count} threads  " + "  ".join(
-                f"{m} {f['median']:8.2f} (cv {f['cv_pct']:4.1f} %)" for m, f in figures.items()), flush=True)
+                f"{m} {f['median']:8.2f} ({f['min']:.2f}-{f['max']:.2f}, cv {f['cv_pct']:4.1f} %)"
+                for m, f in figures.items()), flush=True)
         spread = {m: max(f[m]["median"] for f in medians.values()) / min(f[m]["median"] for f in medians.values())
                   for m in METRICS}
         summary.append({"plan": name, "threads": "largest/smallest median", **spread})
@@ -72,7 +76,7 @@ def main() -> None:
     out.write_text(json.dumps({
         "command": f"python bench/speedup_stability.py --plans {args.plans} --threads {args.threads} "
                    f"--repeats {args.repeats} --images {args.images}",
-        "environment": environment(), "seconds": round(time.perf_counter() - started, 1),
+        "environment": {**environment(), "threads": args.threads}, "seconds": round(time.perf_counter() - started, 1),
         "summary": summary, "measured": measured}, indent=2) + "\n")
     print(f"saved {out}")
 

@@ -145,15 +145,16 @@ def evaluate_per_image(plan: Plan, config: EvalConfig = EvalConfig()) -> tuple[d
     bench = prepare(config)
     model, device = bench.model, bench.images.device
     speed_batch = bench.images[:config.batch_size]
-    base_before = _base_seconds(model, speed_batch) if config.speed else math.nan
+    base_seconds = _base_seconds(model, speed_batch) if config.speed else []
     apply(model, plan)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         resident = torch.cuda.memory_allocated(device)  # weights, preloaded images, uncompressed logits
     logits, seconds, padding_pct = _forward_all(model, bench.images, config.batch_size)
     peak = (torch.cuda.max_memory_allocated(device) - resident) / 2**20 if device.type == "cuda" else math.nan
-    base_after = _base_seconds(model, speed_batch) if config.speed else math.nan
-    apply(model, plan)
+    if config.speed:
+        base_seconds += _base_seconds(model, speed_batch)
+        apply(model, plan)
     if not torch.isfinite(logits).all():
         raise ParetokenError(f"plan: {plan.describe()} makes the logits non-finite (the uncompressed model's "
                              f"are finite); valid: a plan that keeps them finite, e.g. fewer or milder stages")
@@ -171,17 +172,20 @@ def evaluate_per_image(plan: Plan, config: EvalConfig = EvalConfig()) -> tuple[d
                               max_images=config.flops_images),
         "img_per_s": min(config.batch_size, len(bench.images)) / statistics.median(timed) if config.speed else math.nan,
         "latency_ms": latency_ms(model, bench.images[:1], config.latency_repeats) if config.speed else math.nan,
-        "speedup": bracketed_speedup(base_before, timed, base_after) if config.speed else math.nan,
+        "speedup": bracketed_speedup(base_seconds, timed) if config.speed else math.nan,
         "peak_mem_mb": peak,
         "padding_pct": padding_pct,
     }
     return metrics, (pred == bench.labels).cpu()
 
 
-def _base_seconds(model: torch.nn.Module, batch: torch.Tensor) -> float:
-    """Seconds of one uncompressed forward on ``batch`` (B, C, H, W); ``model`` is left uncompressed."""
+def _base_seconds(model: torch.nn.Module, batch: torch.Tensor) -> list[float]:
+    """Seconds of two uncompressed forwards on ``batch`` (B, C, H, W) after an untimed one (the first
+    forward after a change of plan runs slower, as the first batch of a pass does); ``model`` is left
+    uncompressed."""
     apply(model, Plan())
-    return timed_forward(model, batch)[1]
+    timed_forward(model, batch)
+    return [timed_forward(model, batch)[1] for _ in range(2)]
 
 
 def _version(package: str) -> str:

@@ -16,11 +16,14 @@ Torch-free, so that reading a study never imports torch.
                ``torch.cuda.synchronize`` on GPU.
   latency_ms   batch-1 latency, median of ``latency_repeats`` after warm-up.
   speedup      times faster than the uncompressed model on the same worker:
-               the mean of two uncompressed forwards on a batch of
-               ``batch_size``, one right before and one right after the
-               evaluation pass, over the median batch time of img_per_s.
-               Unlike img_per_s it does not move with a worker's speed, so
-               trials timed on different workers or minutes apart compare.
+               the median of four uncompressed forwards on a batch of
+               ``batch_size`` (all images when fewer), two right before and
+               two right after the evaluation pass (each pair after an untimed
+               warm-up), over the median batch time of img_per_s. It moves far less than img_per_s with a
+               worker's speed (bench/speedup_stability.py), so it is the one
+               to compare across workers; it also cancels a steady drift.
+               Single timings: the uncompressed model itself measures
+               0.96-1.01x.
   peak_mem_mb  CUDA memory the evaluation pass allocates at its peak on top of
                what it starts with (weights, preloaded images): the activations
                at ``batch_size``, MiB; NaN on CPU, where PyTorch offers no allocator peak.

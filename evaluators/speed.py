@@ -51,12 +51,12 @@ def latency_ms(model: torch.nn.Module, image: torch.Tensor, repeats: int = 10, w
     return 1e3 * median_seconds(model, image, repeats, warmup)
 
 
-def bracketed_speedup(base_before: float, plan_seconds: Sequence[float], base_after: float) -> float:
-    """How many times faster a plan runs than the base model: the mean of one base timing right before
-    and one right after the plan's timings, over the median of those (seconds per batch of one size).
-    A steady drift of the machine's speed cancels: the plan's median sits midway in time as the mean
-    of the two base timings does."""
-    return (base_before + base_after) / 2 / statistics.median(plan_seconds)
+def bracketed_speedup(base_seconds: Sequence[float], plan_seconds: Sequence[float]) -> float:
+    """How many times faster a plan runs than the base model: the median of the base timings over the
+    median of the plan's (seconds per batch of one size). Half the base timings are taken right before
+    the plan's and half right after, so under a steady drift of the machine's speed both medians sit
+    midway in time, and one outlier on either side moves neither far."""
+    return statistics.median(base_seconds) / statistics.median(plan_seconds)
 
 
 def timing_context() -> dict[str, int | str]:

@@ -351,7 +351,7 @@ def reference_point(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_
 
     From the first COMPLETE trial of the uncompressed model (a plan that changes nothing), as the search
     does (:func:`paretoken.search.study.reference_value`). Without that trial, or where it lacks an
-    objective, the worst COMPLETE value in ``df``.
+    objective, the worst COMPLETE value in ``df``. An objective no COMPLETE trial measured is an error.
     """
     objectives = _check_objectives(objectives, df)
     done = budget(df, feasible_only=False)
@@ -359,13 +359,13 @@ def reference_point(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_
     first = base.sort_values("number").iloc[0] if len(base) else None
     ref: dict[str, float] = {}
     for o in objectives:
+        column = done[o].dropna()
+        if column.empty:
+            measured = [c for c in METRICS if c in done and done[c].notna().any()]
+            raise ParetokenError(f"objectives: no COMPLETE trial has {o!r} (not measured in this study); "
+                                 f"valid here: {', '.join(measured)}")
         value = reference_value(o, float(first[o]) if first is not None and o in first else math.nan, top1_margin)
         if math.isnan(value):
-            column = done[o].dropna()
-            if column.empty:
-                measured = [c for c in METRICS if c in done and done[c].notna().any()]
-                raise ParetokenError(f"objectives: no COMPLETE trial has {o!r} (not measured in this study); "
-                                     f"valid here: {', '.join(measured)}")
             value = column.min() if MAXIMIZE[o] else column.max()
         ref[o] = float(value)
     return ref

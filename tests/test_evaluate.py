@@ -67,14 +67,38 @@ def test_speedup_leaves_the_model_running_the_plan_and_needs_speed(config):
     assert math.isnan(ev.evaluate(plan, replace(config, speed=False))["speedup"])
 
 
+def test_speedup_times_one_batch_size_around_the_pass_and_leaves_the_plan(config, monkeypatch):
+    """30 images at batch 40: every timed forward, uncompressed or not, is of all 30 images; the
+    uncompressed model runs a warm-up and two timed forwards before the plan's pass and after it."""
+    small = replace(config, images=30, batch_size=40)
+    ev.prepare(small)  # the uncompressed logits, cached before the recording starts
+    calls, real = [], ev.timed_forward
+
+    def recording(model, images):
+        calls.append((applied_plan(model), len(images)))
+        return real(model, images)
+
+    monkeypatch.setattr(ev, "timed_forward", recording)
+    plan = paretoken.preset("tome-r13")
+    ev.evaluate(plan, small)
+    assert [(p == plan, n) for p, n in calls] == [(False, 30)] * 3 + [(True, 30)] + [(False, 30)] * 3
+    assert all(p == paretoken.Plan() for p, _ in calls if p != plan)
+    assert applied_plan(ev.prepare(small).model) == plan
+
+
 def test_bracketed_speedup_cancels_a_steady_drift():
-    """The machine slows down steadily: the base takes 1.0 s before and 2.0 s after; the plan, timed
-    in between, always runs three times as fast as the base would at that moment, but for two outlier
-    batches. Its speed-up is 3; against the first base timing alone it would be 2."""
-    base_at = [1.0 + 0.25 * t for t in range(5)]  # base seconds at times 0..4
-    plan_seconds = [base_at[1] / 3, 0.01, base_at[2] / 3, 10.0, base_at[3] / 3]
-    assert bracketed_speedup(base_at[0], plan_seconds, base_at[4]) == pytest.approx(3.0)
-    assert base_at[0] / sorted(plan_seconds)[2] == pytest.approx(2.0)
+    """The machine slows down steadily: base seconds 1.0 + 0.25 t at time t. The base is timed at
+    t = 0, 1 and 5, 6, the plan at t = 2, 3, 4, running three times as fast as the base would then.
+    The speed-up is 3; against the first base timing alone it would be 1.71."""
+    def base_at(t: float) -> float:
+        return 1.0 + 0.25 * t
+
+    plan = [base_at(t) / 3 for t in (2, 3, 4)]
+    assert bracketed_speedup([base_at(t) for t in (0, 1, 5, 6)], plan) == pytest.approx(3.0)
+
+
+def test_bracketed_speedup_resists_one_outlier_on_each_side():
+    assert bracketed_speedup([1.0, 1.0, 10.0, 1.0], [0.5, 0.01, 0.5]) == pytest.approx(2.0)
 
 
 def test_baseline_is_computed_once_per_config(config):

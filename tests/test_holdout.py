@@ -168,6 +168,7 @@ def test_preset_challenges_choose_on_the_search_images_and_judge_on_the_held_out
     (["--objectives", "top1,speed"], "objectives:"),
     (["--objectives", "top1,latency_ms"], "objectives: no COMPLETE trial has 'latency_ms' (not measured in this "
                                           "study); valid here: "),
+    (["--objectives", "top1,speedup"], "objectives: no COMPLETE trial has 'speedup'"),  # its reference is fixed
     (["--batch-size", "0"], "argument --batch-size: '0' is out of range; valid: an integer >= 1"),
     (["--plot", "held.jpg"], "plot: 'held.jpg' has suffix '.jpg'"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device: "),
