@@ -8,25 +8,27 @@ import math
 import os
 import platform
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
 import torch.nn.functional as F
 
-from paretoken.compress import Plan, apply, token_counts
+from paretoken.compress import Plan, applied_plan, apply, token_counts
 from paretoken.errors import ParetokenError
 from paretoken.evaluators.data import load_split
 from paretoken.evaluators.flops import count_flops
 from paretoken.evaluators.metrics import METRICS
 from paretoken.evaluators.models import create_model
-from paretoken.evaluators.speed import bracketed_speedup, latency_ms, timed_forward
+from paretoken.evaluators.speed import latency_ms, paired_speedup, timed_forward
 
 @dataclass(frozen=True)
 class EvalConfig:
     """What a trial is measured on. ``images``: evaluation images, after the first ``skip`` of the
     seeded test order (``skip=k`` holds them out from a search that measured on ``images=k``);
-    ``batch_size``: images per timed batch."""
+    ``batch_size``: images per timed batch; ``speedup_pairs``: timed batches of the plan that the
+    uncompressed model also runs, right after it, for ``speedup``."""
 
     model: str = "default"
     checkpoint: str | None = None
@@ -39,6 +41,7 @@ class EvalConfig:
     speed: bool = True
     flops_images: int = 16
     latency_repeats: int = 10
+    speedup_pairs: int = 4
     pretrained: bool = False
 
 
@@ -97,19 +100,50 @@ def checked_config(config: EvalConfig) -> EvalConfig:
     return config
 
 
-def _forward_all(model, images, batch_size) -> tuple[torch.Tensor, list[float], float]:
-    """Logits (n, classes) float32, per-batch seconds, and % padding token slots."""
-    outs, seconds, slots, padding = [], [], 0, 0
-    for start in range(0, len(images), batch_size):
+@dataclass
+class _Pass:
+    """One pass of ``model``'s plan over the evaluation images (:func:`_forward_all`)."""
+
+    logits: torch.Tensor  # (n, classes) float32
+    seconds: list[float]  # per batch
+    base_seconds: list[float]  # the uncompressed model on each paired batch, in order
+    padding_pct: float  # % of token slots that were padding
+    peak_bytes: int  # CUDA memory at the peak of the plan's forwards; 0 on CPU
+
+
+def _base_seconds(model: torch.nn.Module, batch: torch.Tensor, plan: Plan) -> float:
+    """Seconds of one uncompressed forward on ``batch``; ``model`` runs ``plan`` again afterwards."""
+    apply(model, Plan())
+    seconds = timed_forward(model, batch)[1]
+    apply(model, plan)
+    return seconds
+
+
+def _forward_all(model, images, batch_size, paired: Sequence[int] = ()) -> _Pass:
+    """Run ``model``'s plan over ``images`` in batches of ``batch_size``, timing each batch. On each
+    batch index in ``paired`` the uncompressed model runs too, timed next to the plan: right after it,
+    or right before it on every second paired batch, so that neither always runs first."""
+    plan, cuda = applied_plan(model), images.device.type == "cuda"
+    outs, seconds, base_seconds, slots, padding, peak = [], [], [], 0, 0, 0
+    for k, start in enumerate(range(0, len(images), batch_size)):
         batch = images[start:start + batch_size]
+        base_first = k in paired and paired.index(k) % 2 == 1
+        if base_first:
+            base_seconds.append(_base_seconds(model, batch, plan))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(images.device)
         logits, elapsed = timed_forward(model, batch)
+        if cuda:
+            peak = max(peak, torch.cuda.max_memory_allocated(images.device))
         outs.append(logits.float())
         seconds.append(elapsed)
         counts = token_counts(model)  # (b, depth)
         widest = counts.max(dim=0).values
         slots += int(widest.sum()) * len(batch)
         padding += int((widest - counts).sum())
-    return torch.cat(outs), seconds, 100.0 * padding / max(slots, 1)
+        if k in paired and not base_first:
+            base_seconds.append(_base_seconds(model, batch, plan))
+    return _Pass(torch.cat(outs), seconds, base_seconds, 100.0 * padding / max(slots, 1), peak)
 
 
 def prepare(config: EvalConfig) -> _Bench:
@@ -125,7 +159,7 @@ def prepare(config: EvalConfig) -> _Bench:
         images, labels = load_split(config.data, model, "eval", n=config.images, seed=config.seed, skip=config.skip)
         images, labels = images.to(device), labels.to(device)
         apply(model, Plan())
-        base_logits, _, _ = _forward_all(model, images, config.batch_size)
+        base_logits = _forward_all(model, images, config.batch_size).logits
         if not torch.isfinite(base_logits).all():
             field, value = ("checkpoint", config.checkpoint) if config.checkpoint else ("model", config.model)
             raise ParetokenError(f"{field}: the uncompressed model's logits with {value!r} are not finite; "
@@ -144,24 +178,20 @@ def evaluate_per_image(plan: Plan, config: EvalConfig = EvalConfig()) -> tuple[d
     CPU, in the order of ``config``'s evaluation images (what paired comparisons of plans need)."""
     bench = prepare(config)
     model, device = bench.model, bench.images.device
-    speed_batch = bench.images[:config.batch_size]
-    base_seconds = _base_seconds(model, speed_batch) if config.speed else []
+    full = max(len(bench.images) // config.batch_size, 1)  # a short last batch is not timed
+    timed_batches = range(1, full) or range(full)  # the first, a warm-up, only when it is the only one
+    paired = timed_batches[:config.speedup_pairs] if config.speed else ()
     apply(model, plan)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        resident = torch.cuda.memory_allocated(device)  # weights, preloaded images, uncompressed logits
-    logits, seconds, padding_pct = _forward_all(model, bench.images, config.batch_size)
-    peak = (torch.cuda.max_memory_allocated(device) - resident) / 2**20 if device.type == "cuda" else math.nan
-    if config.speed:
-        base_seconds += _base_seconds(model, speed_batch)
-        apply(model, plan)
+    resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # weights, images, base logits
+    run = _forward_all(model, bench.images, config.batch_size, paired)
+    logits, seconds = run.logits, run.seconds
+    peak = (run.peak_bytes - resident) / 2**20 if device.type == "cuda" else math.nan
     if not torch.isfinite(logits).all():
         raise ParetokenError(f"plan: {plan.describe()} makes the logits non-finite (the uncompressed model's "
                              f"are finite); valid: a plan that keeps them finite, e.g. fewer or milder stages")
     pred, base_pred = logits.argmax(1), bench.base_logits.argmax(1)
     kl = F.kl_div(logits.log_softmax(1), bench.base_logits.log_softmax(1), log_target=True, reduction="batchmean")
-    full = max(len(bench.images) // config.batch_size, 1)  # a short last batch is not timed
-    timed = seconds[1:full] or seconds[:full]
+    timed = [seconds[k] for k in timed_batches]
     top1 = 100.0 * (pred == bench.labels).float().mean().item()
     metrics = {
         "top1": top1,
@@ -172,20 +202,11 @@ def evaluate_per_image(plan: Plan, config: EvalConfig = EvalConfig()) -> tuple[d
                               max_images=config.flops_images),
         "img_per_s": min(config.batch_size, len(bench.images)) / statistics.median(timed) if config.speed else math.nan,
         "latency_ms": latency_ms(model, bench.images[:1], config.latency_repeats) if config.speed else math.nan,
-        "speedup": bracketed_speedup(base_seconds, timed) if config.speed else math.nan,
+        "speedup": paired_speedup(run.base_seconds, [seconds[k] for k in paired]) if config.speed else math.nan,
         "peak_mem_mb": peak,
-        "padding_pct": padding_pct,
+        "padding_pct": run.padding_pct,
     }
     return metrics, (pred == bench.labels).cpu()
-
-
-def _base_seconds(model: torch.nn.Module, batch: torch.Tensor) -> list[float]:
-    """Seconds of two uncompressed forwards on ``batch`` (B, C, H, W) after an untimed one (the first
-    forward after a change of plan runs slower, as the first batch of a pass does); ``model`` is left
-    uncompressed."""
-    apply(model, Plan())
-    timed_forward(model, batch)
-    return [timed_forward(model, batch)[1] for _ in range(2)]
 
 
 def _version(package: str) -> str:

@@ -1,7 +1,7 @@
 """Real timing of a model's forward: warm-up, device synchronisation, AMP on GPU, medians.
 
-Only the model is timed: inputs are tensors already on the device. Speed-ups bracket a plan's
-timings with timings of the base model right before and after, so a steady drift cancels.
+Only the model is timed: inputs are tensors already on the device. Speed-ups pair each of a plan's
+timings with one of the base model on the same batch right after it, so a drift of speed cancels.
 """
 from __future__ import annotations
 
@@ -51,12 +51,11 @@ def latency_ms(model: torch.nn.Module, image: torch.Tensor, repeats: int = 10, w
     return 1e3 * median_seconds(model, image, repeats, warmup)
 
 
-def bracketed_speedup(base_seconds: Sequence[float], plan_seconds: Sequence[float]) -> float:
-    """How many times faster a plan runs than the base model: the median of the base timings over the
-    median of the plan's (seconds per batch of one size). Half the base timings are taken right before
-    the plan's and half right after, so under a steady drift of the machine's speed both medians sit
-    midway in time, and one outlier on either side moves neither far."""
-    return statistics.median(base_seconds) / statistics.median(plan_seconds)
+def paired_speedup(base_seconds: Sequence[float], plan_seconds: Sequence[float]) -> float:
+    """How many times faster a plan runs than the base model: the median over pairs of timings of one
+    batch, the base right after the plan, of base seconds / plan seconds. Each pair is timed within a
+    second or so, so a drift of the machine's speed cancels, and one outlier pair moves the median little."""
+    return statistics.median(b / p for b, p in zip(base_seconds, plan_seconds, strict=True))
 
 
 def timing_context() -> dict[str, int | str]:

@@ -13,7 +13,7 @@ from paretoken.compress import applied_plan
 from paretoken.evaluators import evaluate as ev
 from paretoken.evaluators.data import load_split
 from paretoken.evaluators.models import build_default_architecture
-from paretoken.evaluators.speed import bracketed_speedup
+from paretoken.evaluators.speed import paired_speedup
 from reference import DEFAULT_GFLOPS
 
 
@@ -67,38 +67,37 @@ def test_speedup_leaves_the_model_running_the_plan_and_needs_speed(config):
     assert math.isnan(ev.evaluate(plan, replace(config, speed=False))["speedup"])
 
 
-def test_speedup_times_one_batch_size_around_the_pass_and_leaves_the_plan(config, monkeypatch):
-    """30 images at batch 40: every timed forward, uncompressed or not, is of all 30 images; the
-    uncompressed model runs a warm-up and two timed forwards before the plan's pass and after it."""
-    small = replace(config, images=30, batch_size=40)
+@pytest.mark.parametrize(("images", "batch_size", "order"), [
+    (120, 40, "PPBBP"),  # batch 0 a warm-up; 1: base right after the plan; 2: right before it
+    (30, 40, "PB"),  # one batch, of all 30 images: timed, and paired
+])
+def test_speedup_pairs_the_timed_batches_and_leaves_the_plan(config, monkeypatch, images, batch_size, order):
+    small = replace(config, images=images, batch_size=batch_size)
     ev.prepare(small)  # the uncompressed logits, cached before the recording starts
     calls, real = [], ev.timed_forward
 
-    def recording(model, images):
-        calls.append((applied_plan(model), len(images)))
-        return real(model, images)
+    def recording(model, batch):
+        calls.append((applied_plan(model), len(batch)))
+        return real(model, batch)
 
     monkeypatch.setattr(ev, "timed_forward", recording)
     plan = paretoken.preset("tome-r13")
     ev.evaluate(plan, small)
-    assert [(p == plan, n) for p, n in calls] == [(False, 30)] * 3 + [(True, 30)] + [(False, 30)] * 3
-    assert all(p == paretoken.Plan() for p, _ in calls if p != plan)
+    assert "".join("P" if p == plan else "B" for p, _ in calls) == order
+    assert all(p in (plan, paretoken.Plan()) for p, _ in calls)
+    assert {n for _, n in calls} == {min(images, batch_size)}
     assert applied_plan(ev.prepare(small).model) == plan
 
 
-def test_bracketed_speedup_cancels_a_steady_drift():
-    """The machine slows down steadily: base seconds 1.0 + 0.25 t at time t. The base is timed at
-    t = 0, 1 and 5, 6, the plan at t = 2, 3, 4, running three times as fast as the base would then.
-    The speed-up is 3; against the first base timing alone it would be 1.71."""
-    def base_at(t: float) -> float:
-        return 1.0 + 0.25 * t
-
-    plan = [base_at(t) / 3 for t in (2, 3, 4)]
-    assert bracketed_speedup([base_at(t) for t in (0, 1, 5, 6)], plan) == pytest.approx(3.0)
-
-
-def test_bracketed_speedup_resists_one_outlier_on_each_side():
-    assert bracketed_speedup([1.0, 1.0, 10.0, 1.0], [0.5, 0.01, 0.5]) == pytest.approx(2.0)
+def test_paired_speedup_cancels_drift_and_resists_an_outlier_pair():
+    """The machine slows down steadily (base seconds 1.0, 1.5, 2.0, 2.5 at the four pairs); the plan
+    runs three times as fast as the base next to it, but for one outlier. The speed-up is 3; the
+    plan's median over the base's first timing would say 2.4."""
+    base = [1.0, 1.5, 2.0, 2.5]
+    plan = [1.0 / 3, 1.5 / 3, 0.01, 2.5 / 3]
+    assert paired_speedup(base, plan) == pytest.approx(3.0)
+    with pytest.raises(ValueError):
+        paired_speedup(base, plan[:3])
 
 
 def test_baseline_is_computed_once_per_config(config):
