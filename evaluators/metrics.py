@@ -15,18 +15,16 @@ Torch-free, so that reading a study never imports torch.
                model only (images are preloaded tensors); AMP and
                ``torch.cuda.synchronize`` on GPU.
   latency_ms   batch-1 latency, median of ``latency_repeats`` after warm-up.
-  speedup      times faster than the uncompressed model on the same worker:
-               the median of four uncompressed forwards on a batch of
-               ``batch_size`` (all images when fewer), two right before and
-               two right after the evaluation pass (each pair after an untimed
-               warm-up), over the median batch time of img_per_s. It moves far less than img_per_s with a
+  speedup      times faster than the uncompressed model on the same worker: on
+               up to ``speedup_pairs`` (4) of img_per_s's timed batches the
+               uncompressed model runs the same batch right after the plan
+               (right before it on every second one); the median of the
+               per-batch ratios. It moves far less than img_per_s with a
                worker's speed (bench/speedup_stability.py), so it is the one
-               to compare across workers; it also cancels a steady drift.
-               Single timings: the uncompressed model itself measures
-               0.96-1.01x.
-  peak_mem_mb  CUDA memory the evaluation pass allocates at its peak on top of
-               what it starts with (weights, preloaded images): the activations
-               at ``batch_size``, MiB; NaN on CPU, where PyTorch offers no allocator peak.
+               to compare across workers, and a drift of speed cancels.
+  peak_mem_mb  CUDA memory the plan's forwards in the evaluation pass allocate at
+               their peak on top of what the pass starts with (weights, preloaded
+               images): the activations at ``batch_size``, MiB; NaN on CPU, where PyTorch offers no allocator peak.
   padding_pct  % of token slots in the batched pass that were padding (per-image
                plans only; 0 otherwise): what batching per-image counts costs.
 """

@@ -46,7 +46,8 @@ def test_per_image_batched_equals_alone_on_gpu():
 
 def test_peak_memory_is_the_plans_activations():
     """peak_mem_mb counts what the pass allocates above the resident weights and images, so it
-    falls with the tokens a plan keeps (speed timed too: its uncompressed forwards lie outside the pass)."""
+    falls with the tokens a plan keeps (speed timed too: speedup's uncompressed forwards in the pass do
+    not count)."""
     from paretoken.evaluators.evaluate import EvalConfig, evaluate
 
     config = EvalConfig(images=2000, batch_size=100, device="cuda")
@@ -56,8 +57,8 @@ def test_peak_memory_is_the_plans_activations():
 
 
 def test_speedup_is_measured_on_gpu():
-    """speedup brackets the pass with uncompressed forwards on the GPU too (a tiny model at batch 100
-    may be launch-bound there, so only that it is a speed-up figure is asserted)."""
+    """speedup pairs the plan's timed batches with uncompressed forwards on the GPU too (a tiny model at
+    batch 100 may be launch-bound there, so only that it is a speed-up figure is asserted)."""
     from paretoken.evaluators.evaluate import EvalConfig, evaluate
 
     metrics = evaluate(paretoken.preset("evit-0.5"), EvalConfig(images=400, batch_size=100, device="cuda"))
