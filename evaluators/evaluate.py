@@ -27,8 +27,8 @@ from paretoken.evaluators.speed import latency_ms, paired_speedup, timed_forward
 class EvalConfig:
     """What a trial is measured on. ``images``: evaluation images, after the first ``skip`` of the
     seeded test order (``skip=k`` holds them out from a search that measured on ``images=k``);
-    ``batch_size``: images per timed batch; ``speedup_pairs``: timed batches of the plan that the
-    uncompressed model also runs, right after it, for ``speedup``."""
+    ``batch_size``: images per timed batch; ``speedup_pairs``: how many of the plan's timed batches
+    the uncompressed model also runs, next to the plan, for ``speedup`` (at least 1)."""
 
     model: str = "default"
     checkpoint: str | None = None
@@ -43,6 +43,10 @@ class EvalConfig:
     latency_repeats: int = 10
     speedup_pairs: int = 4
     pretrained: bool = False
+
+    def __post_init__(self) -> None:
+        if self.speedup_pairs < 1:
+            raise ParetokenError(f"speedup_pairs: {self.speedup_pairs!r} is invalid; valid: an integer >= 1")
 
 
 @dataclass

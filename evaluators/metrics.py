@@ -20,8 +20,10 @@ Torch-free, so that reading a study never imports torch.
                uncompressed model runs the same batch right after the plan
                (right before it on every second one); the median of the
                per-batch ratios. It moves far less than img_per_s with a
-               worker's speed (bench/speedup_stability.py), so it is the one
-               to compare across workers, and a drift of speed cancels.
+               worker's speed (bench/speedup_stability.py: 1.00-1.07x against
+               1.55-1.67x between 1 and 2 threads), and a drift of speed
+               cancels within each pair. With a single batch its one pair
+               includes the plan's first, cold forward, as img_per_s does.
   peak_mem_mb  CUDA memory the plan's forwards in the evaluation pass allocate at
                their peak on top of what the pass starts with (weights, preloaded
                images): the activations at ``batch_size``, MiB; NaN on CPU, where PyTorch offers no allocator peak.

@@ -1,7 +1,7 @@
 """Real timing of a model's forward: warm-up, device synchronisation, AMP on GPU, medians.
 
-Only the model is timed: inputs are tensors already on the device. Speed-ups pair each of a plan's
-timings with one of the base model on the same batch right after it, so a drift of speed cancels.
+Only the model is timed: inputs are tensors already on the device. Speed-ups pair some of a plan's
+timings with one of the base model on the same batch right next to it, so a drift of speed cancels.
 """
 from __future__ import annotations
 
@@ -53,8 +53,9 @@ def latency_ms(model: torch.nn.Module, image: torch.Tensor, repeats: int = 10, w
 
 def paired_speedup(base_seconds: Sequence[float], plan_seconds: Sequence[float]) -> float:
     """How many times faster a plan runs than the base model: the median over pairs of timings of one
-    batch, the base right after the plan, of base seconds / plan seconds. Each pair is timed within a
-    second or so, so a drift of the machine's speed cancels, and one outlier pair moves the median little."""
+    batch, the base's right next to the plan's, of base seconds / plan seconds. Each pair is timed
+    within a second or so, so a drift of the machine's speed cancels, and one outlier pair moves the
+    median little."""
     return statistics.median(b / p for b, p in zip(base_seconds, plan_seconds, strict=True))
 
 

@@ -10,6 +10,7 @@ import torch
 
 import paretoken
 from paretoken.compress import applied_plan
+from paretoken.errors import ParetokenError
 from paretoken.evaluators import evaluate as ev
 from paretoken.evaluators.data import load_split
 from paretoken.evaluators.models import build_default_architecture
@@ -87,6 +88,28 @@ def test_speedup_pairs_the_timed_batches_and_leaves_the_plan(config, monkeypatch
     assert all(p in (plan, paretoken.Plan()) for p, _ in calls)
     assert {n for _, n in calls} == {min(images, batch_size)}
     assert applied_plan(ev.prepare(small).model) == plan
+
+
+def test_speedup_and_img_per_s_come_from_the_right_timings(config, monkeypatch):
+    """With made-up times (the plan's batches 5, 1, 2 s, the first a warm-up; the uncompressed model's
+    3 and 6 s on the two paired batches) speedup is 3 and img_per_s 40 images / 1.5 s: an inverted
+    ratio, a warm-up batch paired or timed, or a pair of two batches would each give another figure."""
+    small = replace(config, images=120, batch_size=40)
+    ev.prepare(small)
+    plan = paretoken.preset("evit-0.5")
+    times = {True: iter([5.0, 1.0, 2.0]), False: iter([3.0, 6.0])}
+    real = ev.timed_forward
+
+    def fixed(model, batch):
+        logits, _ = real(model, batch)
+        return logits, next(times[applied_plan(model) == plan])
+
+    monkeypatch.setattr(ev, "timed_forward", fixed)
+    metrics = ev.evaluate(plan, small)
+    assert metrics["speedup"] == pytest.approx(3.0)
+    assert metrics["img_per_s"] == pytest.approx(40 / 1.5)
+    with pytest.raises(ParetokenError, match="speedup_pairs: 0 is invalid; valid: an integer >= 1"):
+        replace(small, speedup_pairs=0)
 
 
 def test_paired_speedup_cancels_drift_and_resists_an_outlier_pair():
