@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 from paretoken.argtypes import MAX_SEED
 from paretoken.compress.plan import Plan, plan_as_run
 from paretoken.errors import ParetokenError, check_int
+from paretoken.jsonvalues import json_ready
 from paretoken.evaluators.metrics import METRICS, Budgets
 from paretoken.search import study as st
 from paretoken.search.storage import (MAX_HEARTBEAT_S, check_study_name, open_storage, redact, storage_file,
@@ -541,7 +542,7 @@ class _LoopState:
         try:
             self._store_run(trial, result)
             for key, value in metrics.items():  # NaN (not measured) is stored as null: valid JSON for dashboards
-                trial.set_user_attr(key, value if isinstance(value, (int, float)) and math.isfinite(value) else None)
+                trial.set_user_attr(key, json_ready(value))
             if error is None:
                 bad = nan_objectives(metrics, self.objectives)
                 if bad:
