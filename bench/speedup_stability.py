@@ -5,9 +5,10 @@ again over minutes and on "workers" of different speed (torch CPU threads).
                                       [--images 1000]
 
 Each round evaluates every plan once per thread count, on the default model (the uncompressed
-model's cached logits are built once, in the first round's first thread count). Per plan and thread count it prints the median of each
-metric and its coefficient of variation over the rounds (std / mean, %); per plan, how far the
-medians of the thread counts are apart (largest over smallest). Saves
+model's cached logits are built once, in the first round's first thread count). Per plan and thread
+count it prints the median of each metric, its range and its coefficient of variation over the
+rounds (std / mean, %); per plan, how far the medians of the thread counts are apart (largest over
+smallest). Saves
 bench/results/speedup_stability.json with every measurement. The uncompressed model's ``speedup``
 would be exactly 1 without noise: its spread is the metric's noise.
 """

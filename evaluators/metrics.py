@@ -26,7 +26,8 @@ Torch-free, so that reading a study never imports torch.
                includes the plan's first, cold forward, as img_per_s does.
   peak_mem_mb  CUDA memory the plan's forwards in the evaluation pass allocate at
                their peak on top of what the pass starts with (weights, preloaded
-               images): the activations at ``batch_size``, MiB; NaN on CPU, where PyTorch offers no allocator peak.
+               images): the activations at ``batch_size``, MiB; NaN on CPU,
+               where PyTorch offers no allocator peak.
   padding_pct  % of token slots in the batched pass that were padding (per-image
                plans only; 0 otherwise): what batching per-image counts costs.
 """

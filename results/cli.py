@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-TABLE_COLUMNS = ("number", "preset", "top1", "agreement", "kl", "gflops", "img_per_s", "speedup", "latency_ms", "plan_str")
+TABLE_COLUMNS = ("number", "preset", "top1", "agreement", "kl", "gflops", "img_per_s", "speedup", "latency_ms",
+                 "plan_str")
 
 
 def _budgets(args: argparse.Namespace) -> Budgets:
