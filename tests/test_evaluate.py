@@ -112,6 +112,28 @@ def test_speedup_and_img_per_s_come_from_the_right_timings(config, monkeypatch):
         replace(small, speedup_pairs=0)
 
 
+def test_predictor_plans_measure_the_same_with_and_without_speedup_pairs(tmp_path):
+    """Each pair re-applies the plan after an uncompressed forward, so the predictors are attached again
+    from the checkpoint's weights: the accuracy figures equal those of a pass without pairs."""
+    torch.manual_seed(0)
+    model = build_default_architecture()
+    plan = paretoken.Plan((paretoken.Stage(3, "prune", keep=0.5, score="predictor"),
+                           paretoken.Stage(7, "prune_fuse", keep=0.6, score="predictor")))
+    paretoken.apply(model, plan, init_predictors=True)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "token_predictor" in name:
+                weight.normal_()  # not an initialisation a fresh predictor would repeat
+    path = tmp_path / "with_predictors.safetensors"
+    safetensors.torch.save_file(model.state_dict(), str(path))
+    config = ev.EvalConfig(checkpoint=str(path), images=120, batch_size=40, latency_repeats=1, flops_images=2)
+    paired = ev.evaluate(plan, config)
+    alone = ev.evaluate(plan, replace(config, speed=False))
+    assert {k: paired[k] for k in ("top1", "agreement", "kl", "gflops")} == {
+        k: alone[k] for k in ("top1", "agreement", "kl", "gflops")}
+    assert paired["agreement"] < 100.0 and 0 < paired["speedup"] < math.inf
+
+
 def test_paired_speedup_cancels_drift_and_resists_an_outlier_pair():
     """The machine slows down steadily (base seconds 1.0, 1.5, 2.0, 2.5 at the four pairs); the plan
     runs three times as fast as the base next to it, but for one outlier. The speed-up is 3; the
