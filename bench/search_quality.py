@@ -59,6 +59,21 @@ def _beaten_presets(df: pd.DataFrame, objectives, images: int, depth: int) -> tu
             len(query.presets_dominated(df[~df["plan"].map(preset_made_short)], objectives)))
 
 
+def _trials_to_dominate_all(df: pd.DataFrame, objectives) -> int | None:
+    """The fewest trials (in trial-number order, the presets first) after which a searched plan
+    dominates every preset, or None when the whole study never gets there."""
+    df = df.sort_values("number")
+    wanted = len(query.preset_names(df))
+    for k in range(1, len(df) + 1):
+        if len(query.presets_dominated(df.iloc[:k], objectives)) == wanted:
+            return k
+    return None
+
+
+def _after(trials: int | None) -> str:
+    return "never all" if trials is None else f"all after {trials} trials"
+
+
 def _search_seconds(study) -> float:
     """Wall seconds from the first trial's start to the last one's end (also right for a resumed study)."""
     trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_start and t.datetime_complete]
@@ -114,11 +129,13 @@ def main() -> None:
                          "hypervolume": result.hypervolume, "hypervolume_presets": hv_presets,
                          "presets_dominated": dominated, "presets_within_one_image": within,
                          "presets_dominated_not_by_a_preset_made_prefix_only": beyond, "presets": n_presets,
+                         "trials_to_dominate_all": _trials_to_dominate_all(table, objectives),
                          "reference": result.reference,
                          "seconds": _search_seconds(study), "history": history})
             print(f"{sampler:7s} seed {seed}: HV {result.hypervolume:.4f} (presets alone {hv_presets:.4f}); "
                   f"{dominated}/{n_presets} presets dominated ({within} within one image, {beyond} by other than a "
-                  f"preset made prefix-only); {len(done)} trials in "
+                  f"preset made prefix-only; "
+                  f"{_after(rows[-1]['trials_to_dominate_all'])}); {len(done)} trials in "
                   f"{rows[-1]['seconds']:.0f} s", flush=True)
 
     summary = {}
@@ -134,6 +151,8 @@ def main() -> None:
                             "all_presets_dominated_not_by_a_preset_made_prefix_only": all(
                                 r["presets_dominated_not_by_a_preset_made_prefix_only"] == r["presets"]
                                 for r in rows if r["sampler"] == sampler),
+                            "trials_to_dominate_all": [r["trials_to_dominate_all"] for r in rows
+                                                       if r["sampler"] == sampler],
                             # every seed measures the same presets on the same images
                             "presets_dominated_by_union_of_seeds": _beaten_presets(
                                 pd.concat(tables[sampler]), objectives, args.images, depth)[0]}

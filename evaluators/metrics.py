@@ -1,5 +1,5 @@
-"""The metrics a plan is measured by: names (in table order), units, which way is better,
-and the budgets that bound them.
+"""The metrics a plan is measured by: names (in table order), units, which way is better
+(:data:`CATALOG`), and the budgets that bound them.
 
 Torch-free, so that reading a study never imports torch.
 
@@ -40,16 +40,57 @@ from typing import Any
 
 from paretoken.errors import ParetokenError
 
-#: Whether a larger (``maximize``) or smaller (``minimize``) value is better, per metric, in table order.
-DIRECTIONS: dict[str, str] = {
-    "top1": "maximize", "top1_drop": "minimize", "agreement": "maximize", "kl": "minimize",
-    "gflops": "minimize", "img_per_s": "maximize", "latency_ms": "minimize", "speedup": "maximize",
-    "peak_mem_mb": "minimize", "padding_pct": "minimize",
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """How a metric reads: ``direction`` ("maximize" when larger is better, else "minimize"),
+    ``title`` (what it is, in words), ``unit``, and the ``decimals`` tables print."""
+    direction: str
+    title: str
+    unit: str
+    decimals: int
+
+    @property
+    def label(self) -> str:
+        """``"throughput (images/s)"``: for plot axes."""
+        return f"{self.title} ({self.unit})"
+
+
+#: Every metric, in table order (the module docstring says how each is measured).
+CATALOG: dict[str, Metric] = {
+    "top1": Metric("maximize", "top-1", "%", 2),
+    "top1_drop": Metric("minimize", "top-1 lost", "points", 2),
+    "agreement": Metric("maximize", "agreement with uncompressed", "%", 2),
+    "kl": Metric("minimize", "KL to uncompressed", "nats", 4),
+    "gflops": Metric("minimize", "compute", "GFLOPs/image", 4),
+    "img_per_s": Metric("maximize", "throughput", "images/s", 0),
+    "latency_ms": Metric("minimize", "latency", "ms, batch 1", 2),
+    "speedup": Metric("maximize", "speed-up over uncompressed", "x", 2),
+    "peak_mem_mb": Metric("minimize", "peak memory", "MiB, CUDA only", 2),
+    "padding_pct": Metric("minimize", "padding", "% of token slots", 2),
 }
-METRICS: tuple[str, ...] = tuple(DIRECTIONS)
+#: Whether a larger (``maximize``) or smaller (``minimize``) value is better, per metric, in table order.
+DIRECTIONS: dict[str, str] = {name: metric.direction for name, metric in CATALOG.items()}
+METRICS: tuple[str, ...] = tuple(CATALOG)
+#: The metrics a one-line summary of a plan shows (the search's front table, ``paretoken export``).
+HEADLINE: tuple[str, ...] = ("top1", "agreement", "gflops", "img_per_s", "speedup")
 #: For help texts: "top1, agreement, img_per_s (maximised); top1_drop, ... (minimised)".
 OBJECTIVES_HELP = "; ".join(", ".join(m for m, d in DIRECTIONS.items() if d == way) + f" ({said})"
                             for way, said in (("maximize", "maximised"), ("minimize", "minimised")))
+
+def format_metric(column: str, value: Any) -> str:
+    """A metric or table cell as printed: a metric, or a column named after one (``best_top1``,
+    ``held_out_agreement``), to its :data:`CATALOG` decimals; ``-`` for a missing value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if not isinstance(value, float):
+        return str(value)
+    metric = next((m for name, m in CATALOG.items() if column == name or column.endswith("_" + name)), None)
+    if metric is not None:
+        return f"{value:.{metric.decimals}f}"
+    if column == "duration_s":
+        return f"{value:.2f}"
+    return f"{value:.4g}"
+
 
 #: Each budget bounds one metric: budget name -> (metric, "<=" or ">=").
 BOUNDS: dict[str, tuple[str, str]] = {"max_gflops": ("gflops", "<="), "min_top1": ("top1", ">="),
@@ -100,4 +141,5 @@ class Budgets:
         return ", ".join(self.labels().values())
 
 
-__all__ = ["BOUNDS", "DIRECTIONS", "METRICS", "OBJECTIVES_HELP", "Budgets"]
+__all__ = ["BOUNDS", "CATALOG", "DIRECTIONS", "HEADLINE", "METRICS", "OBJECTIVES_HELP", "Budgets", "Metric",
+           "format_metric"]

@@ -14,7 +14,7 @@ from paretoken import argtypes
 from paretoken.errors import ParetokenError
 from paretoken.jsonvalues import json_ready
 from paretoken.outputs import PLAN_SUFFIXES, check_output
-from paretoken.results.cli import add_results_parsers, format_metric
+from paretoken.results.cli import add_results_parsers
 from paretoken.search.cli import add_search_parser, add_spaces_parser
 
 
@@ -99,6 +99,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from paretoken.evaluators.evaluate import EvalConfig, environment, evaluate
+    from paretoken.evaluators.metrics import CATALOG, format_metric
 
     plan = _resolve_plan(args)
     config = EvalConfig(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
@@ -109,15 +110,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(json_ready({"plan": plan.to_dict(), "metrics": metrics, "environment": env}), allow_nan=False))
         return 0
-    units = {"top1": "%", "top1_drop": "points", "agreement": "%", "kl": "nats", "gflops": "GFLOPs/image",
-             "img_per_s": "images/s", "speedup": "x the uncompressed model's speed",
-             "latency_ms": "ms (batch 1)", "peak_mem_mb": "MiB (CUDA only)", "padding_pct": "% of token slots"}
     after = f" (after the first {args.skip})" if args.skip else ""
     print(f"model {args.model} on {args.images} images{after} of {args.data or 'fashion-mnist'}; {env['device']}, "
           f"{env['threads']} threads, batch {args.batch_size}\nplan  {plan.describe()}")
     for name, value in metrics.items():
         shown = "n/a" if math.isnan(value) else format_metric(name, float(value))
-        print(f"  {name:12s} {shown:>10s}  {units[name]}")
+        print(f"  {name:12s} {shown:>10s}  {CATALOG[name].label}")
     return 0
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from paretoken import argtypes
 from paretoken.errors import ParetokenError
-from paretoken.evaluators.metrics import BOUNDS, OBJECTIVES_HELP, Budgets
+from paretoken.evaluators.metrics import BOUNDS, HEADLINE, OBJECTIVES_HELP, Budgets, format_metric
 from paretoken.jsonvalues import json_ready
 from paretoken.outputs import PLAN_SUFFIXES, PLOT_SUFFIXES, check_output
 from paretoken.search.storage import redact, study_storage
@@ -58,27 +58,6 @@ def _write_csv(df: pd.DataFrame, path: str) -> None:
     """``df`` as CSV at ``path`` (checked by :func:`check_output` before the work; its folders made)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(path, index=False)
-
-
-def format_metric(column: str, value) -> str:
-    """A metric or table cell as printed: GFLOPs to 4 decimals, top-1 to 2, throughput whole, speed-up to 2."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if not isinstance(value, float):
-        return str(value)
-    if column == "kl":
-        return f"{value:.4f}"
-    if column in ("top1", "agreement", "best_top1", "search_top1", "held_out_top1", "held_out_agreement"):
-        return f"{value:.2f}"
-    if column == "img_per_s":
-        return f"{value:.0f}"
-    if column == "speedup":
-        return f"{value:.2f}"
-    if column in ("gflops", "best_gflops", "challenger_gflops"):
-        return f"{value:.4f}"
-    if column in ("latency_ms", "peak_mem_mb", "duration_s"):
-        return f"{value:.2f}"
-    return f"{value:.4g}"
 
 
 def _table(df, columns) -> str:
@@ -248,8 +227,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                   cheapest=args.cheapest)
     meta = load_plan(path).meta
     metrics = meta["metrics"]
-    shown = ", ".join(f"{k} {format_metric(k, float(metrics[k]))}" for k in ("top1", "agreement", "gflops", "img_per_s",
-                                                                              "speedup") if k in metrics)
+    shown = ", ".join(f"{k} {format_metric(k, float(metrics[k]))}" for k in HEADLINE if k in metrics)
     print(f"trial {meta['provenance']['trial']} of study {args.study}: {meta['plan_str']}\n"
           f"  {shown}\n  model {meta['model']}, weights {meta['checkpoint'] or meta['weights'].get('file') or 'timm'}"
           f"\nsaved {path}")

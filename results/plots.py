@@ -17,17 +17,12 @@ import numpy as np
 import pandas as pd
 
 from paretoken.errors import ParetokenError
-from paretoken.evaluators.metrics import Budgets
+from paretoken.evaluators.metrics import CATALOG, Budgets
 from paretoken.outputs import PLOT_SUFFIXES
 from paretoken.results import query
 
 _STATIC = (".png", ".svg", ".pdf")
-LABELS = {"top1": "top-1 (%)", "top1_drop": "top-1 lost (points)", "agreement": "agreement with uncompressed (%)",
-          "kl": "KL to uncompressed (nats)",
-          "gflops": "GFLOPs per image", "img_per_s": "throughput (images/s)", "latency_ms": "latency (ms, batch 1)",
-          "speedup": "speed-up over uncompressed (x)",
-          "peak_mem_mb": "peak memory (MiB)", "padding_pct": "padding (% of token slots)",
-          "duration_s": "trial duration (s)"}
+LABELS = {name: metric.label for name, metric in CATALOG.items()} | {"duration_s": "trial duration (s)"}
 FRONT_COLOR = "#d62728"
 PRESET_COLOR = "#1f77b4"
 

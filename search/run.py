@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import signal
 import threading
@@ -34,7 +35,7 @@ from paretoken.argtypes import MAX_SEED
 from paretoken.compress.plan import Plan, plan_as_run
 from paretoken.errors import ParetokenError, check_int
 from paretoken.jsonvalues import json_ready
-from paretoken.evaluators.metrics import METRICS, Budgets
+from paretoken.evaluators.metrics import METRICS, Budgets, format_metric
 from paretoken.search import study as st
 from paretoken.search.storage import (MAX_HEARTBEAT_S, check_study_name, open_storage, redact, storage_file,
                                       study_storage)
@@ -376,7 +377,8 @@ def _run(study_name, url, space_obj, objectives, sampler, n_trials, backend, wor
         import pandas as pd
 
         with pd.option_context("display.width", 200, "display.max_colwidth", 70):
-            log("Pareto front:\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+            log("Pareto front:\n" + table.to_string(index=False, formatters={
+                c: functools.partial(format_metric, c) for c in table.columns if table[c].dtype == float}))
     line = _presets_line(study, objectives)
     if line:
         log(line)
@@ -603,7 +605,7 @@ class _LoopState:
         hv = st.hypervolume(front, self.objectives, self.reference)
         preset = trial.user_attrs.get("preset")
         what = ("FAIL  " + error) if error else "COMPLETE " + "  ".join(
-            f"{o} {_fmt(metrics.get(o))}" for o in self.objectives)
+            f"{o} {format_metric(o, metrics.get(o))}" for o in self.objectives)
         extra = f" [{preset}]" if preset else ""
         if trial.user_attrs.get("same_plan_as") is not None:
             extra += f" [same plan as trial {trial.user_attrs['same_plan_as']}: its values, not measured again]"
@@ -617,7 +619,7 @@ class _LoopState:
             self.front = [t.number for t in front]
             self.log(f"  front now ({'/'.join(self.objectives)}): " + ", ".join(
                 f"#{t.number}" + (f" {t.user_attrs['preset']}" if t.user_attrs.get("preset") else "") + " "
-                + "/".join(_fmt(v) for v in t.values) for t in front))
+                + "/".join(format_metric(o, v) for o, v in zip(self.objectives, t.values)) for t in front))
 
     def abandon(self) -> None:
         """On Ctrl-C or an error that stops the search: fail this process's running trials at once and

@@ -19,7 +19,7 @@ import numpy as np
 import optuna
 
 from paretoken.errors import ParetokenError
-from paretoken.evaluators.metrics import BOUNDS, DIRECTIONS, Budgets
+from paretoken.evaluators.metrics import BOUNDS, DIRECTIONS, HEADLINE, Budgets
 
 DEFAULT_OBJECTIVES = ("top1", "gflops")
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
@@ -448,7 +448,7 @@ def front_table(study, objectives: Sequence[str]):
 
     from paretoken.results.query import plan_label
 
-    metrics = list(dict.fromkeys([*objectives, "top1", "agreement", "gflops", "img_per_s", "speedup"]))
+    metrics = list(dict.fromkeys([*objectives, *HEADLINE]))
     rows = []
     for t in front_trials(study):
         attrs = t.user_attrs

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 
 import paretoken
 from paretoken.cli import main
+from paretoken.evaluators.metrics import CATALOG, METRICS, format_metric
 from paretoken.results import query
 from test_results_query import POINTS, make_study
 
@@ -21,6 +23,15 @@ def storage(tmp_path):
     url = f"sqlite:///{tmp_path / 'studies.db'}"
     make_study(url, "s", POINTS, failed=1)
     return url
+
+
+def test_format_metric_by_the_catalog_and_columns_named_after_a_metric() -> None:
+    assert format_metric("gflops", 0.123456) == "0.1235" and format_metric("best_gflops", 0.123456) == "0.1235"
+    assert format_metric("held_out_top1", 87.6543) == "87.65" and format_metric("top1_drop", 0.2) == "0.20"
+    assert format_metric("img_per_s", 123.6) == "124" and format_metric("kl", 0.00301) == "0.0030"
+    assert format_metric("duration_s", 2.345) == "2.35" and format_metric("interval", 0.123456) == "0.1235"
+    assert format_metric("top1", math.nan) == "-" and format_metric("preset", "tome-r8") == "tome-r8"
+    assert set(METRICS) == set(CATALOG) and all(CATALOG[m].direction in ("maximize", "minimize") for m in METRICS)
 
 
 def test_front_table(storage, capsys):

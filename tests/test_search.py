@@ -20,10 +20,9 @@ import paretoken
 from paretoken.errors import ParetokenError
 from paretoken.results import query
 from paretoken.evaluators import evaluate as ev
-from paretoken.evaluators.metrics import METRICS, Budgets
+from paretoken.evaluators.metrics import METRICS, Budgets, format_metric
 from paretoken.evaluators.models import build_default_architecture
 from paretoken.search import enqueue_plan, run_search
-from paretoken.search.run import _fmt
 from paretoken.search.storage import default_storage, journal_path, open_storage
 
 
@@ -82,7 +81,7 @@ def test_local_search_stores_every_trial_and_resumes_without_repeating(config, t
     fronts = [line for line in lines if line.startswith("  front now (top1/gflops): ")]
     best = sorted(study.best_trials, key=lambda t: t.values[1])
     assert 1 <= len(fronts) <= 5 and re.findall(r"#(\d+)", fronts[-1]) == [str(t.number) for t in best]
-    assert fronts[0].endswith("#0 uncompressed " + "/".join(_fmt(v) for v in trials[0].values))
+    assert fronts[0].endswith("#0 uncompressed " + "/".join(format_metric(o, v) for o, v in zip(("top1", "gflops"), trials[0].values)))
     beaten = [line for line in lines if line.startswith("presets dominated by a searched plan: ")]
     df = query.trials_frame(study)
     assert len(beaten) == 1 and f"{len(query.presets_dominated(df))} of 2" in beaten[0]
