@@ -112,7 +112,8 @@ class _Pass:
     seconds: list[float]  # per batch
     base_seconds: list[float]  # the uncompressed model on each paired batch, in order
     padding_pct: float  # % of token slots that were padding
-    peak_bytes: int  # CUDA memory at the peak of the plan's forwards; 0 on CPU
+    peak_bytes: int  # CUDA memory a plan's forward allocates at its peak above what it starts with (max
+    # over the batches); 0 on CPU
 
 
 def _base_seconds(model: torch.nn.Module, batch: torch.Tensor, plan: Plan) -> float:
@@ -136,9 +137,10 @@ def _forward_all(model, images, batch_size, paired: Sequence[int] = ()) -> _Pass
             base_seconds.append(_base_seconds(model, batch, plan))
         if cuda:
             torch.cuda.reset_peak_memory_stats(images.device)
+            before = torch.cuda.memory_allocated(images.device)  # weights, images, the logits so far
         logits, elapsed = timed_forward(model, batch)
         if cuda:
-            peak = max(peak, torch.cuda.max_memory_allocated(images.device))
+            peak = max(peak, torch.cuda.max_memory_allocated(images.device) - before)
         outs.append(logits.float())
         seconds.append(elapsed)
         counts = token_counts(model)  # (b, depth)
@@ -186,10 +188,9 @@ def evaluate_per_image(plan: Plan, config: EvalConfig = EvalConfig()) -> tuple[d
     timed_batches = range(1, full) or range(full)  # the first, a warm-up, only when it is the only one
     paired = timed_batches[:config.speedup_pairs] if config.speed else ()
     apply(model, plan)
-    resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # weights, images, base logits
     run = _forward_all(model, bench.images, config.batch_size, paired)
     logits, seconds = run.logits, run.seconds
-    peak = (run.peak_bytes - resident) / 2**20 if device.type == "cuda" else math.nan
+    peak = run.peak_bytes / 2**20 if device.type == "cuda" else math.nan
     if not torch.isfinite(logits).all():
         raise ParetokenError(f"plan: {plan.describe()} makes the logits non-finite (the uncompressed model's "
                              f"are finite); valid: a plan that keeps them finite, e.g. fewer or milder stages")

@@ -24,10 +24,11 @@ Torch-free, so that reading a study never imports torch.
                1.55-1.67x between 1 and 2 threads), and a drift of speed
                cancels within each pair. With a single batch its one pair
                includes the plan's first, cold forward, as img_per_s does.
-  peak_mem_mb  CUDA memory the plan's forwards in the evaluation pass allocate at
-               their peak on top of what the pass starts with (weights, preloaded
-               images): the activations at ``batch_size``, MiB; NaN on CPU,
-               where PyTorch offers no allocator peak.
+  peak_mem_mb  CUDA memory a forward of the plan in the evaluation pass allocates
+               at its peak on top of what is allocated before it (weights,
+               preloaded images, the logits of the batches before): the
+               activations at ``batch_size``, MiB, the largest over the batches;
+               NaN on CPU, where PyTorch offers no allocator peak.
   padding_pct  % of token slots in the batched pass that were padding (per-image
                plans only; 0 otherwise): what batching per-image counts costs.
 """

@@ -45,7 +45,7 @@ def test_per_image_batched_equals_alone_on_gpu():
 
 
 def test_peak_memory_is_the_plans_activations():
-    """peak_mem_mb counts what the pass allocates above the resident weights and images, so it
+    """peak_mem_mb counts what a forward allocates above what is allocated before it, so it
     falls with the tokens a plan keeps (speed timed too: speedup's uncompressed forwards in the pass do
     not count)."""
     from paretoken.evaluators.evaluate import EvalConfig, evaluate
