@@ -248,12 +248,14 @@ def _attach_predictor(model: torch.nn.Module, layer: int, init: bool) -> None:
     if isinstance(getattr(block, "token_predictor", None), learn.TokenPredictor):
         return
     weight = next(model.parameters())
-    predictor = learn.TokenPredictor(model.embed_dim).to(device=weight.device, dtype=weight.dtype)
     prefix = f"blocks.{layer}.token_predictor."
     saved = {k[len(prefix):]: v for k, v in getattr(model, "_pt_predictor_state", {}).items() if k.startswith(prefix)}
     if saved:
         try:
-            predictor.load_state_dict(saved)
+            with torch.device("meta"):  # no initialisation to overwrite, no draw from the global RNG
+                predictor = learn.TokenPredictor(model.embed_dim)
+            predictor = predictor.to_empty(device=weight.device)
+            predictor.load_state_dict(saved)  # a copy: training it leaves the checkpoint's weights as they are
         except RuntimeError as err:
             reason = " ".join(str(err).split())[:160]
             raise ParetokenError(f"stage at layer {layer}: the checkpoint's {prefix}* weights do not fit this "
@@ -262,7 +264,9 @@ def _attach_predictor(model: torch.nn.Module, layer: int, init: bool) -> None:
         raise ParetokenError(f"stage at layer {layer}: score 'predictor' needs trained predictor weights "
                              f"({prefix}* in the checkpoint); train them with `paretoken finetune --plan PLAN`, "
                              "or use a training-free score: cls_attn, head_weighted")
-    block.token_predictor = predictor
+    else:
+        predictor = learn.TokenPredictor(model.embed_dim)
+    block.token_predictor = predictor.to(device=weight.device, dtype=weight.dtype)
 
 
 def apply(model: torch.nn.Module, plan: Plan, init_predictors: bool = False) -> torch.nn.Module:

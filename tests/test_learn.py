@@ -187,8 +187,14 @@ def test_predictor_weights_round_trip_through_a_checkpoint(tmp_path):
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         expected = model(x)
-        rebuilt = paretoken.apply(create_model("default", checkpoint=path), plan)
+        rebuilt = create_model("default", checkpoint=path)
+        rng = torch.random.get_rng_state()
+        paretoken.apply(rebuilt, plan)
         torch.testing.assert_close(rebuilt(x), expected)
+    # attaching saved predictors draws nothing from the global RNG, and copies the checkpoint's weights
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    weight = rebuilt.blocks[2].token_predictor.embed[1].weight
+    assert weight.data_ptr() != rebuilt._pt_predictor_state["blocks.2.token_predictor.embed.1.weight"].data_ptr()
     # the same checkpoint also loads for a plan without predictors, which drops them
     plain = paretoken.apply(create_model("default", checkpoint=path), paretoken.Plan())
     assert not any("token_predictor" in k for k in plain.state_dict())
