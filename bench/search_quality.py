@@ -2,6 +2,7 @@
 
     python bench/search_quality.py                       # 60 trials x {tpe, nsga2, gp, random} x 3 seeds
     python bench/search_quality.py --trials 30 --seeds 1 --images 200   # a quicker look
+    python bench/search_quality.py --samplers tpe --seeds 2 --first-seed 4   # seeds 4 and 5 only
 
 Every study starts with the uncompressed model and the presets its space can express (the
 ``mixed`` space: 8 presets), so "presets alone" is the hypervolume of those first trials, and the
@@ -84,6 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds FIRST .. FIRST+SEEDS-1 [0]")
     parser.add_argument("--samplers", default="tpe,nsga2,gp,random")
     parser.add_argument("--space", default="mixed")
     parser.add_argument("--images", type=int, default=500)
@@ -107,7 +109,7 @@ def main() -> None:
     rows = []
     tables: dict[str, list[pd.DataFrame]] = {s: [] for s in args.samplers.split(",")}
     for sampler in args.samplers.split(","):
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             name = f"{args.space}-{sampler}-s{seed}-n{args.trials}-i{args.images}" + (
                 "" if args.no_budget else f"-d{args.max_top1_drop:g}")
             result = run_search(name, storage=f"sqlite:///{studies / name}.db", space=args.space,
