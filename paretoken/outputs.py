@@ -11,6 +11,16 @@ PLAN_SUFFIXES = (".yaml", ".yml", ".json")
 PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".html")
 
 
+def check_suffix(flag: str, path: str | Path, suffixes: Sequence[str]) -> str:
+    """The suffix of ``path`` (lower case) when it is one of ``suffixes``; else a :class:`ParetokenError`
+    naming ``flag``."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in suffixes:
+        raise ParetokenError(f"{flag}: {str(path)!r} has suffix {Path(path).suffix or '(none)'!r}; "
+                             f"valid: a file ending in {', '.join(suffixes)}")
+    return suffix
+
+
 def check_output(flag: str, path: str | Path, suffixes: Sequence[str], storage: str | None = None) -> Path:
     """``path`` once a file ending in one of ``suffixes`` (any case) can be written there and it is not
     the file that ``storage`` (a study's URL) keeps its studies in. Nothing is left behind (folders
@@ -18,8 +28,7 @@ def check_output(flag: str, path: str | Path, suffixes: Sequence[str], storage: 
     naming ``flag`` (``out``, ``csv``, ...)."""
     path = Path(path)
     valid = f"a file ending in {', '.join(suffixes)}"
-    if path.suffix.lower() not in suffixes:
-        raise ParetokenError(f"{flag}: {str(path)!r} has suffix {path.suffix or '(none)'!r}; valid: {valid}")
+    check_suffix(flag, path, suffixes)
     if storage is not None:
         from paretoken.search.storage import storage_file
 

@@ -18,21 +18,13 @@ import pandas as pd
 
 from paretoken.errors import ParetokenError
 from paretoken.evaluators.metrics import CATALOG, Budgets
-from paretoken.outputs import PLOT_SUFFIXES
+from paretoken.outputs import PLOT_SUFFIXES, check_suffix
 from paretoken.results import query
 
 _STATIC = (".png", ".svg", ".pdf")
 LABELS = {name: metric.label for name, metric in CATALOG.items()} | {"duration_s": "trial duration (s)"}
 FRONT_COLOR = "#d62728"
 PRESET_COLOR = "#1f77b4"
-
-
-def plot_suffix(path: str | Path) -> str:
-    """The plot format of ``path`` from its suffix (.png, .svg, .pdf or .html); a one-line error otherwise."""
-    suffix = Path(path).suffix.lower()
-    if suffix not in PLOT_SUFFIXES:
-        raise ParetokenError(f"plot: {str(path)!r} has suffix {suffix or '(none)'!r}; valid: {', '.join(PLOT_SUFFIXES)}")
-    return suffix
 
 
 def _budget_lines(objectives: Sequence[str], budgets: Budgets | None, base_top1: float | None = None):
@@ -81,7 +73,7 @@ def plot_front(df: pd.DataFrame, objectives: Sequence[str] | str = query.DEFAULT
     With more than two objectives the front is non-dominated on all of them and drawn on the first two.
     The front is taken within ``budgets``, which are drawn as lines where they bound a plotted objective.
     """
-    suffix = plot_suffix(path)
+    suffix = check_suffix("plot", path, PLOT_SUFFIXES)
     objectives, x, y, done, fr, rest, presets, base = _parts(df, objectives, budgets)
     if done.empty:
         raise ParetokenError("plot: the study has no COMPLETE trial with " + " and ".join((y, x)))
@@ -256,7 +248,7 @@ def plot_hypervolume_history(df: pd.DataFrame, objectives: Sequence[str] | str =
     The enqueued presets come first in a study, so the curve starts at the presets' hypervolume
     and any rise after them is what the search found. Failed trials are marked on the x axis.
     """
-    suffix = plot_suffix(path)
+    suffix = check_suffix("plot", path, PLOT_SUFFIXES)
     objectives = query._check_objectives(objectives, df)
     if reference is None:
         reference = query.reference_point(df, objectives)
