@@ -208,14 +208,13 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
     if not isinstance(plan, Plan):
         plan_path = str(Path(plan).resolve())
         plan = load_plan(plan)
-    out = Path(out)
-    if out.suffix.lower() != ".safetensors":
-        raise ParetokenError(f"finetune: --out {str(out)!r} must end in .safetensors; valid: NAME.safetensors")
-    given, out = out, out.resolve()  # the plan names its weights wherever it is read
+    given = Path(out)
+    out = check_output("out", given, (".safetensors",)).resolve()  # the plan names its weights wherever it is read
     plan_file = given.with_suffix(".yaml").resolve()
     if plan_path is not None and plan_file == Path(plan_path):
         raise ParetokenError(f"finetune: --out {str(given)!r} would write its plan over --plan {plan_path!r}; "
                              "valid: another --out")
+    check_output("out", plan_file, (".yaml",))
     if config.budget is not None and not (config.learn_thresholds and any(s.op == "threshold" for s in plan.stages)):
         raise ParetokenError(_BUDGET_WITHOUT_THRESHOLDS)  # at once; a moot threshold is known with the model
     model_name, checkpoint, pretrained, data = _resolve(plan, config)
@@ -237,8 +236,6 @@ def finetune(plan: str | Path | Plan, config: FinetuneConfig = FinetuneConfig(),
     train_x, train_y = load_split(data, student, "calib", n=config.train_images, seed=config.seed)
     eval_x, eval_y = load_split(data, student, "eval", n=config.eval_images, seed=config.seed)
     base_pred = _predict(teacher, eval_x, config.batch_size, device)[0].argmax(1)
-    for path, suffix in ((out, ".safetensors"), (plan_file, ".yaml")):  # before minutes of training
-        check_output("out", path, (suffix,))
 
     def measure() -> dict[str, Any]:
         logits, mean_tokens = _predict(student, eval_x, config.batch_size, device)

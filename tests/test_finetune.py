@@ -168,7 +168,7 @@ def test_bad_finetune_requests(checkpoint, tmp_path):
             finetune(plan, config, out=tmp_path / "x.safetensors")
     with pytest.raises(ParetokenError, match="is the checkpoint it starts from; valid: another --out"):
         finetune(paretoken.Plan(), FinetuneConfig(checkpoint=str(checkpoint)), out=checkpoint)
-    with pytest.raises(ParetokenError, match="must end in .safetensors"):
+    with pytest.raises(ParetokenError, match="out: .*x.pt' has suffix '.pt'; valid: a file ending in .safetensors"):
         finetune(paretoken.Plan(), FinetuneConfig(checkpoint=str(checkpoint)), out=tmp_path / "x.pt")
     with pytest.raises(ParetokenError, match="alpha"):
         finetune(paretoken.Plan(), FinetuneConfig(alpha=2.0), out=tmp_path / "x.safetensors")
