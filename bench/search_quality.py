@@ -167,7 +167,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{args.out}.json"
     flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
-             if v is not None and v is not False and not (k == "out" and v == "search_quality")]
+             if v is not None and v is not False and (k, v) not in (("out", "search_quality"), ("first_seed", 0))]
     out.write_text(json.dumps({"command": "python bench/search_quality.py " + " ".join(flags),
         "objectives": objectives, "space": args.space, "images": args.images, "max_top1_drop": max_top1_drop,
         "environment": environment(),
