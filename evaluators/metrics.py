@@ -78,6 +78,7 @@ HEADLINE: tuple[str, ...] = ("top1", "agreement", "gflops", "img_per_s", "speedu
 OBJECTIVES_HELP = "; ".join(", ".join(m for m, d in DIRECTIONS.items() if d == way) + f" ({said})"
                             for way, said in (("maximize", "maximised"), ("minimize", "minimised")))
 
+
 def format_metric(column: str, value: Any) -> str:
     """A metric or table cell as printed: a metric, or a column named after one (``best_top1``,
     ``held_out_agreement``), to its :data:`CATALOG` decimals; ``-`` for a missing value."""
