@@ -2,7 +2,7 @@
 
     python bench/search_quality.py                       # 60 trials x {tpe, nsga2, gp, random} x 3 seeds
     python bench/search_quality.py --trials 30 --seeds 1 --images 200   # a quicker look
-    python bench/search_quality.py --samplers tpe --seeds 2 --first-seed 4   # seeds 4 and 5 only
+    python bench/search_quality.py --samplers tpe --seeds 2 --first-seed 4 --out search_quality_tpe_seeds45
 
 Every study starts with the uncompressed model and the presets its space can express (the
 ``mixed`` space: 8 presets), so "presets alone" is the hypervolume of those first trials, and the
@@ -62,10 +62,11 @@ def _beaten_presets(df: pd.DataFrame, objectives, images: int, depth: int) -> tu
 
 def _trials_to_dominate_all(df: pd.DataFrame, objectives) -> int | None:
     """The fewest trials (in trial-number order, the presets first) after which a searched plan
-    dominates every preset, or None when the whole study never gets there."""
-    df = df.sort_values("number")
+    dominates every preset, or None when the whole study never gets there. Counts COMPLETE trials,
+    as the run's ``trials`` and the curves do."""
+    df = df[df["state"] == "COMPLETE"].sort_values("number")
     wanted = len(query.preset_names(df))
-    for k in range(1, len(df) + 1):
+    for k in range(1, len(df) + 1 if wanted else 0):
         if len(query.presets_dominated(df.iloc[:k], objectives)) == wanted:
             return k
     return None

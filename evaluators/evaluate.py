@@ -19,7 +19,6 @@ from paretoken.compress import Plan, applied_plan, apply, token_counts
 from paretoken.errors import ParetokenError
 from paretoken.evaluators.data import load_split
 from paretoken.evaluators.flops import count_flops
-from paretoken.evaluators.metrics import METRICS
 from paretoken.evaluators.models import create_model
 from paretoken.evaluators.speed import latency_ms, paired_speedup, timed_forward
 
@@ -175,7 +174,8 @@ def prepare(config: EvalConfig) -> _Bench:
 
 
 def evaluate(plan: Plan, config: EvalConfig = EvalConfig()) -> dict[str, float]:
-    """Measure ``plan`` on ``config``'s model and data; returns the metrics in :data:`METRICS`."""
+    """Measure ``plan`` on ``config``'s model and data; returns the metrics in
+    :data:`paretoken.evaluators.metrics.METRICS`."""
     return evaluate_per_image(plan, config)[0]
 
 

@@ -41,14 +41,16 @@ from typing import Any
 
 from paretoken.errors import ParetokenError
 
+
 @dataclasses.dataclass(frozen=True)
 class Metric:
     """How a metric reads: ``direction`` ("maximize" when larger is better, else "minimize"),
-    ``title`` (what it is, in words), ``unit``, and the ``decimals`` tables print."""
+    ``title`` (what it is, in words), ``unit``, and the ``decimals`` tables print (None: four
+    significant digits, for a metric whose values span orders of magnitude)."""
     direction: str
     title: str
     unit: str
-    decimals: int
+    decimals: int | None
 
     @property
     def label(self) -> str:
@@ -61,7 +63,7 @@ CATALOG: dict[str, Metric] = {
     "top1": Metric("maximize", "top-1", "%", 2),
     "top1_drop": Metric("minimize", "top-1 lost", "points", 2),
     "agreement": Metric("maximize", "agreement with uncompressed", "%", 2),
-    "kl": Metric("minimize", "KL to uncompressed", "nats", 4),
+    "kl": Metric("minimize", "KL to uncompressed", "nats", None),
     "gflops": Metric("minimize", "compute", "GFLOPs/image", 4),
     "img_per_s": Metric("maximize", "throughput", "images/s", 0),
     "latency_ms": Metric("minimize", "latency", "ms, batch 1", 2),
@@ -87,11 +89,9 @@ def format_metric(column: str, value: Any) -> str:
     if not isinstance(value, float):
         return str(value)
     metric = next((m for name, m in CATALOG.items() if column == name or column.endswith("_" + name)), None)
-    if metric is not None:
-        return f"{value:.{metric.decimals}f}"
-    if column == "duration_s":
-        return f"{value:.2f}"
-    return f"{value:.4g}"
+    if metric is None or metric.decimals is None:
+        return f"{value:.4g}"
+    return f"{value:.{metric.decimals}f}"
 
 
 #: Each budget bounds one metric: budget name -> (metric, "<=" or ">=").

@@ -21,7 +21,6 @@ from paretoken.evaluators.metrics import CATALOG, Budgets
 from paretoken.outputs import PLOT_SUFFIXES, check_suffix
 from paretoken.results import query
 
-_STATIC = (".png", ".svg", ".pdf")
 LABELS = {name: metric.label for name, metric in CATALOG.items()} | {"duration_s": "trial duration (s)"}
 FRONT_COLOR = "#d62728"
 PRESET_COLOR = "#1f77b4"

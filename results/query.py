@@ -489,6 +489,8 @@ def compare(studies: Sequence[tuple[str, str | None]] | Sequence[str],
             "hypervolume": hypervolume(within, objectives, reference) if reference is not None else math.nan,
         })
     out = pd.DataFrame(rows)
+    if rows:  # int or None, not a float column that prints trial 12345 as 1.234e+04
+        out["best_trial"] = pd.Series([row["best_trial"] for row in rows], index=out.index, dtype=object)
     out.attrs["reference"] = dict(reference) if isinstance(reference, Mapping) else reference
     return out
 

@@ -377,7 +377,7 @@ def _run(study_name, url, space_obj, objectives, sampler, n_trials, backend, wor
         import pandas as pd
 
         with pd.option_context("display.width", 200, "display.max_colwidth", 70):
-            log("Pareto front:\n" + table.to_string(index=False, formatters={
+            log("Pareto front:\n" + table.to_string(index=False, na_rep="-", formatters={
                 c: functools.partial(format_metric, c) for c in table.columns if table[c].dtype == float}))
     line = _presets_line(study, objectives)
     if line:
