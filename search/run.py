@@ -445,7 +445,8 @@ def _presets_line(study, objectives: Sequence[str]) -> str | None:
     beaten = query.presets_dominated(table, objectives)
     left = [name for name in presets if name not in beaten]
     return (f"presets dominated by a searched plan: {len(beaten)} of {len(presets)}"
-            + (f" (not: {', '.join(left)})" if left else "")
+            + (f" (not: {', '.join(left)}; the same command with a larger --trials continues this study)"
+               if left else "")
             + "; `paretoken holdout` re-measures the front on test images the search never saw")
 
 

@@ -81,11 +81,13 @@ def test_local_search_stores_every_trial_and_resumes_without_repeating(config, t
     fronts = [line for line in lines if line.startswith("  front now (top1/gflops): ")]
     best = sorted(study.best_trials, key=lambda t: t.values[1])
     assert 1 <= len(fronts) <= 5 and re.findall(r"#(\d+)", fronts[-1]) == [str(t.number) for t in best]
-    assert fronts[0].endswith("#0 uncompressed " + "/".join(format_metric(o, v) for o, v in zip(("top1", "gflops"), trials[0].values)))
+    shown = "/".join(format_metric(o, v) for o, v in zip(("top1", "gflops"), trials[0].values))
+    assert fronts[0].endswith("#0 uncompressed " + shown)
     beaten = [line for line in lines if line.startswith("presets dominated by a searched plan: ")]
     df = query.trials_frame(study)
     assert len(beaten) == 1 and f"{len(query.presets_dominated(df))} of 2" in beaten[0]
     assert "paretoken holdout" in beaten[0]
+    assert ("a larger --trials continues this study" in beaten[0]) == (len(query.presets_dominated(df)) < 2)
     assert not result.front.empty and {"trial", "top1", "gflops", "plan"} <= set(result.front.columns)
     assert result.reference == pytest.approx({"top1": trials[0].user_attrs["top1"] - 10,
                                               "gflops": trials[0].user_attrs["gflops"]})
