@@ -184,10 +184,10 @@ def test_samplers_handle_the_conditional_mixed_space(sampler):
         "gp": lambda: optuna.samplers.GPSampler(seed=0, n_startup_trials=4, warn_independent_sampling=False),
     }[sampler]
     space = get_space("mixed")
-    study = optuna.create_study(directions=["minimize", "minimize"], sampler=make())
     n = 8 if sampler == "gp" else 20
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # TPE's group and multivariate are "experimental"
+        study = optuna.create_study(directions=["minimize", "minimize"], sampler=make())
         for _ in range(n):
             trial = study.ask()
             plan = space.sample(trial, 12)
