@@ -87,8 +87,13 @@ class FinetuneConfig:
             raise ParetokenError(f"finetune: alpha {self.alpha!r} is out of range; valid: 0 <= alpha <= 1")
         if self.budget is not None and not 0.0 < self.budget <= 1.0:
             raise ParetokenError(f"finetune: budget {self.budget!r} is out of range; valid: 0 < budget <= 1")
-        if not (math.isfinite(self.budget_weight) and self.budget_weight >= 0.0):
-            raise ParetokenError(f"finetune: budget_weight {self.budget_weight!r} is invalid; valid: a number >= 0")
+        for name in ("budget_weight", "weight_decay"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0.0):
+                raise ParetokenError(f"finetune: {name} {value!r} is invalid; valid: a number >= 0")
+        if not 0.0 <= self.warmup <= 1.0:
+            raise ParetokenError(f"finetune: warmup {self.warmup!r} is out of range; valid: 0 <= warmup <= 1 "
+                                 "(a fraction of the steps)")
         check_int("seed", self.seed, 0, MAX_SEED)
 
 

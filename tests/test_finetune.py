@@ -94,6 +94,15 @@ def test_a_loss_that_is_not_finite_is_one_line_naming_lr_and_writes_nothing(tmp_
                                                     f"NaN or infinity\n")
 
 
+def test_weights_the_last_step_made_non_finite_are_one_line_and_write_nothing(tmp_path):
+    """The loss is checked before each step; after the loop the weights are. Here the one step's decoupled
+    weight decay (x -3.4e38) and update (3.4e37) send weights of magnitude ~1 past float32's largest."""
+    config = FinetuneConfig(train_images=32, eval_images=16, batch_size=32, max_steps=1, lr=3.4e37, weight_decay=10.0)
+    with pytest.raises(ParetokenError, match=r"^lr: the weights became non-finite at step 1/1 with lr 3.4e\+37"):
+        finetune(paretoken.preset("evit-0.5"), config, out=tmp_path / "x.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_thresholds_learn_towards_the_budget(checkpoint, tmp_path, monkeypatch):
     plan = paretoken.Plan((paretoken.Stage(2, "threshold", threshold=0.5),
                            paretoken.Stage(6, "threshold", threshold=0.5)),
@@ -172,6 +181,10 @@ def test_bad_finetune_requests(checkpoint, tmp_path):
         finetune(paretoken.Plan(), FinetuneConfig(checkpoint=str(checkpoint)), out=tmp_path / "x.pt")
     with pytest.raises(ParetokenError, match="alpha"):
         finetune(paretoken.Plan(), FinetuneConfig(alpha=2.0), out=tmp_path / "x.safetensors")
+    with pytest.raises(ParetokenError, match=r"weight_decay -0.1 is invalid; valid: a number >= 0"):
+        finetune(paretoken.Plan(), FinetuneConfig(weight_decay=-0.1), out=tmp_path / "x.safetensors")
+    with pytest.raises(ParetokenError, match=r"warmup 1.5 is out of range; valid: 0 <= warmup <= 1"):
+        finetune(paretoken.Plan(), FinetuneConfig(warmup=1.5), out=tmp_path / "x.safetensors")
     with pytest.raises(ParetokenError, match="seed: -1 is invalid; valid: an integer in 0..4294967295"):
         finetune(paretoken.Plan(), FinetuneConfig(seed=-1), out=tmp_path / "x.safetensors")
     with pytest.raises(ParetokenError, match=r"plan: meta.checkpoint 5 is invalid; valid: a string or null"):
