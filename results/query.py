@@ -294,9 +294,8 @@ def front(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJECTIVES
     """The non-dominated COMPLETE rows of ``df`` on ``objectives`` within the budgets (and, with
     ``feasible_only``, the study's constraints: infeasible trials stay in the table but leave the front).
 
-    Directions: top1, agreement, img_per_s, speedup are maximised; gflops, latency_ms, kl, peak_mem_mb,
-    padding_pct minimised. Rows missing an objective (NaN) are left out. The result is sorted by
-    the first objective, best first. A row that took the values of another row on the front
+    Directions: :data:`~paretoken.evaluators.metrics.DIRECTIONS`. Rows missing an objective (NaN) are
+    left out. The result is sorted by the first objective, best first. A row that took the values of another row on the front
     (``same_plan_as``: the same plan, not measured again) is left out.
     """
     objectives = _check_objectives(objectives, df)

@@ -34,8 +34,8 @@ from typing import Any, Callable, Iterator, Sequence
 from paretoken.argtypes import MAX_SEED
 from paretoken.compress.plan import Plan, plan_as_run
 from paretoken.errors import ParetokenError, check_int
-from paretoken.jsonvalues import json_ready
 from paretoken.evaluators.metrics import METRICS, Budgets, format_metric
+from paretoken.jsonvalues import json_ready
 from paretoken.search import study as st
 from paretoken.search.storage import (MAX_HEARTBEAT_S, check_study_name, open_storage, redact, storage_file,
                                       study_storage)
@@ -251,8 +251,8 @@ def run_search(study_name: str, storage: str | None = None, space: str = "mixed"
     study_name / storage: the Optuna study and its storage URL (default ``sqlite:///studies/<study>.db``;
       ``journal:PATH``; ``postgresql://...``).
     space: a name of :data:`paretoken.spaces.SPACES`.
-    objectives: metric names; top1, agreement, img_per_s, speedup are maximised, gflops, latency_ms, kl,
-      peak_mem_mb, padding_pct minimised.
+    objectives: metric names, each maximised or minimised as
+      :data:`~paretoken.evaluators.metrics.DIRECTIONS` says.
     sampler: tpe, nsga2, gp or random, seeded with ``seed``.
     backend: ``local`` (in process, one trial at a time) or ``ray`` (Ray Tune trials, ``workers`` at
       once, with ``cpus_per_trial`` (default 1) and ``gpus_per_trial`` each, on a local Ray or
