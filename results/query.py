@@ -295,8 +295,8 @@ def front(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJECTIVES
     ``feasible_only``, the study's constraints: infeasible trials stay in the table but leave the front).
 
     Directions: :data:`~paretoken.evaluators.metrics.DIRECTIONS`. Rows missing an objective (NaN) are
-    left out. The result is sorted by the first objective, best first. A row that took the values of another row on the front
-    (``same_plan_as``: the same plan, not measured again) is left out.
+    left out. The result is sorted by the first objective, best first. A row that took the values of
+    another row on the front (``same_plan_as``: the same plan, not measured again) is left out.
     """
     objectives = _check_objectives(objectives, df)
     rows = budget(df, budgets, feasible_only)
