@@ -1,12 +1,14 @@
-"""paretoken.compress: the plan schema and the token reducers.
+"""paretoken.compress: the plan schema, the op registry and the patching of timm models.
 
-The plan schema imports without torch; the patching functions load torch and timm on first use.
+The plan schema and the registry import without torch; the patching functions load torch and timm
+on first use.
 """
 from __future__ import annotations
 
 import importlib
 
-from paretoken.compress.plan import OPS, SCORES, Plan, Stage, load_plan
+from paretoken.compress.ops import SCORES, OpSpec, get_op, op_names, register
+from paretoken.compress.plan import Plan, Stage, load_plan
 
 _LAZY = {name: "paretoken.compress.patch"
          for name in ("applied_plan", "apply", "learn_thresholds", "learned_plan", "token_counts")}
@@ -18,4 +20,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'paretoken.compress' has no attribute {name!r}")
 
 
-__all__ = ["OPS", "SCORES", "Plan", "Stage", "load_plan", *_LAZY]
+__all__ = ["SCORES", "OpSpec", "Plan", "Stage", "get_op", "load_plan", "op_names", "register", *_LAZY]

@@ -12,7 +12,7 @@ so a dropped token stops being seen while gradients still reach the decision:
   with a learnable threshold (AS-ViT).
 
 Budget losses keep the token counts near their targets. Shapes: x (B, N, C), size (B, N) as in
-:mod:`paretoken.compress.reducers` (0 = padding); the first ``prefix`` tokens are always kept.
+:mod:`paretoken.compress.tokens` (0 = padding); the first ``prefix`` tokens are always kept.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def effective_tokens(size: torch.Tensor, prefix: int) -> torch.Tensor:
 def relative_score(score: torch.Tensor, size: torch.Tensor, prefix: int) -> torch.Tensor:
     """(B, N) patch scores relative to uniform: score * alive tokens / total patch score.
 
-    Equals :func:`~paretoken.compress.reducers.threshold_prune`'s relative score when every
+    Equals :func:`~paretoken.compress.ops.threshold.threshold_prune`'s relative score when every
     token is fully alive.
     """
     patch = score.float() * (size > 0)

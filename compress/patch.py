@@ -1,6 +1,6 @@
 """Apply a Plan to a timm VisionTransformer by swapping forward methods.
 
-The thin layer around :mod:`~paretoken.compress.reducers` and
+The thin layer around the op registry (:mod:`~paretoken.compress.ops`) and
 :mod:`~paretoken.compress.scores` (ToMe's patch/timm.py pattern): the model's,
 its blocks' and their attentions' classes are swapped for subclasses whose
 forward threads the token state (sizes, padding) through the blocks. Weights
@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
-from paretoken.compress import learn, reducers, scores
+from paretoken.compress import learn, scores, tokens
+from paretoken.compress.ops import SCORE_NEEDS, get_op
 from paretoken.compress.plan import Plan, Stage
 from paretoken.errors import ParetokenError
 
@@ -58,7 +59,7 @@ class TokenState:
 
     def update(self, size: torch.Tensor, dtype: torch.dtype) -> None:
         self.size = size
-        self.bias = reducers.attention_bias(size.detach(), dtype)
+        self.bias = tokens.attention_bias(size.detach(), dtype)
 
     def mask(self, stage: Stage, keep: torch.Tensor, dtype: torch.dtype) -> None:
         """Multiply the sizes by a learned stage's keep factor (B, N) and record the kept fractions."""
@@ -69,17 +70,10 @@ class TokenState:
 
 
 def _needs(stage: Stage | None) -> frozenset[str]:
-    """Which attention by-products a stage's score needs."""
+    """Which attention by-products a stage needs: its score's and its op's (:mod:`~paretoken.compress.ops`)."""
     if stage is None:
         return frozenset()
-    need = {"cls"} if stage.score in ("cls_attn", "head_weighted") else set()
-    if stage.score == "head_weighted":
-        need.add("head")
-    if stage.op in ("merge", "joint"):
-        need.add("keys")
-    if stage.op == "slim":
-        need.add("full")
-    return frozenset(need)
+    return SCORE_NEEDS[stage.score] | get_op(stage.op).needs
 
 
 class PlanAttention(Attention):
@@ -141,21 +135,10 @@ class PlanAttention(Attention):
 
 
 def reduce_tokens(stage: Stage, x: torch.Tensor, size: torch.Tensor, info: dict[str, Any], prefix: int,
-                  threshold: float | None = None):
-    """Apply one stage to the token state; returns (x, size). ``threshold`` overrides the stage's."""
-    score, keys = info.get("score"), info.get("keys")
-    if stage.op in ("prune", "slim"):
-        return reducers.prune(x, size, score, prefix, keep=stage.keep, r=stage.r)
-    if stage.op == "prune_fuse":
-        return reducers.prune_fuse(x, size, score, prefix, keep=stage.keep, r=stage.r)
-    if stage.op == "merge":
-        return reducers.bipartite_merge(x, size, keys, prefix, keep=stage.keep, r=stage.r)
-    if stage.op == "joint":
-        return reducers.joint_merge_prune(x, size, score, keys, prefix, mass=stage.mass, sim=stage.sim)
-    if stage.op == "threshold":
-        return reducers.threshold_prune(x, size, score, prefix,
-                                        threshold=stage.threshold if threshold is None else threshold)
-    raise AssertionError(stage.op)  # Stage validation makes this unreachable
+                  **overrides: float):
+    """Apply one stage to the token state with its op's reduce function; returns (x, size).
+    ``overrides`` replace amount fields of the stage (a learned threshold)."""
+    return get_op(stage.op).reduce(x, size, info, prefix, **{**dict(stage.amounts), **overrides})
 
 
 class PlanBlock(Block):
@@ -194,8 +177,8 @@ class PlanBlock(Block):
             return x
         if stage.score == "predictor":
             info = {**info, "score": learn.predictor_score(self.token_predictor, x, state.size, prefix)}
-        threshold = learned_threshold.current() if learned_threshold is not None else None
-        x, size = reduce_tokens(stage, x, state.size, info, prefix, threshold=threshold)
+        learned = {"threshold": learned_threshold.current()} if learned_threshold is not None else {}
+        x, size = reduce_tokens(stage, x, state.size, info, prefix, **learned)
         state.update(size, x.dtype)
         return x
 

@@ -7,9 +7,11 @@ A plan is plain, frozen data with a YAML/JSON form (schema version 1)::
       - {layer: 3, op: prune_fuse, keep: 0.7, score: cls_attn}
 
 ``layer`` is the 0-based block index; a stage acts inside that block, after
-attention and before the MLP. ``keep`` is the fraction of the block's current
-patch tokens kept, ``r`` the number of patch tokens removed (give one of the
-two). ``prefix_only_last: true`` makes the last block compute only the prefix
+attention and before the MLP. ``op`` names a registered op
+(:mod:`paretoken.compress.ops`, one module each), which says which amount fields
+the stage gives and which scores it takes: ``keep`` is the fraction of the block's
+current patch tokens kept, ``r`` the number of patch tokens removed (give one of
+the two). ``prefix_only_last: true`` makes the last block compute only the prefix
 tokens (class, distillation): every token is still a key and value of its
 attention, but only the prefix tokens are queries and go through its
 projection and MLP. The head reads only the prefix tokens, so this is exact (the
@@ -22,140 +24,77 @@ the bad value and the valid values.
 from __future__ import annotations
 
 import json
-import math
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 
+from paretoken.compress.ops import SCORES, amount_fields, get_op, op_names
 from paretoken.errors import ParetokenError
 from paretoken.jsonvalues import json_ready
 
 SCHEMA_VERSION = 1
 
-OPS = ("prune", "prune_fuse", "merge", "joint", "threshold", "slim")
-SCORES = ("cls_attn", "head_weighted", "keys", "predictor")
-
-#: Valid scores per op; the first is the default.
-OP_SCORES: dict[str, tuple[str, ...]] = {
-    "prune": ("cls_attn", "head_weighted", "predictor"),
-    "prune_fuse": ("cls_attn", "head_weighted", "predictor"),
-    "merge": ("keys",),
-    "joint": ("cls_attn", "head_weighted"),
-    "threshold": ("head_weighted", "cls_attn"),
-    "slim": ("cls_attn", "head_weighted"),
-}
-
-#: Amount fields per op: the op needs exactly one of the fields in each group.
-OP_AMOUNT: dict[str, tuple[tuple[str, ...], ...]] = {
-    "prune": (("keep", "r"),),
-    "prune_fuse": (("keep", "r"),),
-    "merge": (("keep", "r"),),
-    "slim": (("keep", "r"),),
-    "joint": (("mass",), ("sim",)),
-    "threshold": (("threshold",),),
-}
-
-#: Ops whose token count differs from image to image.
-PER_IMAGE_OPS = frozenset({"joint", "threshold"})
-
-_AMOUNT_FIELDS = ("keep", "r", "mass", "sim", "threshold")
+_STAGE_KEYS = ("layer", "op", "score")
 
 
-RANGES = {  # the valid amounts of a stage, in words
-    "keep": "0 < keep <= 1", "mass": "0 < mass <= 1", "sim": "-1 <= sim <= 1", "threshold": "threshold > 0"}
-
-
-def _fail(where: str, message: str) -> ParetokenError:
-    return ParetokenError(f"{where}: {message}")
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False, repr=False)
 class Stage:
-    """One token reduction inside block ``layer``.
+    """One token reduction inside block ``layer``: ``Stage(3, "prune_fuse", keep=0.7)``.
 
-    Fields (units):
-      layer: 0-based block index.
-      op: one of :data:`OPS`.
-      score: token score, one of :data:`OP_SCORES` [op]; defaults to the op's first.
-      keep: fraction in (0, 1] of the block's current patch tokens kept.
-      r: non-negative number of patch tokens removed (instead of ``keep``).
-      mass: ``joint`` only: the critical tokens are the fewest patch tokens whose
-        score holds at least this fraction in (0, 1] of the score mass.
-      sim: ``joint`` only: cosine similarity in [-1, 1] at or above which a
-        non-critical token is merged into its most similar critical token
-        (pruned otherwise).
-      threshold: ``threshold`` only: a token is kept when its score, relative to
-        uniform attention (score * number of patch tokens), exceeds this (> 0).
+    layer: 0-based block index. op: a registered op (:func:`paretoken.compress.ops.op_names`).
+    score: token score, one of the op's scores; defaults to the op's first.
+    Amount fields, as keywords: the op's (``keep``/``r``, ``mass`` and ``sim``, ``threshold``; each
+    op's module says what they mean and their units). They read as attributes (``stage.keep``;
+    None when the stage does not give that field) and are held in ``amounts``, (field, value)
+    pairs in the op's order.
     """
 
     layer: int
     op: str
-    score: str | None = None
-    keep: float | None = None
-    r: int | None = None
-    mass: float | None = None
-    sim: float | None = None
-    threshold: float | None = None
+    score: str | None
+    amounts: tuple[tuple[str, Any], ...]
 
-    def __post_init__(self) -> None:
-        where = "stage"
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
-            raise _fail(where, f"layer {self.layer!r} is invalid; valid: a block index, an integer >= 0")
-        where = f"stage at layer {self.layer}"
-        if self.op not in OPS:
-            raise _fail(where, f"op {self.op!r} is unknown; valid: {', '.join(OPS)}")
-        valid_scores = OP_SCORES[self.op]
-        if self.score is None:
-            object.__setattr__(self, "score", valid_scores[0])
-        elif self.score not in SCORES:
-            raise _fail(where, f"score {self.score!r} is unknown; valid: {', '.join(SCORES)}")
-        elif self.score not in valid_scores:
-            raise _fail(where, f"score {self.score!r} does not fit op {self.op!r}; valid: {', '.join(valid_scores)}")
-        needed = {f for group in OP_AMOUNT[self.op] for f in group}
-        for name in _AMOUNT_FIELDS:
-            if getattr(self, name) is not None and name not in needed:
-                valid = " or ".join("/".join(g) for g in OP_AMOUNT[self.op])
-                raise _fail(where, f"field {name!r} does not apply to op {self.op!r}; valid: {valid}")
-        for group in OP_AMOUNT[self.op]:
-            given = [f for f in group if getattr(self, f) is not None]
-            if len(given) != 1:
-                raise _fail(where, f"op {self.op!r} needs exactly one of {' or '.join(group)}; got {len(given)}")
-        self._check_ranges(where)
+    def __init__(self, layer: int, op: str, score: str | None = None, *,
+                 amounts: Iterable[tuple[str, Any]] | Mapping[str, Any] = (), **given: Any) -> None:
+        values = {**dict(amounts), **given}  # dataclasses.replace passes the old amounts, then the changes
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise ParetokenError(f"stage: layer {layer!r} is invalid; valid: a block index, an integer >= 0")
+        where = f"stage at layer {layer}"
+        if op not in op_names():
+            raise ParetokenError(f"{where}: op {op!r} is unknown; valid: {', '.join(op_names())}")
+        spec = get_op(op)
+        if score is None:
+            score = spec.scores[0]
+        elif score not in SCORES:
+            raise ParetokenError(f"{where}: score {score!r} is unknown; valid: {', '.join(SCORES)}")
+        elif score not in spec.scores:
+            raise ParetokenError(f"{where}: score {score!r} does not fit op {op!r}; valid: {', '.join(spec.scores)}")
+        given_amounts = {k: v for k, v in values.items() if v is not None}
+        spec.check_amounts(where, given_amounts)
+        for name, value in (("layer", layer), ("op", op), ("score", score)):
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "amounts", tuple((f, given_amounts[f]) for f in spec.fields if f in given_amounts))
 
-    def _check_ranges(self, where: str) -> None:
-        def number(name: str) -> float | None:
-            value = getattr(self, name)
-            if value is None:
-                return None
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise _fail(where, f"{name} {value!r} is not a finite number; valid: {RANGES[name]}")
-            return float(value)
+    def __getattr__(self, name: str) -> Any:
+        """An amount field as an attribute: its value, or None when this stage does not give it."""
+        if name in amount_fields():
+            return dict(object.__getattribute__(self, "amounts")).get(name)
+        raise AttributeError(f"'Stage' object has no attribute {name!r}")
 
-        keep, mass, sim, threshold = number("keep"), number("mass"), number("sim"), number("threshold")
-        if keep is not None and not 0.0 < keep <= 1.0:
-            raise _fail(where, f"keep {self.keep!r} is out of range; valid: {RANGES['keep']}")
-        if self.r is not None and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0):
-            raise _fail(where, f"r {self.r!r} is invalid; valid: an integer >= 0")
-        if mass is not None and not 0.0 < mass <= 1.0:
-            raise _fail(where, f"mass {self.mass!r} is out of range; valid: {RANGES['mass']}")
-        if sim is not None and not -1.0 <= sim <= 1.0:
-            raise _fail(where, f"sim {self.sim!r} is out of range; valid: {RANGES['sim']}")
-        if threshold is not None and not threshold > 0.0:
-            raise _fail(where, f"threshold {self.threshold!r} is out of range; valid: {RANGES['threshold']}")
+    def __repr__(self) -> str:
+        fields_ = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
+        return f"Stage({fields_})"
 
     @property
     def per_image(self) -> bool:
         """True when this stage keeps a different number of tokens per image."""
-        return self.op in PER_IMAGE_OPS
+        return get_op(self.op).per_image
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-
-_STAGE_FIELDS = tuple(f.name for f in fields(Stage))
+        return {"layer": self.layer, "op": self.op, "score": self.score, **dict(self.amounts)}
 
 
 @dataclass(frozen=True)
@@ -224,9 +163,10 @@ class Plan:
         for i, raw in enumerate(raw_stages):
             if not isinstance(raw, Mapping):
                 raise ParetokenError(f"stage {i}: expected a mapping, got {type(raw).__name__}")
-            bad = [k for k in raw if k not in _STAGE_FIELDS]
+            valid = (*_STAGE_KEYS, *amount_fields())
+            bad = [k for k in raw if k not in valid]
             if bad:
-                raise ParetokenError(f"stage {i}: field {bad[0]!r} is unknown; valid: {', '.join(_STAGE_FIELDS)}")
+                raise ParetokenError(f"stage {i}: field {bad[0]!r} is unknown; valid: {', '.join(valid)}")
             if "layer" not in raw or "op" not in raw:
                 raise ParetokenError(f"stage {i}: field {'layer' if 'layer' not in raw else 'op'!r} is missing")
             try:

@@ -1,7 +1,7 @@
 """Token scores from one attention layer: pure functions on q, k and head outputs.
 
 Shapes: q, k (B, H, N, D); head outputs (B, H, N, Dv); bias (B, 1, 1, N) or
-None (see :func:`paretoken.compress.reducers.attention_bias`). Scores are
+None (see :func:`paretoken.compress.tokens.attention_bias`). Scores are
 (B, N) with the class token at index 0.
 """
 from __future__ import annotations

@@ -89,7 +89,8 @@ def plan_label(plan: Mapping[str, Any] | Any) -> str:
     ``merge(r=8)@0-11``, ``prune_fuse(keep=0.7)@3,6,9 + prefix-only last``, ``none`` for the uncompressed plan.
     The score is shown only where it is not the op's default.
     """
-    from paretoken.compress.plan import OP_SCORES, Plan
+    from paretoken.compress.ops import get_op
+    from paretoken.compress.plan import Plan
 
     if plan is None:
         return ""
@@ -103,7 +104,7 @@ def plan_label(plan: Mapping[str, Any] | Any) -> str:
     groups: dict[tuple, list[int]] = {}
     for stage in plan.stages:
         fields = {k: v for k, v in stage.to_dict().items() if k not in ("layer", "op")}
-        if fields.get("score") == OP_SCORES[stage.op][0]:
+        if fields.get("score") == get_op(stage.op).scores[0]:
             del fields["score"]
         groups.setdefault((stage.op, tuple(fields.items())), []).append(stage.layer)
     return " + ".join([f"{op}({', '.join(f'{k}={_fmt(v)}' for k, v in fields)})@{_layers(layers)}"

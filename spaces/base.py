@@ -57,11 +57,6 @@ def check_depth(depth: Any) -> int:
     return check_int("depth", depth, 1, note="the model's number of blocks")
 
 
-def suggest_grid(trial, name: str, low: float, high: float, step: float) -> float:
-    """A float on the grid low, low+step, ..., high, rounded so that 0.7 reads 0.7 and not 0.7000000000000001."""
-    return round(float(trial.suggest_float(name, low, high, step=step)), 6)
-
-
 class Space:
     """A search space over plans. Subclasses set ``name``, ``description``, ``params`` and implement
     :meth:`_sample` and :meth:`_params_for`."""

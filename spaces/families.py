@@ -1,66 +1,48 @@
 """The spaces, one per source method plus ``mixed``.
 
-Grids (chosen so every published preset of :mod:`paretoken.compress.presets` lies on them):
+The grids of an op's amounts (the keep ratio of prune and prune_fuse, merge's r, JMP's mass and
+sim, AS-ViT's threshold) are the op's own (:class:`~paretoken.compress.ops.OpSpec` ``grids``);
+the located spaces and ``mixed`` read them from the registry. The schedules of ToMe and Patch
+Slimming have grids of their own, here:
 
-  keep       0.40 .. 0.95 step 0.05   fraction of the block's current patch tokens kept (prune, prune_fuse)
-  slim keep  0.60 .. 1.00 step 0.05   1.00 means no stage in that block
-  r          0 .. 20 (tome; ramp ends 0 .. 24), 1 .. 20 (mixed merge)   patch tokens merged away in a block
-  threshold  0.10 .. 1.20 step 0.05   relative to uniform attention (1.0 = average token)
-  mass       0.70 .. 1.00 step 0.05   score mass held by JMP's critical tokens
-  sim        0.00 .. 1.00 step 0.05   cosine at or above which JMP merges instead of pruning
+  r          0 .. 20 (tome; ramp ends 0 .. 24)   patch tokens merged away in a block
+  slim keep  0.60 .. 1.00 step 0.05              1.00 means no stage in that block
 
-Stages compound (a keep ratio applies to the tokens that are left), so the ranges stop short of the
-extremes where a plan with several stages would keep almost nothing.
+Every published preset of :mod:`paretoken.compress.presets` lies on these grids.
 """
 from __future__ import annotations
 
 import math
 from typing import Any, Mapping
 
+from paretoken.compress.ops import Grid, OpSpec, get_op, ops
 from paretoken.compress.plan import Plan, Stage
-from paretoken.spaces.base import Param, Space, chosen_blocks, stages_by_layer, suggest_grid
+from paretoken.spaces.base import Param, Space, chosen_blocks, stages_by_layer
 
-KEEP = (0.4, 0.95, 0.05)
-SLIM_KEEP = (0.6, 1.0, 0.05)
-THRESHOLD = (0.1, 1.2, 0.05)
-MASS = (0.7, 1.0, 0.05)
-SIM = (0.0, 1.0, 0.05)
+SLIM_KEEP = Grid(0.6, 1.0, 0.05)
 R_MAX = 20
 R_RAMP_MAX = 24
-SCORES = ("cls_attn", "head_weighted")
-MIXED_OPS = ("prune", "prune_fuse", "merge", "joint", "threshold")
 MAX_OVERRIDES = 4  # blocks of a mixed plan off its ToMe ramp; every preset needs at most 3
-
-
-def _grid(values: tuple[float, float, float]) -> str:
-    low, high, step = values
-    return f"float {low:g}..{high:g} step {step:g}"
-
-
-def _on_grid(value: float | None, values: tuple[float, float, float]) -> bool:
-    low, high, step = values
-    if value is None or not low - 1e-9 <= value <= high + 1e-9:
-        return False
-    k = (value - low) / step
-    return abs(k - round(k)) < 1e-6
-
 
 _AT = Param("at_<l>", "categorical False/True, l = 0..depth-2", "block l has a stage")
 
-Amounts = dict[str, tuple[tuple[float, float, float], str]]  # amount field -> ((low, high, step), help)
+
+def _meaning(field: str) -> str:
+    """The one-line meaning of amount field ``field``, as the op registry declares it."""
+    return next(a.meaning for spec in ops() for group in spec.amounts for a in group if a.name == field)
 
 
-def _suggest_amount(trial, layer: int, amounts: Amounts) -> dict[str, Any]:
-    """Each amount field ``f`` of a stage at block ``layer``, asked as parameter ``f_<layer>`` on its grid."""
-    return {name: suggest_grid(trial, f"{name}_{layer}", *grid) for name, (grid, _) in amounts.items()}
+def _suggest_amounts(trial, layer: int, spec: OpSpec) -> dict[str, Any]:
+    """Each amount field ``f`` the op has a grid for, asked as parameter ``f_<layer>`` on it."""
+    return {name: grid.suggest(trial, f"{name}_{layer}") for name, grid in spec.grids.items()}
 
 
-def _amount_params(stage: Stage, amounts: Amounts) -> dict[str, Any] | None:
-    """The inverse of :func:`_suggest_amount`, or None when a field is off its grid."""
-    values = {name: getattr(stage, name) for name in amounts}
-    if not all(_on_grid(values[name], grid) for name, (grid, _) in amounts.items()):
+def _amount_params(stage: Stage, spec: OpSpec) -> dict[str, Any] | None:
+    """The inverse of :func:`_suggest_amounts`, or None when the stage gives another field or is off a grid."""
+    given = dict(stage.amounts)
+    if set(given) != set(spec.grids) or not all(grid.contains(given[f]) for f, grid in spec.grids.items()):
         return None
-    return {f"{name}_{stage.layer}": value for name, value in values.items()}
+    return {f"{name}_{stage.layer}": value for name, value in given.items()}
 
 
 # --------------------------------------------------------------------------- ToMe
@@ -114,26 +96,22 @@ class TomeSpace(Space):
 
 # --------------------------------------------------------------------------- located stages
 class LocatedSpace(Space):
-    """A stage of one op in each block whose ``at_<l>`` is True, with per-block amounts.
-
-    ``amounts`` maps each amount field of the op to its (low, high, step) grid and a help line;
-    the parameter of field ``f`` at block ``l`` is ``f_<l>``.
-    """
+    """A stage of one op, with one score, in each block whose ``at_<l>`` is True, with per-block
+    amounts on the op's grids; the parameter of field ``f`` at block ``l`` is ``f_<l>``."""
 
     op: str = ""
     score: str = ""
-    amounts: Amounts = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.params = (_AT, *(Param(f"{name}_<l>", _grid(grid), text, "at_<l>")
-                             for name, (grid, text) in cls.amounts.items()))
+        cls.params = (_AT, *(Param(f"{name}_<l>", grid.words(), _meaning(name), "at_<l>")
+                             for name, grid in get_op(cls.op).grids.items()))
 
     def _sample(self, trial, depth: int) -> Plan:
-        stages = []
+        spec, stages = get_op(self.op), []
         for layer in chosen_blocks(depth):
             if trial.suggest_categorical(f"at_{layer}", (False, True)):
-                stages.append(Stage(layer, self.op, score=self.score, **_suggest_amount(trial, layer, self.amounts)))
+                stages.append(Stage(layer, self.op, score=self.score, **_suggest_amounts(trial, layer, spec)))
         return Plan(tuple(stages))
 
     def _params_for(self, plan: Plan, depth: int) -> dict[str, Any] | None:
@@ -149,14 +127,11 @@ class LocatedSpace(Space):
                 continue
             if stage.op != self.op or stage.score != self.score:
                 return None
-            amount = _amount_params(stage, self.amounts)
+            amount = _amount_params(stage, get_op(self.op))
             if amount is None:
                 return None
             params.update(amount)
         return params
-
-
-_KEEP_AMOUNT = {"keep": (KEEP, "fraction of the block's patch tokens kept")}
 
 
 class EvitSpace(LocatedSpace):
@@ -165,7 +140,6 @@ class EvitSpace(LocatedSpace):
     score = "cls_attn"
     description = ("EViT: keep the top tokens by class attention and fuse the rest into one token, "
                    "at chosen blocks with a keep ratio each")
-    amounts = _KEEP_AMOUNT
 
 
 class DynamicVitSpace(LocatedSpace):
@@ -175,7 +149,6 @@ class DynamicVitSpace(LocatedSpace):
     description = ("DynamicViT (inference form, class-attention scores standing in for the learned predictors): "
                    "drop all but the top tokens at chosen blocks with a keep ratio each; "
                    "`paretoken finetune` on a plan with score: predictor trains the predictors")
-    amounts = _KEEP_AMOUNT
 
 
 class AsVitSpace(LocatedSpace):
@@ -184,7 +157,6 @@ class AsVitSpace(LocatedSpace):
     score = "head_weighted"
     description = ("AS-ViT: keep the tokens whose head-weighted class attention exceeds a threshold "
                    "(a per-image count), at chosen blocks with a threshold each")
-    amounts = {"threshold": (THRESHOLD, "score threshold relative to uniform attention")}
 
 
 class JmpSpace(LocatedSpace):
@@ -193,11 +165,6 @@ class JmpSpace(LocatedSpace):
     score = "cls_attn"
     description = ("JMP: critical tokens hold a mass of the class attention; each other token merges into its "
                    "most similar critical token above a similarity or is pruned, at chosen blocks")
-    amounts = {"mass": (MASS, "score mass held by the critical tokens"),
-               "sim": (SIM, "cosine at or above which a token merges instead of being pruned")}
-
-
-MIXED_AMOUNTS: dict[str, Amounts] = {cls.op: cls.amounts for cls in (DynamicVitSpace, EvitSpace, JmpSpace, AsVitSpace)}
 
 
 # --------------------------------------------------------------------------- Patch Slimming
@@ -205,12 +172,12 @@ class SlimSpace(Space):
     name = "slim"
     description = ("Patch Slimming: a static pyramid, a keep ratio of the current tokens in every block "
                    "(so counts never grow with depth), tokens picked by class importance")
-    params = (Param("keep_<l>", _grid(SLIM_KEEP) + ", l = 0..depth-2",
+    params = (Param("keep_<l>", SLIM_KEEP.words() + ", l = 0..depth-2",
                     "fraction of the block's patch tokens kept (1: no stage); the last block repeats "
                     "block depth-2's"),)
 
     def _sample(self, trial, depth: int) -> Plan:
-        keeps = [suggest_grid(trial, f"keep_{layer}", *SLIM_KEEP) for layer in chosen_blocks(depth)]
+        keeps = [SLIM_KEEP.suggest(trial, f"keep_{layer}") for layer in chosen_blocks(depth)]
         keeps += keeps[-1:] * (depth - len(keeps))  # the pyramid's last step: moot under prefix_only_last
         return Plan(tuple(Stage(layer, "slim", keep=k) for layer, k in enumerate(keeps) if k < 1.0))
 
@@ -222,7 +189,7 @@ class SlimSpace(Space):
             if stage is None:
                 params[f"keep_{layer}"] = 1.0
                 continue
-            if stage.op != "slim" or stage.score != "cls_attn" or not _on_grid(stage.keep, SLIM_KEEP) \
+            if stage.op != "slim" or stage.score != "cls_attn" or not SLIM_KEEP.contains(stage.keep) \
                     or stage.keep >= 1.0:
                 return None
             params[f"keep_{layer}"] = stage.keep
@@ -242,23 +209,38 @@ class MixedSpace(Space):
     """
 
     name = "mixed"
-    description = ("A ToMe ramp (r_first to r_last) as the base; up to "
-                   f"{MAX_OVERRIDES} blocks override it, each with its own op "
-                   "(prune, prune_fuse, merge, joint, threshold), amount and, where it applies, score")
-    params = (
-        Param("r_first", f"int 0..{R_RAMP_MAX}", "base ToMe ramp: r in block 0"),
-        Param("r_last", f"int 0..{R_RAMP_MAX}", "base ToMe ramp: r in the last block (rounded linear in between)"),
-        Param("overrides", f"int 0..{MAX_OVERRIDES} (at most depth-1)", "how many blocks override the base"),
-        Param("override_<k>", "int 0..depth-2, k = 0..overrides-1", "the k-th overriding block (a repeat adds none)",
-              "overrides"),
-        Param("op_<l>", "categorical " + "/".join(MIXED_OPS), "block l's op", "override_<k> = l"),
-        Param("keep_<l>", _grid(KEEP), "fraction of patch tokens kept", "op_<l> in prune, prune_fuse"),
-        Param("r_<l>", f"int 1..{R_MAX}", "tokens merged away", "op_<l> = merge"),
-        Param("mass_<l>", _grid(MASS), "JMP critical score mass", "op_<l> = joint"),
-        Param("sim_<l>", _grid(SIM), "JMP merge similarity", "op_<l> = joint"),
-        Param("threshold_<l>", _grid(THRESHOLD), "score threshold", "op_<l> = threshold"),
-        Param("score_<l>", "categorical " + "/".join(SCORES), "token score", "op_<l> not merge"),
-    )
+
+    @property
+    def description(self) -> str:
+        return (f"A ToMe ramp (r_first to r_last) as the base; up to {MAX_OVERRIDES} blocks override it, each "
+                f"with its own op ({', '.join(mixed_ops())}), amount and, where it applies, score")
+
+    @property
+    def params(self) -> tuple[Param, ...]:
+        """The base, the overrides, and each op's amount and score parameters, from the op registry."""
+        choices = mixed_ops()
+        base = (
+            Param("r_first", f"int 0..{R_RAMP_MAX}", "base ToMe ramp: r in block 0"),
+            Param("r_last", f"int 0..{R_RAMP_MAX}", "base ToMe ramp: r in the last block (rounded linear in between)"),
+            Param("overrides", f"int 0..{MAX_OVERRIDES} (at most depth-1)", "how many blocks override the base"),
+            Param("override_<k>", "int 0..depth-2, k = 0..overrides-1",
+                  "the k-th overriding block (a repeat adds none)", "overrides"),
+            Param("op_<l>", "categorical " + "/".join(choices), "block l's op", "override_<k> = l"))
+        by_grid: dict[tuple[str, Grid], list[str]] = {}
+        scored: dict[str, list[str]] = {}
+        for op in choices:
+            spec = get_op(op)
+            for name, grid in spec.grids.items():
+                by_grid.setdefault((name, grid), []).append(op)
+            if len(spec.search_scores) > 1:
+                for score in spec.search_scores:
+                    scored.setdefault(score, []).append(op)
+        amounts = tuple(Param(f"{name}_<l>", grid.words(), _meaning(name), _when(used))
+                        for (name, grid), used in by_grid.items())
+        score_ops = sorted({op for used in scored.values() for op in used}, key=choices.index)
+        score = (Param("score_<l>", "categorical " + "/".join(scored), "token score", _when(score_ops)),) \
+            if scored else ()
+        return base + amounts + score
 
     @staticmethod
     def max_overrides(depth: int) -> int:
@@ -280,11 +262,11 @@ class MixedSpace(Space):
 
     @staticmethod
     def _override(trial, layer: int) -> Stage:
-        op = trial.suggest_categorical(f"op_{layer}", MIXED_OPS)
-        if op == "merge":
-            return Stage(layer, op, r=trial.suggest_int(f"r_{layer}", 1, R_MAX))
-        amount = _suggest_amount(trial, layer, MIXED_AMOUNTS[op])
-        return Stage(layer, op, score=trial.suggest_categorical(f"score_{layer}", SCORES), **amount)
+        spec = get_op(trial.suggest_categorical(f"op_{layer}", mixed_ops()))
+        amounts = _suggest_amounts(trial, layer, spec)
+        scores = spec.search_scores
+        score = trial.suggest_categorical(f"score_{layer}", scores) if len(scores) > 1 else None
+        return Stage(layer, spec.name, score=score, **amounts)
 
     def _params_for(self, plan: Plan, depth: int) -> dict[str, Any] | None:
         """The base ramp that leaves the fewest blocks to override (every (r_first, r_last) is tried)."""
@@ -313,14 +295,21 @@ class MixedSpace(Space):
 
     @staticmethod
     def _override_params(stage: Stage) -> dict[str, Any] | None:
-        """The parameters of one overriding block, or None when off the space's ops or grids."""
-        layer = stage.layer
-        if stage.op == "merge":
-            return {f"op_{layer}": "merge", f"r_{layer}": stage.r} if stage.r is not None and 1 <= stage.r <= R_MAX \
-                else None
-        if stage.op not in MIXED_AMOUNTS or stage.score not in SCORES:
+        """The parameters of one overriding block, or None when off the space's ops, scores or grids."""
+        spec = get_op(stage.op)
+        if stage.op not in mixed_ops() or stage.score not in spec.search_scores:
             return None
-        amount = _amount_params(stage, MIXED_AMOUNTS[stage.op])
+        amount = _amount_params(stage, spec)
         if amount is None:
             return None
-        return {f"op_{layer}": stage.op, **amount, f"score_{layer}": stage.score}
+        score = {f"score_{stage.layer}": stage.score} if len(spec.search_scores) > 1 else {}
+        return {f"op_{stage.layer}": stage.op, **amount, **score}
+
+
+def mixed_ops() -> tuple[str, ...]:
+    """The ops ``mixed`` chooses among for an overriding block, in registration order."""
+    return tuple(spec.name for spec in ops() if spec.mixed)
+
+
+def _when(used: list[str]) -> str:
+    return f"op_<l> = {used[0]}" if len(used) == 1 else f"op_<l> in {', '.join(used)}"

@@ -8,7 +8,8 @@ import timm
 import torch
 
 import paretoken
-from paretoken.compress import learn, learn_thresholds, learned_plan, reducers
+from paretoken.compress import learn, learn_thresholds, learned_plan
+from paretoken.compress.ops.threshold import threshold_prune
 from paretoken.errors import ParetokenError
 from paretoken.evaluators.models import build_default_architecture, create_model
 
@@ -44,7 +45,7 @@ def test_soft_threshold_mask_tends_to_the_hard_rule():
         hard = patch * n / patch.sum() > 0.9  # written out per image
         assert torch.equal(soft[b, 1:1 + n] > 0.5, hard)
         assert soft[b, 0] == 1.0 and (soft[b, 1 + n:] < 1e-6).all()
-        kept, _ = reducers.threshold_prune(x[b:b + 1], size[b:b + 1], score[b:b + 1], 1, threshold=0.9)
+        kept, _ = threshold_prune(x[b:b + 1], size[b:b + 1], score[b:b + 1], 1, threshold=0.9)
         expected = [0] + [1 + i for i in range(n) if hard[i]]
         assert kept[0, :len(expected), 0].tolist() == expected
 

@@ -1,4 +1,4 @@
-"""Reducers on real timm ViTs against the slow reference in tests/reference.py."""
+"""The ops' reducers on real timm ViTs against the slow reference in tests/reference.py."""
 from __future__ import annotations
 
 import copy
@@ -8,7 +8,8 @@ import timm
 import torch
 
 import paretoken
-from paretoken.compress import reducers
+from paretoken.compress.ops import get_op
+from paretoken.compress.ops.merge import bipartite_merge
 from reference import reference_forward
 
 # (timm name, image size): small images keep the slow reference fast; the patch is the same.
@@ -176,17 +177,7 @@ def test_prefix_tokens_survive(op, amount, prefix):
     score = torch.rand(B, N)
     score[:, :prefix] = 0.0  # the prefix must survive even with the worst score
     keys = torch.randn(B, N, C)
-    args = dict(keep=None, r=None) | amount
-    if op in ("prune", "slim"):
-        out, out_size = reducers.prune(x, size, score, prefix, keep=args["keep"], r=args["r"])
-    elif op == "prune_fuse":
-        out, out_size = reducers.prune_fuse(x, size, score, prefix, keep=args["keep"])
-    elif op == "merge":
-        out, out_size = reducers.bipartite_merge(x, size, keys, prefix, r=args["r"])
-    elif op == "joint":
-        out, out_size = reducers.joint_merge_prune(x, size, score, keys, prefix, mass=args["mass"], sim=args["sim"])
-    else:
-        out, out_size = reducers.threshold_prune(x, size, score, prefix, threshold=args["threshold"])
+    out, out_size = get_op(op).reduce(x, size, {"score": score, "keys": keys}, prefix, **amount)
     assert torch.equal(out[:, :prefix], x[:, :prefix])
     assert torch.equal(out_size[:, :prefix], torch.ones(B, prefix))
     assert out.shape[1] > prefix  # at least one patch token is kept
@@ -197,7 +188,7 @@ def test_merge_conserves_patches_and_mean():
     """Merging moves mass, never loses it: sizes add up and the size-weighted mean is unchanged."""
     torch.manual_seed(0)
     x, size, keys = torch.randn(2, 31, 6), torch.ones(2, 31), torch.randn(2, 31, 6)
-    out, out_size = reducers.bipartite_merge(x, size, keys, prefix=1, r=10)
+    out, out_size = bipartite_merge(x, size, keys, prefix=1, r=10)
     assert out.shape[1] == 21
     torch.testing.assert_close(out_size.sum(1), size.sum(1))
     torch.testing.assert_close((out * out_size[..., None]).sum(1), (x * size[..., None]).sum(1))

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import paretoken
-from paretoken.compress.plan import OP_SCORES, Plan, Stage
+from paretoken.compress.ops import get_op
+from paretoken.compress.plan import Plan, Stage
 from paretoken.errors import ParetokenError
 from paretoken.evaluators.models import build_default_architecture
 from paretoken.spaces import SPACES, get_space
@@ -67,7 +68,7 @@ def test_many_random_samples_are_valid_plans(name, depth):
         assert again == plan
         for stage in plan.stages:
             assert stage.op in FAMILY_OPS[name]
-            assert stage.score in OP_SCORES[stage.op] and stage.score != "predictor"
+            assert stage.score in get_op(stage.op).scores and stage.score != "predictor"
             if stage.keep is not None:  # no float noise such as 0.7000000000000001
                 assert stage.keep == round(stage.keep, 6) and 0 < stage.keep < 1
             if stage.r is not None:

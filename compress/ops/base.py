@@ -1,0 +1,245 @@
+"""The op registry: what an op is (:class:`OpSpec`), and the table of registered ops.
+
+An op is one way a block reduces its tokens. Its module (one per op, beside this one) declares
+everything about it in one :class:`OpSpec` and registers it: the amount fields a stage of it gives
+(with their valid ranges and search grids), the token scores it accepts, whether its token count
+differs per image, what attention must provide for it, the reduce function, and whether the
+``mixed`` space may choose it. Plan validation, patching, the spaces, ``paretoken spaces`` and the
+docs' op table all read this table, so a new op is one module::
+
+    from paretoken.compress.ops import KEEP, R, OpSpec, register
+    register(OpSpec(name="my_prune", summary="...", source="...", amounts=((KEEP, R),),
+                    scores=("cls_attn",), reduce=my_reduce, grids={"keep": Grid(0.4, 0.95, 0.05)}))
+
+This module imports without torch: reduce functions import it when they run.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from paretoken.errors import ParetokenError
+
+#: Every token score a stage can name. ``cls_attn``: class attention averaged over heads (EViT);
+#: ``head_weighted``: class attention with heads weighted by their output norm (AS-ViT); ``keys``:
+#: the attention keys averaged over heads, a similarity metric rather than a score (ToMe);
+#: ``predictor``: a learned DynamicViT predictor's keep probability.
+SCORES = ("cls_attn", "head_weighted", "keys", "predictor")
+
+#: What attention must keep for each score: "cls" class attention, "head" head importance.
+SCORE_NEEDS: Mapping[str, frozenset[str]] = {
+    "cls_attn": frozenset({"cls"}), "head_weighted": frozenset({"cls", "head"}),
+    "keys": frozenset(), "predictor": frozenset()}
+
+#: Scores that need trained weights: a search never samples them.
+TRAINED_SCORES = frozenset({"predictor"})
+
+#: What an op may ask of attention beyond its score: "keys" (the head-averaged keys, as
+#: ``info["keys"]`` (B, N, D)), "full" (the score carried back one step through the full attention
+#: matrix, Patch Slimming's propagated importance, in place of ``info["score"]``).
+NEEDS = frozenset({"keys", "full"})
+
+#: The reduce function of an op: ``reduce(x, size, info, prefix, **amounts) -> (x, size)`` with x
+#: (B, N, C) tokens, size (B, N) patches per token (0: padding), info the attention by-products
+#: (``"score"`` (B, N), ``"keys"`` (B, N, D)) and the stage's amount fields as keywords.
+Reduce = Callable[..., tuple[Any, Any]]
+
+
+@dataclass(frozen=True)
+class Amount:
+    """One amount field a stage may give: ``name`` (a Stage keyword), an integer or a float,
+    ``check(value) -> bool`` on finite numbers, ``valid`` the valid values in words, ``meaning``
+    one line with units."""
+
+    name: str
+    integer: bool
+    check: Callable[[float], bool]
+    valid: str
+    meaning: str
+
+    def validate(self, where: str, value: Any) -> None:
+        """Raise a one-line error unless ``value`` is a valid value of this field."""
+        if self.integer:
+            if isinstance(value, bool) or not isinstance(value, int) or not self.check(value):
+                raise ParetokenError(f"{where}: {self.name} {value!r} is invalid; valid: {self.valid}")
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ParetokenError(f"{where}: {self.name} {value!r} is not a finite number; valid: {self.valid}")
+        if not self.check(float(value)):
+            raise ParetokenError(f"{where}: {self.name} {value!r} is out of range; valid: {self.valid}")
+
+
+KEEP = Amount("keep", False, lambda v: 0.0 < v <= 1.0, "0 < keep <= 1",
+              "fraction of the block's current patch tokens kept")
+R = Amount("r", True, lambda v: v >= 0, "an integer >= 0", "patch tokens removed from the block")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A search grid: ``low, low + step, ..., high``; integers when all three are ints."""
+
+    low: float
+    high: float
+    step: float
+
+    @property
+    def integer(self) -> bool:
+        return all(isinstance(v, int) for v in (self.low, self.high, self.step))
+
+    def suggest(self, trial, name: str) -> float | int:
+        """Ask ``trial`` for parameter ``name`` on this grid (floats rounded so 0.7 reads 0.7)."""
+        if self.integer:
+            return trial.suggest_int(name, self.low, self.high, step=self.step)
+        return round(float(trial.suggest_float(name, self.low, self.high, step=self.step)), 6)
+
+    def contains(self, value: Any) -> bool:
+        """True when ``value`` is a point of the grid."""
+        if value is None or isinstance(value, bool) or not self.low - 1e-9 <= value <= self.high + 1e-9:
+            return False
+        k = (value - self.low) / self.step
+        return abs(k - round(k)) < 1e-6 and (not self.integer or isinstance(value, int))
+
+    def words(self) -> str:
+        if self.integer:
+            return f"int {self.low}..{self.high}" + (f" step {self.step}" if self.step != 1 else "")
+        return f"float {self.low:g}..{self.high:g} step {self.step:g}"
+
+
+#: The keep grid of the keep-ratio pruners (0.4 .. 0.95: stages compound, so the grid stops short of
+#: the extremes where a plan with several stages would keep almost nothing).
+KEEP_GRID = Grid(0.4, 0.95, 0.05)
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """Everything about one op.
+
+    name: the plan's ``op`` value. summary: what it does, one line. source: the paper.
+    amounts: groups of amount fields; a stage gives exactly one field of each group.
+    scores: the scores a stage may name, the default first.
+    per_image: True when the number of tokens kept differs from image to image.
+    needs: what attention must provide beyond the score (a subset of :data:`NEEDS`).
+    reduce: the reduce function (see :data:`Reduce`).
+    grids: the search grid of each amount field a search samples, for the located spaces and
+      ``mixed`` (a field without a grid is never sampled).
+    mixed: whether ``mixed`` may choose this op for an overriding block.
+    """
+
+    name: str
+    summary: str
+    source: str
+    amounts: tuple[tuple[Amount, ...], ...]
+    scores: tuple[str, ...]
+    reduce: Reduce
+    per_image: bool = False
+    needs: frozenset[str] = frozenset()
+    grids: Mapping[str, Grid] = field(default_factory=dict)
+    mixed: bool = True
+
+    def __post_init__(self) -> None:
+        where = f"op {self.name!r}"
+        if not self.name.isidentifier():
+            raise ParetokenError(f"{where}: the name must be an identifier")
+        if not self.scores or any(s not in SCORES for s in self.scores):
+            raise ParetokenError(f"{where}: scores {self.scores!r}; valid: a non-empty tuple of {', '.join(SCORES)}")
+        if not self.needs <= NEEDS:
+            raise ParetokenError(f"{where}: needs {sorted(self.needs)!r}; valid: a subset of {sorted(NEEDS)}")
+        if any(name not in self.fields for name in self.grids):
+            raise ParetokenError(f"{where}: a grid names a field it has not; valid: {', '.join(self.fields)}")
+        for group in self.amounts:
+            gridded = [a.name for a in group if a.name in self.grids]
+            if len(gridded) > 1 or (self.mixed and not gridded):
+                raise ParetokenError(f"{where}: grids {sorted(self.grids)}; valid: one grid for one field of each "
+                                     "amount group (a search samples one), none needed when mixed is False")
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The amount fields, in declaration order."""
+        return tuple(a.name for group in self.amounts for a in group)
+
+    @property
+    def amount_words(self) -> str:
+        """The amount fields in words: ``keep or r``; groups joined by ``and``."""
+        return " and ".join(" or ".join(a.name for a in group) for group in self.amounts)
+
+    @property
+    def search_scores(self) -> tuple[str, ...]:
+        """The scores a search chooses among, in :data:`SCORES` order (none that needs training)."""
+        return tuple(s for s in SCORES if s in self.scores and s not in TRAINED_SCORES)
+
+    def check_amounts(self, where: str, amounts: Mapping[str, Any]) -> None:
+        """Raise a one-line error unless ``amounts`` gives exactly one field of each group, each valid."""
+        for name in amounts:
+            if name not in self.fields:
+                raise ParetokenError(f"{where}: field {name!r} does not apply to op {self.name!r}; "
+                                     f"valid: {' or '.join('/'.join(a.name for a in g) for g in self.amounts)}")
+        for group in self.amounts:
+            given = [a for a in group if amounts.get(a.name) is not None]
+            if len(given) != 1:
+                raise ParetokenError(f"{where}: op {self.name!r} needs exactly one of "
+                                     f"{' or '.join(a.name for a in group)}; got {len(given)}")
+            given[0].validate(where, amounts[given[0].name])
+
+
+_OPS: dict[str, OpSpec] = {}
+_AMOUNTS: dict[str, Amount] = {}
+
+
+def register(spec: OpSpec) -> OpSpec:
+    """Add ``spec`` to the registry (after the ops registered before it); returns it.
+
+    An amount field another op declares already must be the same :class:`Amount`.
+    """
+    if spec.name in _OPS:
+        raise ParetokenError(f"op {spec.name!r}: registered already; valid: a new name")
+    for group in spec.amounts:
+        for amount in group:
+            known = _AMOUNTS.get(amount.name)
+            if known is not None and known != amount:
+                raise ParetokenError(f"op {spec.name!r}: field {amount.name!r} is declared already with another "
+                                     "meaning; valid: the same Amount, or a new field name")
+    for group in spec.amounts:
+        for amount in group:
+            _AMOUNTS.setdefault(amount.name, amount)
+    _OPS[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    """Remove op ``name`` (and the amount fields no other op declares) from the registry."""
+    spec = _OPS.pop(name)
+    still = {f for other in _OPS.values() for f in other.fields}
+    for field_name in spec.fields:
+        if field_name not in still:
+            del _AMOUNTS[field_name]
+
+
+def get_op(name: str) -> OpSpec:
+    """The registered op ``name``; an unknown name is a one-line error listing the valid ones."""
+    try:
+        return _OPS[name]
+    except (KeyError, TypeError):
+        raise ParetokenError(f"op {name!r} is unknown; valid: {', '.join(_OPS)}") from None
+
+
+def op_names() -> tuple[str, ...]:
+    """The registered ops' names, in registration order."""
+    return tuple(_OPS)
+
+
+def ops() -> tuple[OpSpec, ...]:
+    """The registered ops, in registration order."""
+    return tuple(_OPS.values())
+
+
+def op_table() -> list[dict[str, str]]:
+    """One row per registered op, in words: op, amount, scores (default first), per image, source,
+    summary (``paretoken ops`` prints it; the docs' op table is tested against it)."""
+    return [{"op": s.name, "amount": s.amount_words, "scores": ", ".join(s.scores),
+             "per image": "yes" if s.per_image else "no", "source": s.source, "summary": s.summary} for s in ops()]
+
+
+def amount_fields() -> tuple[str, ...]:
+    """Every amount field some registered op declares."""
+    return tuple(_AMOUNTS)

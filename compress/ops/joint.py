@@ -1,0 +1,62 @@
+"""``joint``: JMP's joint merging and pruning; critical tokens by score mass, the rest merged or pruned."""
+from __future__ import annotations
+
+from paretoken.compress.ops.base import Amount, Grid, OpSpec, register
+
+MASS = Amount("mass", False, lambda v: 0.0 < v <= 1.0, "0 < mass <= 1",
+              "fraction of the score mass the critical tokens hold (the fewest patch tokens that do)")
+SIM = Amount("sim", False, lambda v: -1.0 <= v <= 1.0, "-1 <= sim <= 1",
+             "cosine at or above which a non-critical token merges into a critical one (pruned below)")
+
+
+def critical_by_mass(score, size, prefix: int, mass: float):
+    """(B, N) bool: per image, the fewest patch tokens holding ``mass`` of the patch score mass."""
+    import torch
+
+    from paretoken.compress.tokens import patch_score
+
+    s = patch_score(score, size, prefix).clamp(min=0).nan_to_num(0.0)
+    s = s / s.sum(dim=1, keepdim=True).clamp(min=torch.finfo(s.dtype).tiny)
+    ordered, order = torch.sort(s, dim=1, descending=True, stable=True)
+    before = torch.cumsum(ordered, dim=1) - ordered  # mass of the better tokens
+    take_sorted = before < mass - 1e-6
+    take_sorted[:, 0] = True
+    critical = torch.zeros_like(take_sorted).scatter(1, order, take_sorted)
+    critical[:, :prefix] = False
+    return critical & (size > 0)
+
+
+def joint_merge_prune(x, size, score, metric, prefix: int, mass: float, sim: float):
+    """JMP: per image, keep critical tokens; merge or prune the rest. Returns (x, size).
+
+    Critical tokens are the fewest patch tokens holding ``mass`` of the score
+    (class attention) mass. Each non-critical token merges (size-weighted)
+    into its most similar critical token (cosine of ``metric`` (B, N, D)) when
+    that similarity is >= ``sim``, and is pruned otherwise.
+    """
+    import torch.nn.functional as F
+
+    from paretoken.compress.tokens import NEG, compact, merge_into
+
+    critical = critical_by_mass(score, size, prefix, mass)
+    valid = size > 0
+    other = valid & ~critical
+    other[:, :prefix] = False
+    metric = F.normalize(metric.float(), dim=-1)
+    s = (metric @ metric.transpose(1, 2)).masked_fill(~critical[:, None, :], NEG)
+    best, match = s.max(dim=-1)
+    merge = other & (best >= sim)
+    drop = other & ~merge
+    x, size = merge_into(x, size * ~drop, merge, match)
+    return compact(x, size, size > 0)
+
+
+def reduce(x, size, info, prefix: int, mass: float, sim: float):
+    return joint_merge_prune(x, size, info["score"], info["keys"], prefix, mass=mass, sim=sim)
+
+
+SPEC = register(OpSpec(
+    name="joint", summary="keep the critical tokens; merge each other token into a similar one, or prune it",
+    source="JMP (joint merging and pruning)", amounts=((MASS,), (SIM,)), scores=("cls_attn", "head_weighted"),
+    reduce=reduce, per_image=True, needs=frozenset({"keys"}),
+    grids={"mass": Grid(0.7, 1.0, 0.05), "sim": Grid(0.0, 1.0, 0.05)}))

@@ -1,0 +1,36 @@
+"""``prune_fuse``: keep the top patch tokens by score and fuse the rest into one token (EViT)."""
+from __future__ import annotations
+
+from paretoken.compress.ops.base import KEEP, KEEP_GRID, R, OpSpec, register
+
+
+def prune_fuse(x, size, score, prefix: int, keep: float | None = None, r: int | None = None):
+    """EViT: keep the top-k patch tokens by ``score`` (B, N), fuse the dropped ones into one extra token.
+
+    The fused token is the ``score``-weighted average of the dropped tokens and
+    stands for all their patches (its size is the sum of theirs). Returns (x, size).
+    """
+    import torch
+
+    from paretoken.compress.tokens import compact, count_to_keep, patch_counts, topk_mask
+
+    k = count_to_keep(patch_counts(size, prefix), keep, r)
+    kept = topk_mask(score, size, prefix, k)
+    dropped = (~kept) & (size > 0)
+    w = score.float().clamp(min=0) * dropped
+    w = w / w.sum(dim=1, keepdim=True).clamp(min=torch.finfo(w.dtype).tiny)
+    fused = torch.einsum("bn,bnc->bc", w.to(x.dtype), x)[:, None]
+    fused_size = (size * dropped).sum(dim=1, keepdim=True)
+    x = torch.cat([x, fused], dim=1)
+    size = torch.cat([size, fused_size], dim=1)
+    return compact(x, size, torch.cat([kept, fused_size > 0], dim=1))
+
+
+def reduce(x, size, info, prefix: int, keep: float | None = None, r: int | None = None):
+    return prune_fuse(x, size, info["score"], prefix, keep=keep, r=r)
+
+
+SPEC = register(OpSpec(
+    name="prune_fuse", summary="keep the top patch tokens by score, fuse the rest into one token",
+    source="EViT (Liang et al., ICLR 2022)", amounts=((KEEP, R),),
+    scores=("cls_attn", "head_weighted", "predictor"), reduce=reduce, grids={"keep": KEEP_GRID}))

@@ -1,0 +1,104 @@
+"""The token state of a batch, and the primitives every op's reduce function builds on.
+
+Every function takes and returns (parts of) the token state of a batch:
+
+  x:    (B, N, C) token features; the first ``prefix`` tokens (class, and
+        distillation token where present) are never dropped or merged.
+  size: (B, N) float, how many input patches each token stands for; 0 marks a
+        padding slot. Per-image ops leave images with different token counts;
+        they are batched by padding at the end of the sequence, and
+        ``attention_bias`` turns ``size`` into the additive attention mask
+        (log size: ToMe's proportional attention; log 0 = -inf: padding).
+
+Valid tokens always come first and keep their relative order, so an image's
+tokens are the same whether it runs in a batch or alone. The ops themselves live
+in :mod:`paretoken.compress.ops`, one module each.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NEG = float("-inf")
+
+
+def attention_bias(size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive attention mask (B, 1, 1, N) = log(size), or None when every size is 1.
+
+    None keeps an uncompressed model's attention bit-for-bit unchanged.
+    """
+    if bool((size == 1).all()):
+        return None
+    return size.log().to(dtype)[:, None, None, :]
+
+
+def patch_counts(size: torch.Tensor, prefix: int) -> torch.Tensor:
+    """(B,) number of valid patch tokens (non-prefix, non-padding) per image. In training, a token
+    a learned stage is dropping softly (keep factor 0 < size < 1, see :mod:`.learn`) counts as
+    that fraction, so later stages take their share of the tokens that will be left at inference."""
+    return size[:, prefix:].clamp(max=1.0).sum(dim=1).round().long()
+
+
+def count_to_keep(n: torch.Tensor, keep: float | None = None, r: int | None = None) -> torch.Tensor:
+    """(B,) patch tokens to keep out of ``n`` (B,): keep * n rounded to nearest, or n - r; at least 1.
+
+    Rounding reproduces DynamicViT's counts (196 * 0.7**i -> 137, 96, 67).
+    """
+    if keep is not None:
+        k = torch.floor(n.double() * keep + 0.5).long()
+    else:
+        k = n - int(r)
+    return k.clamp(min=1).minimum(n)
+
+
+def compact(x: torch.Tensor, size: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the tokens where ``keep`` (B, N) is True, in order, padded at the end.
+
+    Returns x (B, M, C) and size (B, M) with M = max kept count; padding slots
+    get size 0 and zero features. Tokens with size 0 are never kept.
+    """
+    keep = keep & (size > 0)
+    counts = keep.sum(dim=1)
+    m = int(counts.max())
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :m]
+    valid = torch.arange(m, device=x.device)[None] < counts[:, None]
+    x = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1])).masked_fill(~valid[..., None], 0)
+    return x, size.gather(1, order) * valid
+
+
+def rank_desc(score: torch.Tensor) -> torch.Tensor:
+    """(B, N) rank of each entry in descending order of ``score`` (0 = best; ties by position)."""
+    order = torch.argsort(score, dim=1, descending=True, stable=True)
+    return torch.argsort(order, dim=1)
+
+
+def patch_score(score: torch.Tensor, size: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Scores with prefix and padding slots set to -inf, so they are never chosen."""
+    score = score.float().clone()
+    score[:, :prefix] = NEG
+    return score.masked_fill(size <= 0, NEG)
+
+
+def topk_mask(score: torch.Tensor, size: torch.Tensor, prefix: int, k: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool: the prefix plus, per image, the ``k`` (B,) best-scoring patch tokens."""
+    rank = rank_desc(patch_score(score, size, prefix))
+    keep = rank < k[:, None]
+    keep[:, :prefix] = True
+    return keep & (size > 0)
+
+
+def merge_into(x, size, src: torch.Tensor, dst: torch.Tensor):
+    """Merge each token where ``src`` (B, N) is True into token ``dst`` (B, N) index.
+
+    Size-weighted average. Returns x, size of the same shape with the merged
+    tokens' size set to 0 (callers :func:`compact` them away).
+    """
+    w = size * src
+    dst = torch.where(src, dst, torch.arange(x.shape[1], device=x.device)[None])
+    xs = x * (size - w)[..., None].to(x.dtype)
+    xs = xs.scatter_add(1, dst[..., None].expand_as(x), x * w[..., None].to(x.dtype))
+    size = (size - w).scatter_add(1, dst, w)
+    # merged-away rows (size 0) are 0 / 1, not 0 / 0: a clamp to float32's tiny is 0 in half precision
+    return xs / torch.where(size > 0, size, 1).to(x.dtype)[..., None], size
+
+
