@@ -138,7 +138,7 @@ def reduce_tokens(stage: Stage, x: torch.Tensor, size: torch.Tensor, info: dict[
                   **overrides: float):
     """Apply one stage to the token state with its op's reduce function; returns (x, size).
     ``overrides`` replace amount fields of the stage (a learned threshold)."""
-    return get_op(stage.op).reduce(x, size, info, prefix, **{**dict(stage.amounts), **overrides})
+    return get_op(stage.op).reduce(x, size, info, prefix, **{**stage.settings, **overrides})
 
 
 class PlanBlock(Block):

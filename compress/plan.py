@@ -31,7 +31,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from paretoken.compress.ops import SCORES, amount_fields, get_op, op_names
+from paretoken.compress.ops import SCORES, get_op, op_names, stage_fields
 from paretoken.errors import ParetokenError
 from paretoken.jsonvalues import json_ready
 
@@ -46,20 +46,21 @@ class Stage:
 
     layer: 0-based block index. op: a registered op (:func:`paretoken.compress.ops.op_names`).
     score: token score, one of the op's scores; defaults to the op's first.
-    Amount fields, as keywords: the op's (``keep``/``r``, ``mass`` and ``sim``, ``threshold``; each
-    op's module says what they mean and their units). They read as attributes (``stage.keep``;
-    None when the stage does not give that field) and are held in ``amounts``, (field, value)
-    pairs in the op's order.
+    The op's amount fields (``keep``/``r``, ``mass`` and ``sim``, ``threshold``, ...) and options
+    (``fuse``), as keywords; each op's module says what they mean and their units. They read as
+    attributes (``stage.keep``: None where the stage does not give that amount; an option of the op
+    reads its default when not given) and are held in ``values``, (field, value) pairs in the op's
+    order, an option only where it differs from its default.
     """
 
     layer: int
     op: str
     score: str | None
-    amounts: tuple[tuple[str, Any], ...]
+    values: tuple[tuple[str, Any], ...]
 
     def __init__(self, layer: int, op: str, score: str | None = None, *,
-                 amounts: Iterable[tuple[str, Any]] | Mapping[str, Any] = (), **given: Any) -> None:
-        values = {**dict(amounts), **given}  # dataclasses.replace passes the old amounts, then the changes
+                 values: Iterable[tuple[str, Any]] | Mapping[str, Any] = (), **given: Any) -> None:
+        given = {**dict(values), **given}  # dataclasses.replace passes the old values, then the changes
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
             raise ParetokenError(f"stage: layer {layer!r} is invalid; valid: a block index, an integer >= 0")
         where = f"stage at layer {layer}"
@@ -72,17 +73,27 @@ class Stage:
             raise ParetokenError(f"{where}: score {score!r} is unknown; valid: {', '.join(SCORES)}")
         elif score not in spec.scores:
             raise ParetokenError(f"{where}: score {score!r} does not fit op {op!r}; valid: {', '.join(spec.scores)}")
-        given_amounts = {k: v for k, v in values.items() if v is not None}
-        spec.check_amounts(where, given_amounts)
-        for name, value in (("layer", layer), ("op", op), ("score", score)):
+        given = {k: v for k, v in given.items() if v is not None}
+        spec.check_amounts(where, given)
+        defaults = {o.name: o.default for o in spec.options}
+        kept = tuple((f, given[f]) for f in spec.fields + spec.option_names
+                     if f in given and given[f] != defaults.get(f))
+        for name, value in (("layer", layer), ("op", op), ("score", score), ("values", kept)):
             object.__setattr__(self, name, value)
-        object.__setattr__(self, "amounts", tuple((f, given_amounts[f]) for f in spec.fields if f in given_amounts))
 
     def __getattr__(self, name: str) -> Any:
-        """An amount field as an attribute: its value, or None when this stage does not give it."""
-        if name in amount_fields():
-            return dict(object.__getattribute__(self, "amounts")).get(name)
+        """An amount or option field as an attribute (see the class docstring)."""
+        if name in stage_fields():
+            values = dict(object.__getattribute__(self, "values"))
+            option = {o.name: o for o in get_op(object.__getattribute__(self, "op")).options}.get(name)
+            return values.get(name, option.default if option is not None else None)
         raise AttributeError(f"'Stage' object has no attribute {name!r}")
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Every amount the stage gives and every option of its op (defaults filled in): what the op's
+        reduce function takes as keywords."""
+        return {**{o.name: o.default for o in get_op(self.op).options}, **dict(self.values)}
 
     def __repr__(self) -> str:
         fields_ = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
@@ -94,7 +105,7 @@ class Stage:
         return get_op(self.op).per_image
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "op": self.op, "score": self.score, **dict(self.amounts)}
+        return {"layer": self.layer, "op": self.op, "score": self.score, **dict(self.values)}
 
 
 @dataclass(frozen=True)
@@ -163,9 +174,11 @@ class Plan:
         for i, raw in enumerate(raw_stages):
             if not isinstance(raw, Mapping):
                 raise ParetokenError(f"stage {i}: expected a mapping, got {type(raw).__name__}")
-            valid = (*_STAGE_KEYS, *amount_fields())
-            bad = [k for k in raw if k not in valid]
-            if bad:
+            bad = [k for k in raw if k not in (*_STAGE_KEYS, *stage_fields())]
+            if bad:  # a field no op has; one another op has is the Stage's error ("does not apply")
+                op = raw.get("op")
+                valid = (*_STAGE_KEYS, *(get_op(op).fields + get_op(op).option_names if op in op_names()
+                                         else stage_fields()))
                 raise ParetokenError(f"stage {i}: field {bad[0]!r} is unknown; valid: {', '.join(valid)}")
             if "layer" not in raw or "op" not in raw:
                 raise ParetokenError(f"stage {i}: field {'layer' if 'layer' not in raw else 'op'!r} is missing")

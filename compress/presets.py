@@ -5,6 +5,7 @@ front starts at the published state of the art.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from paretoken.compress.plan import Plan, Stage
@@ -30,6 +31,28 @@ def _at(layers, op: str, **amount) -> tuple[Stage, ...]:
 
 _SLIM_KEEP = (0.95, 0.9, 0.9, 0.85, 0.85, 0.8, 0.8, 0.75, 0.75, 0.7, 0.7)  # layers 1..11
 
+
+def _pitome(ratio: float) -> tuple[Stage, ...]:
+    """PiToMe's DeiT schedule: every block keeps ``ratio`` of its patch tokens, r = floor(T - T * ratio)
+    as its code counts them, with the margin 0.75 - 0.75 * layer / depth."""
+    stages, tokens = [], 196
+    for layer in range(DEPTH):
+        r = math.floor(tokens - tokens * ratio)
+        stages.append(Stage(layer, "pitome", r=r, margin=0.75 - 0.75 * layer / DEPTH))
+        tokens -= r
+    return tuple(stages)
+
+
+def _diffrate(prune_kept: tuple[int, ...], merge_kept: tuple[int, ...]) -> tuple[Stage, ...]:
+    """A DiffRate schedule from its kept token counts per block (class token included) after pruning
+    and after merging, as its compression_rate.json gives them."""
+    stages, tokens = [], 197
+    for layer, (after_prune, after_merge) in enumerate(zip(prune_kept, merge_kept)):
+        if (tokens - after_prune, after_prune - after_merge) != (0, 0):
+            stages.append(Stage(layer, "prune_merge", pruned=tokens - after_prune, merged=after_prune - after_merge))
+        tokens = after_merge
+    return tuple(stages)
+
 _PRESETS = (
     Preset("tome-r8", "ToMe (Bolya et al., ICLR 2023): bipartite merging, r=8 tokens in every block",
            Plan(_every_block("merge", r=8))),
@@ -53,6 +76,21 @@ _PRESETS = (
     Preset("slim", "Patch Slimming (Tang et al., CVPR 2022): a static pyramid, counts never growing with depth, "
            "tokens picked by class importance propagated back one attention step (ViT-Ti -45% GFLOPs)",
            Plan(tuple(Stage(layer, "slim", keep=k) for layer, k in enumerate(_SLIM_KEEP, start=1)))),
+    Preset("pitome-0.9", "PiToMe (Tran et al., NeurIPS 2024): energy-protected merging keeping 0.9 of the tokens "
+           "in every block, margin 0.75 - 0.75 * layer / 12 (its DeiT setting); its code's bipartite variant in "
+           "the first half of the blocks is not reproduced", Plan(_pitome(0.9))),
+    Preset("pitome-0.925", "PiToMe: keep 0.925 of the tokens in every block", Plan(_pitome(0.925))),
+    Preset("tofu-r13", "ToFu (Kim et al., WACV 2024): ToMe's matching with r=13 in every block; the matched "
+           "tokens are dropped in blocks 0-6 and merged by MLERP after (the split of the PiToMe repository's "
+           "ToFu)", Plan(tuple(Stage(layer, "merge", r=13, fuse="drop" if layer <= DEPTH // 2 else "mlerp")
+                               for layer in range(DEPTH)))),
+    Preset("diffrate-2.9", "DiffRate (Chen et al., ICCV 2023): its searched DeiT-S schedule for 2.9 GFLOPs "
+           "(79.54 % top-1 off the shelf), prune by class attention then merge in each block",
+           Plan(_diffrate((197, 196, 190, 168, 150, 139, 129, 117, 99, 78, 58, 3),
+                          (197, 194, 176, 156, 141, 133, 121, 107, 88, 64, 56, 3)))),
+    Preset("diffrate-2.3", "DiffRate: its searched DeiT-S schedule for 2.3 GFLOPs",
+           Plan(_diffrate((197, 192, 168, 143, 121, 105, 92, 74, 62, 45, 33, 3),
+                          (197, 180, 156, 127, 109, 98, 80, 66, 52, 37, 31, 3)))),
 )
 
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}

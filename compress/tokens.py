@@ -87,18 +87,27 @@ def topk_mask(score: torch.Tensor, size: torch.Tensor, prefix: int, k: torch.Ten
     return keep & (size > 0)
 
 
-def merge_into(x, size, src: torch.Tensor, dst: torch.Tensor):
+def merge_into(x, size, src: torch.Tensor, dst: torch.Tensor, fuse: str = "average"):
     """Merge each token where ``src`` (B, N) is True into token ``dst`` (B, N) index.
 
-    Size-weighted average. Returns x, size of the same shape with the merged
-    tokens' size set to 0 (callers :func:`compact` them away).
+    ``fuse``: ``average``, the size-weighted average (ToMe); ``mlerp``, that average rescaled to the
+    largest norm among the tokens merged (ToFu's norm-preserving MLERP); ``drop``, the token merged
+    into keeps its features and size and the others are dropped (ToFu's pruning). Returns x, size of
+    the same shape with the merged tokens' size set to 0 (callers :func:`compact` them away).
     """
+    if fuse == "drop":
+        return x, size * ~src
     w = size * src
     dst = torch.where(src, dst, torch.arange(x.shape[1], device=x.device)[None])
     xs = x * (size - w)[..., None].to(x.dtype)
     xs = xs.scatter_add(1, dst[..., None].expand_as(x), x * w[..., None].to(x.dtype))
     size = (size - w).scatter_add(1, dst, w)
     # merged-away rows (size 0) are 0 / 1, not 0 / 0: a clamp to float32's tiny is 0 in half precision
-    return xs / torch.where(size > 0, size, 1).to(x.dtype)[..., None], size
-
-
+    out = xs / torch.where(size > 0, size, 1).to(x.dtype)[..., None]
+    if fuse == "mlerp":
+        norms = x.float().norm(dim=-1)
+        largest = norms.scatter_reduce(1, dst, norms, reduce="amax", include_self=True)
+        received = torch.zeros_like(dst).scatter_add(1, dst, src.long()) > 0  # tokens something merged into
+        scale = largest / out.float().norm(dim=-1).clamp(min=torch.finfo(torch.float32).tiny)
+        out = torch.where(received[..., None], out * scale[..., None].to(x.dtype), out)
+    return out, size

@@ -13,10 +13,11 @@ Every published preset of :mod:`paretoken.compress.presets` lies on these grids.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-from paretoken.compress.ops import Grid, OpSpec, get_op, ops
+from paretoken.compress.ops import Choice, Grid, OpSpec, get_op, ops, stage_fields
 from paretoken.compress.plan import Plan, Stage
+from paretoken.errors import ParetokenError
 from paretoken.spaces.base import Param, Space, chosen_blocks, stages_by_layer
 
 SLIM_KEEP = Grid(0.6, 1.0, 0.05)
@@ -28,21 +29,25 @@ _AT = Param("at_<l>", "categorical False/True, l = 0..depth-2", "block l has a s
 
 
 def _meaning(field: str) -> str:
-    """The one-line meaning of amount field ``field``, as the op registry declares it."""
-    return next(a.meaning for spec in ops() for group in spec.amounts for a in group if a.name == field)
+    """The one-line meaning of amount or option field ``field``, as the op registry declares it."""
+    return stage_fields()[field].meaning
 
 
 def _suggest_amounts(trial, layer: int, spec: OpSpec) -> dict[str, Any]:
-    """Each amount field ``f`` the op has a grid for, asked as parameter ``f_<layer>`` on it."""
+    """Each field ``f`` the op has a grid for, asked as parameter ``f_<layer>`` on it."""
     return {name: grid.suggest(trial, f"{name}_{layer}") for name, grid in spec.grids.items()}
 
 
 def _amount_params(stage: Stage, spec: OpSpec) -> dict[str, Any] | None:
-    """The inverse of :func:`_suggest_amounts`, or None when the stage gives another field or is off a grid."""
-    given = dict(stage.amounts)
-    if set(given) != set(spec.grids) or not all(grid.contains(given[f]) for f, grid in spec.grids.items()):
+    """The inverse of :func:`_suggest_amounts`, or None when the stage gives an amount without a grid,
+    sets an option the space does not sample, or is off a grid."""
+    settings, amounts = stage.settings, {f for f, _ in stage.values if f in spec.fields}
+    options = {o.name: o.default for o in spec.options if o.name not in spec.grids}
+    if amounts != {f for f in spec.grids if f in spec.fields} or any(settings[o] != d for o, d in options.items()):
         return None
-    return {f"{name}_{stage.layer}": value for name, value in given.items()}
+    if not all(grid.contains(settings[f]) for f, grid in spec.grids.items()):
+        return None
+    return {f"{name}_{stage.layer}": settings[name] for name in spec.grids}
 
 
 # --------------------------------------------------------------------------- ToMe
@@ -210,15 +215,32 @@ class MixedSpace(Space):
 
     name = "mixed"
 
+    def __init__(self, ops: Sequence[str] | None = None) -> None:
+        """``ops``: the ops an overriding block chooses among (default: every registered op that
+        declares itself for ``mixed``, :func:`mixed_ops`, read when the space samples)."""
+        if ops is not None:
+            ops = tuple(ops)
+            valid = mixed_ops()
+            bad = [op for op in ops if op not in valid]
+            if bad or not ops or len(set(ops)) != len(ops):
+                raise ParetokenError(f"ops: {','.join(bad) or ','.join(ops) or '(none)'} is invalid; valid: a list "
+                                     f"without repeats of {', '.join(valid)}")
+        self._ops = ops
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """The ops an overriding block chooses among, in registration order."""
+        return tuple(op for op in mixed_ops() if self._ops is None or op in self._ops)
+
     @property
     def description(self) -> str:
         return (f"A ToMe ramp (r_first to r_last) as the base; up to {MAX_OVERRIDES} blocks override it, each "
-                f"with its own op ({', '.join(mixed_ops())}), amount and, where it applies, score")
+                f"with its own op ({', '.join(self.ops)}), amount and, where it applies, score")
 
     @property
     def params(self) -> tuple[Param, ...]:
         """The base, the overrides, and each op's amount and score parameters, from the op registry."""
-        choices = mixed_ops()
+        choices = self.ops
         base = (
             Param("r_first", f"int 0..{R_RAMP_MAX}", "base ToMe ramp: r in block 0"),
             Param("r_last", f"int 0..{R_RAMP_MAX}", "base ToMe ramp: r in the last block (rounded linear in between)"),
@@ -226,7 +248,7 @@ class MixedSpace(Space):
             Param("override_<k>", "int 0..depth-2, k = 0..overrides-1",
                   "the k-th overriding block (a repeat adds none)", "overrides"),
             Param("op_<l>", "categorical " + "/".join(choices), "block l's op", "override_<k> = l"))
-        by_grid: dict[tuple[str, Grid], list[str]] = {}
+        by_grid: dict[tuple[str, Grid | Choice], list[str]] = {}
         scored: dict[str, list[str]] = {}
         for op in choices:
             spec = get_op(op)
@@ -255,14 +277,14 @@ class MixedSpace(Space):
         stages = []
         for layer in range(depth):
             if layer in overridden:
-                stages.append(self._override(trial, layer))
+                stages.append(self._override(trial, layer, self.ops))
             elif base[layer] > 0:
                 stages.append(Stage(layer, "merge", r=base[layer]))
         return Plan(tuple(stages))
 
     @staticmethod
-    def _override(trial, layer: int) -> Stage:
-        spec = get_op(trial.suggest_categorical(f"op_{layer}", mixed_ops()))
+    def _override(trial, layer: int, choices: tuple[str, ...]) -> Stage:
+        spec = get_op(trial.suggest_categorical(f"op_{layer}", choices))
         amounts = _suggest_amounts(trial, layer, spec)
         scores = spec.search_scores
         score = trial.suggest_categorical(f"score_{layer}", scores) if len(scores) > 1 else None
@@ -271,7 +293,7 @@ class MixedSpace(Space):
     def _params_for(self, plan: Plan, depth: int) -> dict[str, Any] | None:
         """The base ramp that leaves the fewest blocks to override (every (r_first, r_last) is tried)."""
         by = stages_by_layer(plan)
-        overrides = {layer: self._override_params(stage) for layer, stage in by.items()}
+        overrides = {layer: self._override_params(stage, self.ops) for layer, stage in by.items()}
         fits = (self._fit_base(by, overrides, first, last, depth)
                 for first in range(R_RAMP_MAX + 1) for last in range(R_RAMP_MAX + 1))
         return min((fit for fit in fits if fit is not None), key=lambda fit: fit[0], default=(0, None))[1]
@@ -294,10 +316,10 @@ class MixedSpace(Space):
         return len(layers), params
 
     @staticmethod
-    def _override_params(stage: Stage) -> dict[str, Any] | None:
+    def _override_params(stage: Stage, choices: tuple[str, ...]) -> dict[str, Any] | None:
         """The parameters of one overriding block, or None when off the space's ops, scores or grids."""
         spec = get_op(stage.op)
-        if stage.op not in mixed_ops() or stage.score not in spec.search_scores:
+        if stage.op not in choices or stage.score not in spec.search_scores:
             return None
         amount = _amount_params(stage, spec)
         if amount is None:

@@ -32,6 +32,18 @@ def _stage_score(stage, A, head_out):
     return s
 
 
+def _fused(members, tokens, sizes, fuse):
+    """The token and size that ``members`` (indices, the token merged into first) become."""
+    head = members[0]
+    if fuse == "drop":  # ToFu's pruning: the token merged into stays as it is, the others are gone
+        return tokens[head], sizes[head]
+    total = sum(sizes[j] for j in members)
+    mean = sum(tokens[j] * sizes[j] for j in members) / total
+    if fuse == "mlerp" and len(members) > 1:  # ToFu: the average, at the largest norm of the tokens merged
+        mean = mean / mean.norm() * max(float(tokens[j].norm()) for j in members)
+    return mean, total
+
+
 def _apply_stage(stage, tokens, sizes, score, keys, prefix):
     """tokens: list of (C,) tensors; sizes: list of floats; returns new lists."""
     n_all = len(tokens)
@@ -56,20 +68,49 @@ def _apply_stage(stage, tokens, sizes, score, keys, prefix):
         b_idx = [j for j in range(1, n_all, 2) if j >= prefix]
         unit = F.normalize(keys, dim=-1)
         edges = []
-        for i in a_idx:
+        for i in a_idx if b_idx else []:  # no B token (one patch token left): nothing merges
             sims = [float(unit[i] @ unit[j]) for j in b_idx]
             best = max(range(len(b_idx)), key=lambda t: (sims[t], -t))
             edges.append((sims[best], i, b_idx[best]))
         edges.sort(key=lambda e: -e[0])
         merged = edges[:min(r, len(edges))]
-        acc = {j: (tokens[j] * sizes[j], sizes[j]) for j in b_idx}
+        groups = {j: [j] for j in b_idx}
         for _, i, j in merged:
-            acc[j] = (acc[j][0] + tokens[i] * sizes[i], acc[j][1] + sizes[i])
+            groups[j].append(i)
         gone = {i for _, i, _ in merged}
         order = list(range(prefix)) + [i for i in a_idx if i not in gone] + b_idx
-        new_t = [acc[j][0] / acc[j][1] if j in acc else tokens[j] for j in order]
-        new_s = [acc[j][1] if j in acc else sizes[j] for j in order]
-        return new_t, new_s
+        fused = {j: _fused(groups[j], tokens, sizes, stage.get("fuse", "average")) for j in b_idx}
+        return ([fused[j][0] if j in fused else tokens[j] for j in order],
+                [fused[j][1] if j in fused else sizes[j] for j in order])
+    if op == "pitome":  # PiToMe: energy, the 2r highest-energy tokens alternate into A and B, A merges into B
+        r = n - _round_keep(n, stage["keep"], None) if stage.get("keep") is not None else stage["r"]
+        r = min(r, n // 2)
+        unit = F.normalize(keys, dim=-1)
+        elu = lambda v: v if v > 0 else math.exp(v) - 1.0  # noqa: E731
+        energy = {i: sum(elu(float(unit[i] @ unit[j]) - stage["margin"]) for j in patches) / n for i in patches}
+        by_energy = sorted(patches, key=lambda i: (-energy[i], i))
+        a_set, b_set = by_energy[:2 * r:2], by_energy[1:2 * r:2]
+        groups = {j: [j] for j in b_set}
+        for i in a_set:
+            sims = {j: float(unit[i] @ unit[j]) for j in b_set}
+            groups[max(b_set, key=lambda j: (sims[j], -j))].append(i)
+        keep = [j for j in patches if j not in a_set]
+        fused = {j: _fused(groups[j], tokens, sizes, stage.get("fuse", "average")) for j in b_set}
+        return ([tokens[j] for j in range(prefix)] + [fused[j][0] if j in fused else tokens[j] for j in keep],
+                [sizes[j] for j in range(prefix)] + [fused[j][1] if j in fused else sizes[j] for j in keep])
+    if op == "prune_merge":  # DiffRate: drop the lowest-scoring, merge the next lowest into the most similar kept
+        k = _round_keep(n, None, stage["pruned"])
+        m = min(stage["merged"], k - 1)
+        targets, sources = by_score[:k - m], by_score[k - m:k]
+        unit = [t / t.norm() for t in tokens]
+        groups = {j: [j] for j in targets}
+        for i in sources:
+            sims = {j: float(unit[i] @ unit[j]) for j in targets}
+            groups[max(targets, key=lambda j: (sims[j], -j))].append(i)
+        fused = {j: _fused(groups[j], tokens, sizes, stage.get("fuse", "average")) for j in targets}
+        kept = sorted(targets)
+        return ([tokens[j] for j in range(prefix)] + [fused[j][0] for j in kept],
+                [sizes[j] for j in range(prefix)] + [fused[j][1] for j in kept])
     if op == "joint":  # JMP
         total = sum(float(score[j]) for j in patches)
         critical, held = [], 0.0
@@ -120,7 +161,8 @@ def reference_forward(model, image: torch.Tensor, stages: list[dict]) -> tuple[t
         tokens = list(x)
         if layer in by_layer:
             stage = dict(by_layer[layer])
-            stage.setdefault("score", {"merge": "keys", "threshold": "head_weighted"}.get(stage["op"], "cls_attn"))
+            stage.setdefault("score", {"merge": "keys", "pitome": "keys", "threshold": "head_weighted"}.get(
+                stage["op"], "cls_attn"))
             score = _stage_score(stage, A, head_out)
             tokens, sizes = _apply_stage(stage, tokens, sizes, score, k.mean(0), prefix)
         x = torch.stack(tokens)

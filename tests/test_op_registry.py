@@ -95,11 +95,13 @@ def test_mixed_samples_the_new_op_and_inverts_it(registered):
 
 def test_unregistering_restores_the_built_in_ops(registered):
     ops.unregister(registered.name)
-    assert mixed_ops() == ("prune", "prune_fuse", "merge", "joint", "threshold")
-    with pytest.raises(paretoken.ParetokenError, match="op 'attn_merge' is unknown; valid: prune, prune_fuse, "
-                                                       "merge, joint, threshold, slim"):
-        paretoken.Stage(1, "attn_merge", keep=0.5)
-    ops.register(registered)  # for the fixture's teardown
+    try:
+        assert mixed_ops() == ("prune", "prune_fuse", "merge", "joint", "threshold", "pitome", "prune_merge")
+        with pytest.raises(paretoken.ParetokenError, match="op 'attn_merge' is unknown; valid: prune, prune_fuse, "
+                                                           "merge, joint, threshold, slim, pitome, prune_merge"):
+            paretoken.Stage(1, "attn_merge", keep=0.5)
+    finally:
+        ops.register(registered)  # for the fixture's teardown
 
 
 @pytest.mark.parametrize("change,message", [
@@ -126,4 +128,5 @@ def test_every_built_in_op_declares_what_it_needs():
         assert spec.summary and spec.source and spec.scores[0] in spec.scores
         assert spec.per_image == (spec.name in ("joint", "threshold"))
     assert ops.get_op("slim").needs == {"full"} and not ops.get_op("slim").mixed
-    assert {s.name for s in ops.ops() if "keys" in s.needs} == {"merge", "joint"}
+    assert {s.name for s in ops.ops() if "keys" in s.needs} == {"merge", "joint", "pitome"}
+    assert {s.name for s in ops.ops() if "fuse" in s.option_names} == {"merge", "pitome", "prune_merge"}

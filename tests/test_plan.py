@@ -41,7 +41,8 @@ def test_defaults_and_ordering():
 
 BAD = [
     ({"layer": 1, "op": "prun", "keep": 0.5},
-     "stage 0: op 'prun' is unknown; valid: prune, prune_fuse, merge, joint, threshold, slim"),
+     "stage 0: op 'prun' is unknown; valid: prune, prune_fuse, merge, joint, threshold, slim, pitome, "
+     "prune_merge"),
     ({"layer": 1, "op": "prune", "keep": 1.5}, "stage 0: keep 1.5 is out of range; valid: 0 < keep <= 1"),
     ({"layer": 1, "op": "prune", "keep": 0}, "stage 0: keep 0 is out of range; valid: 0 < keep <= 1"),
     ({"layer": 1, "op": "merge", "r": -2}, "stage 0: r -2 is invalid; valid: an integer >= 0"),
@@ -59,7 +60,10 @@ BAD = [
      "stage 0: field 'keep' does not apply to op 'threshold'; valid: threshold"),
     ({"layer": 1, "op": "threshold", "threshold": -1}, "stage 0: threshold -1 is out of range; valid: threshold > 0"),
     ({"layer": 1, "op": "prune", "keep": 0.5, "ratio": 2}, "stage 0: field 'ratio' is unknown; valid: layer, op, "
-     "score, keep, r, mass, sim, threshold"),
+     "score, keep, r"),
+    ({"layer": 1, "op": "merge", "r": 2, "fuse": "sum"}, "stage 0: fuse 'sum' is unknown; valid: average, mlerp, drop"),
+    ({"layer": 1, "op": "prune", "keep": 0.5, "fuse": "mlerp"}, "stage 0: field 'fuse' does not apply to op 'prune'; "
+     "valid: keep/r"),
     ({"op": "prune", "keep": 0.5}, "stage 0: field 'layer' is missing"),
 ]
 
@@ -151,7 +155,8 @@ def test_plan_files_read_as_written(tmp_path):
 
 
 def test_presets_are_valid_and_documented():
-    expected = {"tome-r8", "tome-r13", "tome-r16", "evit-0.7", "evit-0.5", "dynamicvit-0.7", "asvit", "jmp", "slim"}
+    expected = {"tome-r8", "tome-r13", "tome-r16", "evit-0.7", "evit-0.5", "dynamicvit-0.7", "asvit", "jmp", "slim",
+                "pitome-0.9", "pitome-0.925", "tofu-r13", "diffrate-2.9", "diffrate-2.3"}
     assert set(PRESETS) == expected
     for name, p in PRESETS.items():
         assert p.source and p.plan.stages, name
@@ -159,5 +164,15 @@ def test_presets_are_valid_and_documented():
         assert Plan.from_dict(p.plan.to_dict()) == p.plan
     slim = [s.keep for s in paretoken.preset("slim").stages]
     assert all(k <= 1 for k in slim)  # counts never grow with depth
+    pitome = [(s.r, s.margin) for s in paretoken.preset("pitome-0.9").stages]  # PiToMe's own count and margins
+    assert pitome[:3] == [(19, 0.75), (17, 0.6875), (16, 0.625)] and len(pitome) == 12
+    tofu = paretoken.preset("tofu-r13").stages
+    assert [s.fuse for s in tofu] == ["drop"] * 7 + ["mlerp"] * 5 and {s.r for s in tofu} == {13}
+    # DiffRate's kept counts (class token included) after pruning and after merging, block by block
+    counts, tokens = [], 197
+    for s in paretoken.preset("diffrate-2.9").stages:
+        counts.append((tokens - s.pruned, tokens - s.pruned - s.merged))
+        tokens -= s.pruned + s.merged
+    assert counts[:3] == [(196, 194), (190, 176), (168, 156)] and counts[-1] == (3, 3)
     with pytest.raises(paretoken.ParetokenError, match="preset: 'tome' is unknown; valid: tome-r8"):
         paretoken.preset("tome")

@@ -7,7 +7,8 @@ import torch
 
 import paretoken
 
-PAPER_GFLOPS = {None: 4.608, "tome-r13": 2.7, "evit-0.7": 3.0, "dynamicvit-0.7": 2.9}
+PAPER_GFLOPS = {None: 4.608, "tome-r13": 2.7, "evit-0.7": 3.0, "dynamicvit-0.7": 2.9, "tofu-r13": 2.7,
+                "diffrate-2.9": 2.905, "diffrate-2.3": 2.3}
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,15 @@ PLANS = {
     "threshold": [dict(layer=1, op="threshold", threshold=0.8), dict(layer=4, op="threshold", threshold=1.0,
                                                                       score="cls_attn")],
     "slim": [dict(layer=1, op="slim", keep=0.8), dict(layer=2, op="slim", keep=0.8), dict(layer=6, op="slim", r=4)],
+    "merge_fuse": [dict(layer=0, op="merge", r=6, fuse="drop"), dict(layer=3, op="merge", r=5, fuse="mlerp")],
+    "pitome": [dict(layer=0, op="pitome", r=5, margin=0.75), dict(layer=2, op="pitome", keep=0.8, margin=0.3,
+                                                                  fuse="mlerp"), dict(layer=5, op="pitome", r=40, margin=0.1)],
+    "prune_merge": [dict(layer=1, op="prune_merge", pruned=3, merged=6),
+                    dict(layer=4, op="prune_merge", pruned=0, merged=4, score="head_weighted", fuse="mlerp"),
+                    dict(layer=6, op="prune_merge", pruned=30, merged=30)],
+    "new_after_threshold": [dict(layer=1, op="threshold", threshold=0.8), dict(layer=2, op="pitome", r=4, margin=0.5),
+                            dict(layer=4, op="prune_merge", pruned=2, merged=3),
+                            dict(layer=6, op="merge", r=3, fuse="mlerp"), dict(layer=7, op="merge", r=2, fuse="drop")],
     "mixed": [dict(layer=1, op="threshold", threshold=0.7), dict(layer=3, op="merge", r=4),
               dict(layer=5, op="prune_fuse", keep=0.6), dict(layer=7, op="joint", mass=0.9, sim=0.2)],
 }
@@ -123,7 +132,7 @@ def test_prefix_only_last_block_with_a_qkv_projection_that_is_not_a_plain_linear
         torch.testing.assert_close(logits[i], reference_forward(model, image, [])[0], atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("plan_name", ["threshold", "joint", "mixed"])
+@pytest.mark.parametrize("plan_name", ["threshold", "joint", "mixed", "new_after_threshold"])
 def test_batched_equals_one_at_a_time(model_and_images, plan_name):
     model, images = model_and_images
     patched = paretoken.apply(copy.deepcopy(model), paretoken.Plan.from_dict({"stages": PLANS[plan_name]}))
@@ -165,7 +174,10 @@ def test_per_image_counts_really_differ():
 
 @pytest.mark.parametrize("op,amount", [("prune", dict(keep=0.05)), ("prune_fuse", dict(keep=0.05)),
                                        ("merge", dict(r=1000)), ("joint", dict(mass=0.05, sim=0.9)),
-                                       ("threshold", dict(threshold=50.0)), ("slim", dict(r=1000))])
+                                       ("threshold", dict(threshold=50.0)), ("slim", dict(r=1000)),
+                                       ("pitome", dict(r=1000, margin=0.0)),
+                                       ("prune_merge", dict(pruned=1000, merged=1000)),
+                                       ("merge", dict(r=1000, fuse="mlerp")), ("merge", dict(r=1000, fuse="drop"))])
 @pytest.mark.parametrize("prefix", [1, 2])
 def test_prefix_tokens_survive(op, amount, prefix):
     """Prefix tokens are never dropped or merged, and stay first, however aggressive the op."""
@@ -181,7 +193,8 @@ def test_prefix_tokens_survive(op, amount, prefix):
     assert torch.equal(out[:, :prefix], x[:, :prefix])
     assert torch.equal(out_size[:, :prefix], torch.ones(B, prefix))
     assert out.shape[1] > prefix  # at least one patch token is kept
-    assert torch.allclose(out_size.sum(1), size.sum(1)) or op in ("prune", "slim", "joint", "threshold")
+    assert torch.allclose(out_size.sum(1), size.sum(1)) or op in ("prune", "slim", "joint", "threshold",
+                                                                  "prune_merge") or amount.get("fuse") == "drop"
 
 
 def test_merge_conserves_patches_and_mean():

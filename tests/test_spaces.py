@@ -18,7 +18,8 @@ from paretoken.spaces import SPACES, get_space
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 FAMILY_OPS = {"tome": {"merge"}, "evit": {"prune_fuse"}, "dynamicvit": {"prune"}, "asvit": {"threshold"},
-              "jmp": {"joint"}, "slim": {"slim"}, "mixed": {"prune", "prune_fuse", "merge", "joint", "threshold"}}
+              "jmp": {"joint"}, "slim": {"slim"}, "mixed": {"prune", "prune_fuse", "merge", "joint", "threshold",
+                                                                       "pitome", "prune_merge"}}
 
 EXPRESSIBLE = {
     "tome": {"tome-r8", "tome-r13", "tome-r16"},
@@ -225,3 +226,21 @@ def test_a_plan_of_each_family_applies_to_a_timm_model_by_name():
             _, plan = _samples(get_space(name), 1, seed=2)[0]
             paretoken.apply(model, plan)
             assert torch.isfinite(model(images)).all(), (name, plan.describe())
+
+
+def test_mixed_without_the_newer_ops_samples_as_before_they_were_registered():
+    """``MixedSpace(ops=...)`` restricted to the five ops it had before PiToMe and DiffRate joined asks the
+    same parameters with the same distributions, so a study made then goes on with it."""
+    from paretoken.spaces.families import MixedSpace
+
+    old = MixedSpace(ops=("prune", "prune_fuse", "merge", "joint", "threshold"))
+    assert "pitome" not in old.description and "pitome" in get_space("mixed").description
+    ops_asked = set()
+    for params, plan in _samples(old, 150, depth=12, seed=5):
+        ops_asked |= {v for k, v in params.items() if k.startswith("op_")}
+        assert old.params_for(plan, 12) is not None
+    assert ops_asked == {"prune", "prune_fuse", "merge", "joint", "threshold"}
+    pitome = Plan((Stage(2, "pitome", r=4, margin=0.5),))
+    assert old.params_for(pitome, 12) is None and get_space("mixed").params_for(pitome, 12) is not None
+    with pytest.raises(ParetokenError, match="ops: slim is invalid; valid: a list without repeats of prune, "):
+        MixedSpace(ops=("merge", "slim"))

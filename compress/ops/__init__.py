@@ -2,17 +2,19 @@
 
     from paretoken.compress.ops import get_op, op_names
     spec = get_op("merge")      # OpSpec: amounts, scores, per_image, needs, reduce, grids, mixed
-    op_names()                  # ('prune', 'prune_fuse', 'merge', 'joint', 'threshold', 'slim')
+    op_names()                  # ('prune', 'prune_fuse', 'merge', 'joint', 'threshold', 'slim', 'pitome', ...)
 
 :mod:`~paretoken.compress.ops.base` says what an op declares and how to register a new one.
 """
 from __future__ import annotations
 
-from paretoken.compress.ops.base import (KEEP, KEEP_GRID, NEEDS, R, SCORE_NEEDS, SCORES, TRAINED_SCORES, Amount,
-                                         Grid, OpSpec, amount_fields, get_op, op_names, op_table, ops, register,
-                                         unregister)
+from paretoken.compress.ops.base import (FUSE, KEEP, KEEP_GRID, NEEDS, R, SCORE_NEEDS, SCORES, TRAINED_SCORES,
+                                         Amount, Choice, Grid, OpSpec, Option, get_op, op_names, op_table, ops,
+                                         register, stage_fields, unregister)
 # the built-in ops, registered in this order (the order of error messages and of ``mixed``'s choices)
-from paretoken.compress.ops import prune, prune_fuse, merge, joint, threshold, slim  # noqa: E402,F401  isort: skip
+from paretoken.compress.ops import (prune, prune_fuse, merge, joint, threshold, slim, pitome,  # noqa: E402,F401
+                                    prune_merge)  # isort: skip
 
-__all__ = ["KEEP", "KEEP_GRID", "NEEDS", "R", "SCORES", "SCORE_NEEDS", "TRAINED_SCORES", "Amount", "Grid",
-           "OpSpec", "amount_fields", "get_op", "op_names", "op_table", "ops", "register", "unregister"]
+__all__ = ["FUSE", "KEEP", "KEEP_GRID", "NEEDS", "R", "SCORES", "SCORE_NEEDS", "TRAINED_SCORES", "Amount", "Choice",
+           "Grid", "OpSpec", "Option", "get_op", "op_names", "op_table", "ops", "register", "stage_fields",
+           "unregister"]

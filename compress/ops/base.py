@@ -70,9 +70,29 @@ class Amount:
             raise ParetokenError(f"{where}: {self.name} {value!r} is out of range; valid: {self.valid}")
 
 
+@dataclass(frozen=True)
+class Option:
+    """A categorical setting of an op with a default: ``name`` (a Stage keyword), its ``choices``,
+    ``default`` (one of them; a stage that gives it is the same stage as one that does not) and
+    ``meaning``."""
+
+    name: str
+    choices: tuple[str, ...]
+    default: str
+    meaning: str
+
+    def validate(self, where: str, value: Any) -> None:
+        if value not in self.choices:
+            raise ParetokenError(f"{where}: {self.name} {value!r} is unknown; valid: {', '.join(self.choices)}")
+
+
 KEEP = Amount("keep", False, lambda v: 0.0 < v <= 1.0, "0 < keep <= 1",
               "fraction of the block's current patch tokens kept")
 R = Amount("r", True, lambda v: v >= 0, "an integer >= 0", "patch tokens removed from the block")
+FUSE = Option("fuse", ("average", "mlerp", "drop"), "average",
+              "how a merged token is made: the size-weighted average (ToMe); that average rescaled to the "
+              "largest norm of the tokens merged (ToFu's MLERP); or the token merged into, the others dropped "
+              "(ToFu's pruning)")
 
 
 @dataclass(frozen=True)
@@ -106,6 +126,22 @@ class Grid:
         return f"float {self.low:g}..{self.high:g} step {self.step:g}"
 
 
+@dataclass(frozen=True)
+class Choice:
+    """A search grid over an :class:`Option`'s ``choices``."""
+
+    choices: tuple[str, ...]
+
+    def suggest(self, trial, name: str) -> str:
+        return trial.suggest_categorical(name, self.choices)
+
+    def contains(self, value: Any) -> bool:
+        return value in self.choices
+
+    def words(self) -> str:
+        return "categorical " + "/".join(self.choices)
+
+
 #: The keep grid of the keep-ratio pruners (0.4 .. 0.95: stages compound, so the grid stops short of
 #: the extremes where a plan with several stages would keep almost nothing).
 KEEP_GRID = Grid(0.4, 0.95, 0.05)
@@ -117,12 +153,14 @@ class OpSpec:
 
     name: the plan's ``op`` value. summary: what it does, one line. source: the paper.
     amounts: groups of amount fields; a stage gives exactly one field of each group.
+    options: categorical settings with defaults, passed to ``reduce`` with every other field.
     scores: the scores a stage may name, the default first.
     per_image: True when the number of tokens kept differs from image to image.
     needs: what attention must provide beyond the score (a subset of :data:`NEEDS`).
     reduce: the reduce function (see :data:`Reduce`).
-    grids: the search grid of each amount field a search samples, for the located spaces and
-      ``mixed`` (a field without a grid is never sampled).
+    grids: the search grid (:class:`Grid`, :class:`Choice` for an option) of each field a search
+      samples, for the located spaces and ``mixed``; a field without one is never sampled (an
+      option then stays at its default).
     mixed: whether ``mixed`` may choose this op for an overriding block.
     """
 
@@ -132,9 +170,10 @@ class OpSpec:
     amounts: tuple[tuple[Amount, ...], ...]
     scores: tuple[str, ...]
     reduce: Reduce
+    options: tuple[Option, ...] = ()
     per_image: bool = False
     needs: frozenset[str] = frozenset()
-    grids: Mapping[str, Grid] = field(default_factory=dict)
+    grids: Mapping[str, Grid | Choice] = field(default_factory=dict)
     mixed: bool = True
 
     def __post_init__(self) -> None:
@@ -145,8 +184,13 @@ class OpSpec:
             raise ParetokenError(f"{where}: scores {self.scores!r}; valid: a non-empty tuple of {', '.join(SCORES)}")
         if not self.needs <= NEEDS:
             raise ParetokenError(f"{where}: needs {sorted(self.needs)!r}; valid: a subset of {sorted(NEEDS)}")
-        if any(name not in self.fields for name in self.grids):
-            raise ParetokenError(f"{where}: a grid names a field it has not; valid: {', '.join(self.fields)}")
+        if any(name not in self.fields + self.option_names for name in self.grids):
+            raise ParetokenError(f"{where}: a grid names a field it has not; valid: "
+                                 f"{', '.join(self.fields + self.option_names)}")
+        for option in self.options:
+            if option.default not in option.choices:
+                raise ParetokenError(f"{where}: option {option.name!r} defaults to {option.default!r}; "
+                                     f"valid: one of {', '.join(option.choices)}")
         for group in self.amounts:
             gridded = [a.name for a in group if a.name in self.grids]
             if len(gridded) > 1 or (self.mixed and not gridded):
@@ -159,6 +203,10 @@ class OpSpec:
         return tuple(a.name for group in self.amounts for a in group)
 
     @property
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.options)
+
+    @property
     def amount_words(self) -> str:
         """The amount fields in words: ``keep or r``; groups joined by ``and``."""
         return " and ".join(" or ".join(a.name for a in group) for group in self.amounts)
@@ -169,11 +217,15 @@ class OpSpec:
         return tuple(s for s in SCORES if s in self.scores and s not in TRAINED_SCORES)
 
     def check_amounts(self, where: str, amounts: Mapping[str, Any]) -> None:
-        """Raise a one-line error unless ``amounts`` gives exactly one field of each group, each valid."""
+        """Raise a one-line error unless ``amounts`` gives exactly one field of each group, each valid,
+        and valid values of the options it gives."""
         for name in amounts:
-            if name not in self.fields:
+            if name in self.option_names:
+                self.options[self.option_names.index(name)].validate(where, amounts[name])
+            elif name not in self.fields:
+                valid = " or ".join("/".join(a.name for a in g) for g in self.amounts)
                 raise ParetokenError(f"{where}: field {name!r} does not apply to op {self.name!r}; "
-                                     f"valid: {' or '.join('/'.join(a.name for a in g) for g in self.amounts)}")
+                                     f"valid: {valid}{''.join(', ' + o for o in self.option_names)}")
         for group in self.amounts:
             given = [a for a in group if amounts.get(a.name) is not None]
             if len(given) != 1:
@@ -183,36 +235,35 @@ class OpSpec:
 
 
 _OPS: dict[str, OpSpec] = {}
-_AMOUNTS: dict[str, Amount] = {}
+_FIELDS: dict[str, Amount | Option] = {}  # every amount and option field of the registered ops
 
 
 def register(spec: OpSpec) -> OpSpec:
     """Add ``spec`` to the registry (after the ops registered before it); returns it.
 
-    An amount field another op declares already must be the same :class:`Amount`.
+    A field another op declares already must be the same :class:`Amount` or :class:`Option`.
     """
     if spec.name in _OPS:
         raise ParetokenError(f"op {spec.name!r}: registered already; valid: a new name")
-    for group in spec.amounts:
-        for amount in group:
-            known = _AMOUNTS.get(amount.name)
-            if known is not None and known != amount:
-                raise ParetokenError(f"op {spec.name!r}: field {amount.name!r} is declared already with another "
-                                     "meaning; valid: the same Amount, or a new field name")
-    for group in spec.amounts:
-        for amount in group:
-            _AMOUNTS.setdefault(amount.name, amount)
+    declared = [a for group in spec.amounts for a in group] + list(spec.options)
+    for field_ in declared:
+        known = _FIELDS.get(field_.name)
+        if known is not None and known != field_:
+            raise ParetokenError(f"op {spec.name!r}: field {field_.name!r} is declared already with another "
+                                 "meaning; valid: the same Amount or Option, or a new field name")
+    for field_ in declared:
+        _FIELDS.setdefault(field_.name, field_)
     _OPS[spec.name] = spec
     return spec
 
 
 def unregister(name: str) -> None:
-    """Remove op ``name`` (and the amount fields no other op declares) from the registry."""
+    """Remove op ``name`` (and the fields no other op declares) from the registry."""
     spec = _OPS.pop(name)
-    still = {f for other in _OPS.values() for f in other.fields}
-    for field_name in spec.fields:
+    still = {f for other in _OPS.values() for f in other.fields + other.option_names}
+    for field_name in spec.fields + spec.option_names:
         if field_name not in still:
-            del _AMOUNTS[field_name]
+            del _FIELDS[field_name]
 
 
 def get_op(name: str) -> OpSpec:
@@ -240,6 +291,6 @@ def op_table() -> list[dict[str, str]]:
              "per image": "yes" if s.per_image else "no", "source": s.source, "summary": s.summary} for s in ops()]
 
 
-def amount_fields() -> tuple[str, ...]:
-    """Every amount field some registered op declares."""
-    return tuple(_AMOUNTS)
+def stage_fields() -> dict[str, Amount | Option]:
+    """Every amount and option field some registered op declares, by name."""
+    return dict(_FIELDS)

@@ -1,11 +1,13 @@
-"""``merge``: ToMe's bipartite soft matching; merged tokens are size-weighted averages."""
+"""``merge``: ToMe's bipartite soft matching; merged tokens are size-weighted averages (or ToFu's MLERP)."""
 from __future__ import annotations
 
-from paretoken.compress.ops.base import KEEP, R, Grid, OpSpec, register
+from paretoken.compress.ops.base import FUSE, KEEP, R, Grid, OpSpec, register
 
 
-def bipartite_merge(x, size, metric, prefix: int, keep: float | None = None, r: int | None = None):
-    """ToMe bipartite soft matching with size-weighted averaging; returns (x, size).
+def bipartite_merge(x, size, metric, prefix: int, keep: float | None = None, r: int | None = None,
+                    fuse: str = "average"):
+    """ToMe bipartite soft matching; returns (x, size). ``fuse``: how a merged token is made
+    (:func:`~paretoken.compress.tokens.merge_into`; ToMe's size-weighted average by default).
 
     Tokens alternate into sets A (even positions) and B (odd positions); each
     A token is matched to its most similar B token (cosine of ``metric``
@@ -34,17 +36,17 @@ def bipartite_merge(x, size, metric, prefix: int, keep: float | None = None, r: 
     src[:, ::2] = src_a
     dst = torch.zeros_like(size, dtype=torch.long)
     dst[:, ::2] = 2 * node_idx + 1
-    x, size = merge_into(x, size, src, dst)
+    x, size = merge_into(x, size, src, dst, fuse)
     # ToMe's output order: prefix, unmerged A tokens, then B tokens (it sets the next block's split).
     order = torch.argsort(torch.where(pos < prefix, 0, 1 + pos % 2), stable=True)
     return compact(x[:, order], size[:, order], size[:, order] > 0)
 
 
-def reduce(x, size, info, prefix: int, keep: float | None = None, r: int | None = None):
-    return bipartite_merge(x, size, info["keys"], prefix, keep=keep, r=r)
+def reduce(x, size, info, prefix: int, keep: float | None = None, r: int | None = None, fuse: str = "average"):
+    return bipartite_merge(x, size, info["keys"], prefix, keep=keep, r=r, fuse=fuse)
 
 
 SPEC = register(OpSpec(
     name="merge", summary="merge the most similar token pairs of a bipartite split (size-weighted)",
-    source="ToMe (Bolya et al., ICLR 2023)", amounts=((KEEP, R),), scores=("keys",), reduce=reduce,
-    needs=frozenset({"keys"}), grids={"r": Grid(1, 20, 1)}))
+    source="ToMe (Bolya et al., ICLR 2023); fuse: ToFu (Kim et al., WACV 2024)", amounts=((KEEP, R),),
+    scores=("keys",), reduce=reduce, options=(FUSE,), needs=frozenset({"keys"}), grids={"r": Grid(1, 20, 1)}))

@@ -1,0 +1,62 @@
+"""``pitome``: PiToMe's spectrum-preserving merge; the energy score protects distinct tokens.
+
+A token's energy is the mean over the image's patch tokens of ELU(cosine - margin): tokens in large
+clusters of similar tokens have high energy. The 2r highest-energy patch tokens are the merge
+candidates, alternating by energy rank into sets A and B; every A token merges into its most
+similar B token, and the low-energy (distinct) tokens are protected. PiToMe's code lowers the
+margin over depth (0.75 - 0.75 * layer / depth); the presets write that schedule out.
+"""
+from __future__ import annotations
+
+from paretoken.compress.ops.base import FUSE, KEEP, R, Amount, Grid, OpSpec, register
+
+MARGIN = Amount("margin", False, lambda v: -1.0 <= v <= 1.0, "-1 <= margin <= 1",
+                "cosine above which a token counts towards another's cluster in the energy score")
+
+
+def energy(metric, size, prefix: int, margin: float):
+    """(B, N) PiToMe energy of each valid patch token (-inf for prefix and padding) and the (B, N, N)
+    cosine similarities of ``metric`` (B, N, D)."""
+    import torch
+    import torch.nn.functional as F
+
+    from paretoken.compress.tokens import NEG, patch_counts
+
+    valid = size > 0
+    valid[:, :prefix] = False
+    unit = F.normalize(metric.float(), dim=-1)
+    sim = unit @ unit.transpose(1, 2)
+    elu = F.elu(sim - margin) * valid[:, None, :]
+    e = elu.sum(dim=-1) / patch_counts(size, prefix).clamp(min=1)[:, None]
+    return torch.where(valid, e, torch.full_like(e, NEG)), sim
+
+
+def pitome_merge(x, size, metric, prefix: int, margin: float, keep: float | None = None, r: int | None = None,
+                 fuse: str = "average"):
+    """PiToMe on keys ``metric`` (B, N, D): r patch tokens per image merged (at most half of them);
+    returns (x, size). ``fuse``: how a merged token is made (:func:`~paretoken.compress.tokens.merge_into`)."""
+    import torch
+
+    from paretoken.compress.tokens import NEG, compact, count_to_keep, merge_into, patch_counts, rank_desc
+
+    n = patch_counts(size, prefix)
+    removed = n - count_to_keep(n, keep, r) if keep is not None else torch.full_like(n, int(r))
+    removed = removed.minimum(n // 2)
+    e, sim = energy(metric, size, prefix, margin)
+    rank = rank_desc(e)
+    candidate = (rank < 2 * removed[:, None]) & (e > NEG)
+    a, b = candidate & (rank % 2 == 0), candidate & (rank % 2 == 1)
+    dst = sim.masked_fill(~b[:, None, :], NEG).argmax(dim=-1)
+    x, size = merge_into(x, size, a, dst, fuse)
+    return compact(x, size, size > 0)
+
+
+def reduce(x, size, info, prefix: int, margin: float, keep: float | None = None, r: int | None = None,
+           fuse: str = "average"):
+    return pitome_merge(x, size, info["keys"], prefix, margin, keep=keep, r=r, fuse=fuse)
+
+
+SPEC = register(OpSpec(
+    name="pitome", summary="merge the highest-energy tokens (large clusters) in pairs; protect distinct ones",
+    source="PiToMe (Tran et al., NeurIPS 2024)", amounts=((KEEP, R), (MARGIN,)), scores=("keys",), reduce=reduce,
+    options=(FUSE,), needs=frozenset({"keys"}), grids={"r": Grid(1, 20, 1), "margin": Grid(0.0, 0.75, 0.05)}))
