@@ -3,6 +3,8 @@
     python bench/search_quality.py                       # 60 trials x {tpe, nsga2, gp, random} x 3 seeds
     python bench/search_quality.py --trials 30 --seeds 1 --images 200   # a quicker look
     python bench/search_quality.py --samplers tpe --seeds 2 --first-seed 4 --out search_quality_tpe_seeds45
+    python bench/search_quality.py --samplers tpe --seeds 5 --ops prune,prune_fuse,merge,joint,threshold \
+        --out search_quality_tpe_5ops   # mixed without the ops that joined later
 
 Every study starts with the uncompressed model and the presets its space can express (the
 ``mixed`` space: 8 presets), so "presets alone" is the hypervolume of those first trials, and the
@@ -40,6 +42,8 @@ from paretoken.evaluators.metrics import Budgets
 from paretoken.results import query
 from paretoken.search import run_search
 from paretoken.search import study as st
+from paretoken.spaces import get_space
+from paretoken.spaces.families import MixedSpace
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -89,6 +93,8 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0, help="run seeds FIRST .. FIRST+SEEDS-1 [0]")
     parser.add_argument("--samplers", default="tpe,nsga2,gp,random")
     parser.add_argument("--space", default="mixed")
+    parser.add_argument("--ops", help="mixed only: the ops an overriding block chooses among, comma-separated "
+                                      "[every op registered for mixed]")
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--flops-images", type=int, default=16, help="images averaged for per-image plans' GFLOPs")
     parser.add_argument("--model", default="default")
@@ -107,13 +113,15 @@ def main() -> None:
                         flops_images=args.flops_images)
     max_top1_drop = None if args.no_budget else args.max_top1_drop
     studies = RESULTS / "search_quality"
+    space = MixedSpace(ops=args.ops.split(",")) if args.ops else get_space(args.space)
+    ops_tag = f"-ops{len(space.ops)}" if isinstance(space, MixedSpace) else ""  # mixed's choices grew with the registry
     rows = []
     tables: dict[str, list[pd.DataFrame]] = {s: [] for s in args.samplers.split(",")}
     for sampler in args.samplers.split(","):
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             name = f"{args.space}-{sampler}-s{seed}-n{args.trials}-i{args.images}" + (
-                "" if args.no_budget else f"-d{args.max_top1_drop:g}")
-            result = run_search(name, storage=f"sqlite:///{studies / name}.db", space=args.space,
+                "" if args.no_budget else f"-d{args.max_top1_drop:g}") + ops_tag
+            result = run_search(name, storage=f"sqlite:///{studies / name}.db", space=space,
                                 objectives=objectives, sampler=sampler, n_trials=args.trials, eval_config=config,
                                 budgets=Budgets(max_top1_drop=max_top1_drop), seed=seed, log=lambda line: None)
             study = result.study
@@ -170,7 +178,8 @@ def main() -> None:
     flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
              if v is not None and v is not False and (k, v) not in (("out", "search_quality"), ("first_seed", 0))]
     out.write_text(json.dumps({"command": "python bench/search_quality.py " + " ".join(flags),
-        "objectives": objectives, "space": args.space, "images": args.images, "max_top1_drop": max_top1_drop,
+        "objectives": objectives, "space": args.space, "ops": list(getattr(space, "ops", ())), "images": args.images,
+        "max_top1_drop": max_top1_drop,
         "environment": environment(),
         "summary": summary, "runs": rows}, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v)
         else str(v)) + "\n")
