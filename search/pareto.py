@@ -24,6 +24,7 @@ import pandas as pd
 from paretoken.errors import ParetokenError
 from paretoken.evaluators.metrics import DIRECTIONS, Budgets
 from paretoken.search import record
+from paretoken.search.study import DEFAULT_OBJECTIVES
 from paretoken.search.study import check_objectives as _check_names
 
 #: Whether each objective is maximised (True) or minimised (False); a table's ``duration_s`` (s) too.
@@ -215,7 +216,7 @@ def preset_names(df: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(preset_rows(df)["preset"]))
 
 
-def presets_dominated(df: pd.DataFrame, objectives: Sequence[str] | str,
+def presets_dominated(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJECTIVES,
                       slack: Mapping[str, float] | None = None) -> list[str]:
     """Names of the presets (COMPLETE rows whose ``preset`` is not the uncompressed model) that a
     searched row dominates on ``objectives``, each once, in the table's order. Searched rows are
