@@ -41,8 +41,8 @@ def resolve_plan(trial, space, depth: int) -> Plan:
 
 def _stored_result(trial) -> dict[str, Any]:
     """A COMPLETE trial's metrics as a worker reports them (null, i.e. not measured, back to NaN)."""
-    return {"metrics": record.stored_metrics(trial.user_attrs), "device": trial.user_attrs.get("device"),
-            "duration_s": 0.0}
+    return {"metrics": record.stored_metrics(trial.user_attrs), record.DEVICE: trial.user_attrs.get(record.DEVICE),
+            record.DURATION_S: 0.0}
 
 
 class LoopState:
@@ -170,9 +170,9 @@ class LoopState:
                 requeue(self.study, storage.get_trial(trial._trial_id))
         self._release(trial, beater)
         self.stopping = self.stopping or (
-            f"{result[record.SETUP_ERROR]} (trial {trial.number}, on {result.get('hostname', '?')}); every trial needs "
-            "this, so the search stopped: fix it and run the same command again to go on (the trial's plan runs "
-            "again)")
+            f"{result[record.SETUP_ERROR]} (trial {trial.number}, on {result.get(record.HOSTNAME, '?')}); every trial "
+            "needs this, so the search stopped: fix it and run the same command again to go on (the trial's plan "
+            "runs again)")
 
     def _release(self, trial, beater: Beater) -> None:
         """The trial is finished (by this process or a sweep): no more heartbeats, not in flight."""

@@ -49,8 +49,14 @@ RETRY_OF = "retry_of"
 SAME_PLAN_AS = "same_plan_as"
 ERROR = "error"
 SETUP_ERROR = "setup_error"
+WORKER_PID = "worker_pid"
+HOSTNAME = "hostname"
+DEVICE = "device"  # the evaluation device, e.g. "cpu", "cuda:0 (NVIDIA H200)"
+THREADS = "threads"
+VERSIONS = "versions"  # {package: version} of the worker
+DURATION_S = "duration_s"  # s, the worker's time for the trial
 #: What a worker reports about its run of a trial (:func:`paretoken.search.worker.run_trial`), stored as is.
-RUN_KEYS = ("worker_pid", "hostname", "device", "threads", "versions", "duration_s")
+RUN_KEYS = (WORKER_PID, HOSTNAME, DEVICE, THREADS, VERSIONS, DURATION_S)
 #: What a retry carries over from the trial it re-runs.
 CARRIED_BY_RETRY = (PRESET, ENQUEUED_PLAN)
 
@@ -157,7 +163,7 @@ def retry_attrs(number: int, attrs: Mapping[str, Any]) -> dict[str, Any]:
 def versions_of(attrs: Mapping[str, Any], packages: Sequence[str]) -> dict[str, Any]:
     """The package versions a trial ran with: its ``versions``, or in older studies the ``packages``
     stored one by one."""
-    versions = attrs.get("versions")
+    versions = attrs.get(VERSIONS)
     if isinstance(versions, Mapping):
         return dict(versions)
     return {k: attrs[k] for k in packages if k in attrs}

@@ -46,8 +46,8 @@ class Progress:
             extra += f" [same plan as trial {attrs[record.SAME_PLAN_AS]}: its values, not measured again]"
         if attrs.get(record.RETRY_OF) is not None:
             extra += f" [re-run of trial {attrs[record.RETRY_OF]}]"
-        self.log(f"trial {trial.number:4d} {what}{extra} ({fmt(result.get('duration_s'))} s, "
-                 f"pid {result.get('worker_pid', '?')}) | done {c.finished}/{self.n_trials}, failed {c.failed}, "
+        self.log(f"trial {trial.number:4d} {what}{extra} ({fmt(result.get(record.DURATION_S))} s, "
+                 f"pid {result.get(record.WORKER_PID, '?')}) | done {c.finished}/{self.n_trials}, failed {c.failed}, "
                  f"front {len(front)}, hypervolume {fmt(hv)}")
         front = sorted(front, key=lambda t: t.values[-1])
         if [t.number for t in front] != self.front:

@@ -133,19 +133,19 @@ def trials_frame(study) -> pd.DataFrame:
                 constraint_keys.append(key)
             row[f"constraint:{key}"] = float(value)
         row["feasible"] = all(v <= 0.0 for v in constraints.values())
-        duration = attrs.get("duration_s")
+        duration = attrs.get(record.DURATION_S)
         if duration is None and trial.duration is not None:
             duration = trial.duration.total_seconds()
         row.update({
-            "device": attrs.get("device"),
+            "device": attrs.get(record.DEVICE),
             "duration_s": _float(duration),
-            "worker_pid": attrs.get("worker_pid"),
+            "worker_pid": attrs.get(record.WORKER_PID),
             "error": record.error_of(attrs),
             "interrupted": record.is_interrupted(trial.state.name, attrs),
             "retry_of": attrs.get(record.RETRY_OF),
             "same_plan_as": attrs.get(record.SAME_PLAN_AS),
             "space": attrs.get(record.SPACE),
-            "versions": attrs.get("versions"),
+            "versions": attrs.get(record.VERSIONS),
             "datetime_start": trial.datetime_start,
             "datetime_complete": trial.datetime_complete,
             "values": tuple(values) if values else None,
