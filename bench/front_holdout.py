@@ -27,7 +27,7 @@ import pandas as pd
 from paretoken.evaluators.evaluate import environment
 from paretoken.jsonvalues import json_ready
 from paretoken.results import holdout, query
-from paretoken.search.study import UNCOMPRESSED
+from paretoken.search.record import UNCOMPRESSED
 
 RESULTS = Path(__file__).parent / "results"
 TEST_IMAGES = 10_000  # Fashion-MNIST test split

@@ -40,8 +40,7 @@ from paretoken.compress.presets import PRESETS
 from paretoken.evaluators.evaluate import EvalConfig, environment
 from paretoken.evaluators.metrics import Budgets
 from paretoken.results import query
-from paretoken.search import run_search
-from paretoken.search import study as st
+from paretoken.search import pareto, run_search
 from paretoken.spaces import get_space
 from paretoken.spaces.families import MixedSpace
 
@@ -127,7 +126,7 @@ def main() -> None:
             study = result.study
             done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
             preset_trials = [t for t in done if t.user_attrs.get("preset")]
-            hv_presets = st.hypervolume(preset_trials, objectives, result.reference)
+            hv_presets = pareto.hypervolume(preset_trials, objectives, result.reference)
             table = query.trials_frame(study)
             tables[sampler].append(table)
             depth = study.user_attrs["paretoken"]["depth"]
@@ -135,7 +134,7 @@ def main() -> None:
             n_presets = len(query.preset_names(table))
             history = []
             for k in range(1, len(done) + 1):
-                history.append(st.hypervolume(done[:k], objectives, result.reference))
+                history.append(pareto.hypervolume(done[:k], objectives, result.reference))
             rows.append({"sampler": sampler, "seed": seed, "trials": len(done), "failed": result.counts.failed,
                          "hypervolume": result.hypervolume, "hypervolume_presets": hv_presets,
                          "presets_dominated": dominated, "presets_within_one_image": within,

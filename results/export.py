@@ -32,13 +32,12 @@ from typing import Any
 from paretoken.errors import ParetokenError
 from paretoken.evaluators.metrics import BOUNDS, Budgets
 from paretoken.results import query
+from paretoken.search import record
 from paretoken.search.storage import redact, study_storage
 
-_EVALUATION_KEYS = ("images", "seed", "skip", "batch_size", "flops_images")  # what meta.evaluation records
-#: Evaluation settings looked up, in this order, in the trial's user attrs, the search's study
-#: record (``study.user_attrs["paretoken"]["measurement"]``, then ``["paretoken"]``), then the study's
-#: user attrs; in each, also inside a config dict (``eval``/``eval_config``/``config``).
-EVAL_KEYS = ("model", "checkpoint", "pretrained", "data", *_EVALUATION_KEYS)
+#: The measurement settings (:data:`~paretoken.search.record.MEASUREMENT_KEYS`) are looked up, in this
+#: order, in the trial's user attrs, the search's study record (``study.user_attrs["paretoken"]["measurement"]``,
+#: then ``["paretoken"]``), then the study's user attrs; in each, also inside a config dict (these keys).
 _CONFIG_KEYS = ("eval", "eval_config", "config")
 _VERSION_PACKAGES = ("paretoken", "torch", "timm", "optuna", "ray", "fvcore", "python")
 
@@ -149,18 +148,15 @@ def choose_trial(df, trial: int | None = None, best: bool = False, budgets: Budg
 def export_meta(study, row, storage: str) -> dict[str, Any]:
     """The ``meta`` of an exported plan for ``row`` (a :func:`query.load` row) of ``study``."""
     trial = next(t for t in study.get_trials(deepcopy=False) if t.number == int(row["number"]))
-    settings = study.user_attrs.get("paretoken")  # the search's record: space, objectives, budgets, measurement
-    settings = settings if isinstance(settings, Mapping) else {}
-    measurement = settings.get("measurement") if isinstance(settings.get("measurement"), Mapping) else {}
+    settings = record.settings_of(study.user_attrs)  # space, objectives, budgets, measurement
+    measurement = record.measurement_of(settings)
     sources = [trial.user_attrs, measurement, settings, study.user_attrs]
     model = _lookup(sources, "model") or "default"
     checkpoint = _lookup(sources, "checkpoint")
     pretrained = bool(_lookup(sources, "pretrained") or False)
     data = _lookup(sources, "data") or "fashion-mnist"
-    evaluation = {k: _lookup(sources, k) for k in _EVALUATION_KEYS}
-    versions = trial.user_attrs.get("versions")
-    if not isinstance(versions, Mapping):
-        versions = {k: trial.user_attrs[k] for k in _VERSION_PACKAGES if k in trial.user_attrs}
+    evaluation = {k: _lookup(sources, k) for k in record.EVALUATION_KEYS}
+    versions = record.versions_of(trial.user_attrs, _VERSION_PACKAGES)
     now = _versions()
     return _plain({
         "model": model,
@@ -182,7 +178,7 @@ def export_meta(study, row, storage: str) -> dict[str, Any]:
             "storage": redact(storage),
             "device": row.get("device"),
             "duration_s": None if math.isnan(float(row.get("duration_s", math.nan))) else float(row["duration_s"]),
-            "versions": dict(versions),
+            "versions": versions,
             "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "exported_with": {k: now[k] for k in _VERSION_PACKAGES if k in now},
         },
@@ -210,4 +206,4 @@ def export(study: str, storage: str | None = None, trial: int | None = None, bes
     return exported.save(out)
 
 
-__all__ = ["EVAL_KEYS", "choose_trial", "export", "export_meta"]
+__all__ = ["choose_trial", "export", "export_meta"]

@@ -27,6 +27,7 @@ import pandas as pd
 
 from paretoken.errors import ParetokenError, check_int
 from paretoken.results import query
+from paretoken.search import record
 
 HELD_OUT_METRICS = ("top1", "top1_drop", "agreement", "kl")
 Z_95 = 1.959963984540054  # two-sided 95 % quantile of the standard normal
@@ -36,21 +37,22 @@ def held_out_config(settings: Mapping[str, Any], images: int, device: str = "cpu
     """The :class:`~paretoken.evaluators.evaluate.EvalConfig` of ``images`` test images after those a
     search measured on, in the same seeded order.
 
-    ``settings``: the study's ``paretoken`` user attr, as the search writes it (model, checkpoint,
-    data, images, seed and skip under ``measurement``).
+    ``settings``: the study's ``paretoken`` user attr, as the search writes it
+    (:func:`paretoken.search.record.study_settings`): the same :data:`~paretoken.search.record.MODEL_KEYS`,
+    the images after its ``skip`` + ``images`` in its ``seed``'s order.
     """
     from paretoken.evaluators.evaluate import EvalConfig
 
-    measurement = settings.get("measurement") if isinstance(settings, Mapping) else None
-    if not isinstance(measurement, Mapping) or not isinstance(measurement.get("images"), int):
+    measurement = record.measurement_of(settings)
+    if not isinstance(measurement.get("images"), int):
         raise ParetokenError("study: it has no measurement settings (user attr 'paretoken'); only studies "
                              "written by `paretoken search` say which images their trials were measured on")
     check_int("images", images, 1, note="held-out test images")
     check_int("batch-size", batch_size, 1)
-    return EvalConfig(model=measurement["model"], checkpoint=measurement.get("checkpoint"),
-                      pretrained=bool(measurement.get("pretrained")), data=measurement.get("data"),
-                      seed=measurement.get("seed", 0), skip=(measurement.get("skip") or 0) + measurement["images"],
-                      images=images, device=device, batch_size=batch_size, speed=False, flops_images=1)
+    model = {k: measurement.get(k) for k in record.MODEL_KEYS}  # the same model, weights and data set
+    return EvalConfig(**{**model, "pretrained": bool(model["pretrained"])}, seed=measurement.get("seed", 0),
+                      skip=(measurement.get("skip") or 0) + measurement["images"], images=images, device=device,
+                      batch_size=batch_size, speed=False, flops_images=1)
 
 
 def candidates(df: pd.DataFrame, objectives: Sequence[str] | str = query.DEFAULT_OBJECTIVES) -> pd.DataFrame:

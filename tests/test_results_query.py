@@ -252,7 +252,8 @@ def test_front_on_a_study(storage):
 
 def test_a_trial_that_took_the_values_of_a_front_trial_is_not_shown_twice(storage):
     """A search gives a repeated plan the values of the trial that measured it (``same_plan_as``)."""
-    from paretoken.search.study import front_table, front_trials
+    from paretoken.search.pareto import front_trials
+    from paretoken.search.report import front_table
 
     study = make_study(storage, "s", POINTS, failed=0)
     repeat = trial_attrs(keep_plan(0.6), 78.0, 2.5, same_plan_as=2)
@@ -316,7 +317,7 @@ def test_only_a_plan_that_changes_nothing_is_the_uncompressed_model():
     """A plan with no stages but prefix_only_last is cheaper than the uncompressed model: it is not the
     reference, even when it ran first."""
     from paretoken.compress.plan import Plan
-    from paretoken.search import study as st
+    from paretoken.search import pareto
 
     study = optuna.create_study(directions=["maximize", "minimize"])
     for plan, (top1, gflops) in ((Plan(prefix_only_last=True), (80.0, 4.289)), (Plan(), (80.0, 4.608))):
@@ -326,7 +327,7 @@ def test_only_a_plan_that_changes_nothing_is_the_uncompressed_model():
         study.tell(trial, [top1, gflops])
     df = query.trials_frame(study)
     assert query.uncompressed_rows(df)["number"].tolist() == [1]
-    assert query.reference_point(df) == {"top1": 70.0, "gflops": 4.608} and st.baseline(study)["gflops"] == 4.608
+    assert query.reference_point(df) == {"top1": 70.0, "gflops": 4.608} and pareto.baseline(study)["gflops"] == 4.608
 
 
 def test_compare_studies(tmp_path):
@@ -368,17 +369,17 @@ def test_dominating_matches_the_pairwise_definition():
 
 
 def test_front_and_hypervolume_agree_with_the_search(storage):
-    """The search prints Optuna's best_trials and its own hypervolume; `paretoken front` must agree."""
-    st = pytest.importorskip("paretoken.search.study")
-    if not all(hasattr(st, n) for n in ("baseline", "reference_point", "hypervolume")):
-        pytest.skip("paretoken.search.study lacks baseline/reference_point/hypervolume")
+    """The search's front is Optuna's best_trials, and its hypervolume is the one `paretoken front` reports."""
+    from paretoken.search import pareto
+
     study = make_study(storage, "agree", POINTS, failed=1, max_gflops=3.0)
     df = query.load("agree", storage)
+    assert {t.number for t in pareto.front_trials(study)} == {t.number for t in study.best_trials}
     assert set(query.front(df)["number"]) == {t.number for t in study.best_trials}
     objectives = ("top1", "gflops")
-    reference = st.reference_point(st.baseline(study), objectives)
+    reference = pareto.reference_point(pareto.baseline(study), objectives)
     assert query.reference_point(df, objectives) == reference
-    assert query.hypervolume(df, objectives) == pytest.approx(st.hypervolume(study.trials, objectives, reference))
+    assert query.hypervolume(df, objectives) == pytest.approx(pareto.hypervolume(study.trials, objectives, reference))
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -139,9 +139,9 @@ def sigint_default():
 
 
 def test_ctrl_c_is_held_outside_a_trial_and_raised_at_once_inside_one(sigint_default):
-    from paretoken.search.run import _CtrlC
+    from paretoken.search.lifecycle import CtrlC
 
-    ctrl_c = _CtrlC()
+    ctrl_c = CtrlC()
     with ctrl_c.installed():
         os.kill(os.getpid(), signal.SIGINT)  # e.g. inside a storage call: held
         time.sleep(0.05)
@@ -150,7 +150,7 @@ def test_ctrl_c_is_held_outside_a_trial_and_raised_at_once_inside_one(sigint_def
             ctrl_c.check()  # the loop's next check
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
-    ctrl_c, reached = _CtrlC(), []
+    ctrl_c, reached = CtrlC(), []
     with ctrl_c.installed(), pytest.raises(KeyboardInterrupt):
         with ctrl_c.at_once():
             os.kill(os.getpid(), signal.SIGINT)
@@ -158,7 +158,7 @@ def test_ctrl_c_is_held_outside_a_trial_and_raised_at_once_inside_one(sigint_def
             reached.append("after the signal")
     assert not reached
 
-    ctrl_c = _CtrlC()
+    ctrl_c = CtrlC()
     with ctrl_c.installed(), pytest.raises(KeyboardInterrupt):
         with ctrl_c.at_once():
             try:  # code that turns the interrupt into an ordinary failure
@@ -169,10 +169,10 @@ def test_ctrl_c_is_held_outside_a_trial_and_raised_at_once_inside_one(sigint_def
 
 
 def test_a_search_started_to_ignore_ctrl_c_keeps_ignoring_it(sigint_default):
-    from paretoken.search.run import _CtrlC
+    from paretoken.search.lifecycle import CtrlC
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    ctrl_c = _CtrlC()
+    ctrl_c = CtrlC()
     with ctrl_c.installed(), ctrl_c.at_once():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         os.kill(os.getpid(), signal.SIGINT)
@@ -181,7 +181,7 @@ def test_a_search_started_to_ignore_ctrl_c_keeps_ignoring_it(sigint_default):
 
 
 def test_an_enqueued_trial_killed_before_its_plan_was_sampled_reruns_the_enqueued_plan():
-    from paretoken.search.study import requeue
+    from paretoken.search.lifecycle import requeue
 
     study = optuna.create_study(directions=["maximize", "minimize"])
     study.enqueue_trial({"r_first": 8, "r_last": 8, "overrides": 0}, user_attrs={"preset": "tome-r8"})
@@ -195,41 +195,41 @@ def test_an_enqueued_trial_killed_before_its_plan_was_sampled_reruns_the_enqueue
 
 
 def test_a_sampled_plan_is_prefix_only_without_its_moot_last_block_stage_and_a_preset_is_as_published():
-    from paretoken.search.run import _resolve_plan
+    from paretoken.search.driver import resolve_plan
     from paretoken.spaces import get_space
 
     tome_r8 = {"r_first": 8, "r_last": 8, "overrides": 0}
-    sampled = _resolve_plan(optuna.trial.FixedTrial(tome_r8), get_space("mixed"), 12)
+    sampled = resolve_plan(optuna.trial.FixedTrial(tome_r8), get_space("mixed"), 12)
     assert sampled == paretoken.Plan(paretoken.preset("tome-r8").stages[:11], prefix_only_last=True)
     preset = optuna.trial.FixedTrial(tome_r8)
     preset.set_user_attr("preset", "tome-r8")
-    assert _resolve_plan(preset, get_space("mixed"), 12) == paretoken.preset("tome-r8")
+    assert resolve_plan(preset, get_space("mixed"), 12) == paretoken.preset("tome-r8")
 
 
 def test_a_retry_runs_the_plan_its_trial_ran():
     """A sampled trial's retry samples the same parameters and, like it, runs prefix-only; one from
     a study made when sampled plans could run without it runs its plan as a fixed plan."""
-    from paretoken.search.run import _resolve_plan
-    from paretoken.search.study import requeue
+    from paretoken.search.driver import resolve_plan
+    from paretoken.search.lifecycle import requeue
     from paretoken.spaces import get_space
 
     space = get_space("mixed")
     for ran_prefix_only in (True, False):
         study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(0))
         killed = study.ask()
-        plan = _resolve_plan(killed, space, 12)
+        plan = resolve_plan(killed, space, 12)
         assert plan.prefix_only_last
         ran = paretoken.Plan(plan.stages, prefix_only_last=ran_prefix_only)
         killed.set_user_attr("plan", ran.to_dict())
         study._storage.set_trial_state_values(killed._trial_id, optuna.trial.TrialState.FAIL)
         assert requeue(study, study.trials[0])
         rerun = study.ask()
-        assert _resolve_plan(rerun, space, 12) == ran
+        assert resolve_plan(rerun, space, 12) == ran
         assert ("enqueued_plan" in rerun.user_attrs) is (not ran_prefix_only)
 
 
 def test_a_result_for_a_trial_another_process_failed_as_stale_is_dropped_not_raised():
-    from paretoken.search.run import _LoopState
+    from paretoken.search.driver import LoopState
 
     class Beater:
         def discard(self, trial_id):
@@ -237,7 +237,7 @@ def test_a_result_for_a_trial_another_process_failed_as_stale_is_dropped_not_rai
 
     study = optuna.create_study(directions=["maximize", "minimize"])
     lines: list[str] = []
-    state = _LoopState(study, None, 12, ("top1", "gflops"), 1, Budgets(), {}, lines.append)
+    state = LoopState(study, None, 12, ("top1", "gflops"), 1, Budgets(), {}, lines.append)
     tell = study.tell
 
     def swept_just_before_tell(trial, *args, **kwargs):  # another process's sweep lands in between
