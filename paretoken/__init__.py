@@ -6,9 +6,9 @@ The public face::
     plan = paretoken.load_plan("plan.yaml")         # or paretoken.preset("tome-r13")
     model = paretoken.apply(model, plan)            # any timm VisionTransformer
     gflops = paretoken.count_flops(model, images)   # fvcore, per image
-    metrics = paretoken.evaluate(plan, paretoken.EvalConfig(images=500, device="auto"))
-    result = paretoken.run_search("demo", budgets=paretoken.Budgets(max_top1_drop=2),
-                                  eval_config=paretoken.EvalConfig(images=500))
+    metrics = paretoken.evaluate(plan, paretoken.EvalConfig(images=500, device="auto"))  # top1, kl, ...
+    result = paretoken.run_search("demo", budgets=paretoken.Budgets(max_top1_drop=2),   # an Optuna study
+                                  eval_config=paretoken.EvalConfig(images=500))         # result.front
 """
 import importlib
 
