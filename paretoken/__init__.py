@@ -6,6 +6,9 @@ The public face::
     plan = paretoken.load_plan("plan.yaml")         # or paretoken.preset("tome-r13")
     model = paretoken.apply(model, plan)            # any timm VisionTransformer
     gflops = paretoken.count_flops(model, images)   # fvcore, per image
+    metrics = paretoken.evaluate(plan, paretoken.EvalConfig(images=500, device="auto"))  # top1, kl, ...
+    result = paretoken.run_search("demo", budgets=paretoken.Budgets(max_top1_drop=2),   # an Optuna study
+                                  eval_config=paretoken.EvalConfig(images=500))         # result.front
 """
 import importlib
 
@@ -14,7 +17,9 @@ from paretoken.errors import ParetokenError
 
 #: Loaded on first use, so that importing paretoken (and `paretoken --help`) needs no torch.
 _LAZY = {"apply": "paretoken.compress.patch", "token_counts": "paretoken.compress.patch",
-         "PRESETS": "paretoken.compress.presets", "preset": "paretoken.compress.presets"}
+         "PRESETS": "paretoken.compress.presets", "preset": "paretoken.compress.presets",
+         "EvalConfig": "paretoken.evaluators.evaluate", "evaluate": "paretoken.evaluators.evaluate",
+         "Budgets": "paretoken.evaluators.metrics", "run_search": "paretoken.search"}
 
 
 def __getattr__(name: str):
@@ -40,5 +45,5 @@ def count_flops(model, images, max_images: int = 32) -> float:
     return _count(model, images, per_image=bool(plan and plan.per_image), max_images=max_images)
 
 
-__all__ = ["PRESETS", "ParetokenError", "Plan", "Stage", "apply", "count_flops", "load_plan", "preset",
-           "token_counts"]
+__all__ = ["PRESETS", "Budgets", "EvalConfig", "ParetokenError", "Plan", "Stage", "apply", "count_flops",
+           "evaluate", "load_plan", "preset", "run_search", "token_counts"]

@@ -1,8 +1,11 @@
 """The command line: help everywhere, and every bad input as one line, exit 2, no traceback."""
 from __future__ import annotations
 
+import argparse
 import contextlib
+import importlib.util
 import json
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -11,6 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+#: Flags several subcommands share: one definition each (paretoken.cli.flags), so one help text.
+SHARED_FLAGS = ("--model", "--checkpoint", "--pretrained", "--data", "--device", "--study", "--storage",
+                "--objectives", "--max-gflops", "--min-top1", "--max-top1-drop", "--json")
 
 
 def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -28,6 +34,45 @@ def test_console_script_and_help_on_every_subcommand():
         assert name in top.stdout
         sub = run(name, "--help")
         assert sub.returncode == 0 and "usage: paretoken " + name in sub.stdout
+
+
+def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {flag: action for action in parser._actions for flag in action.option_strings}
+
+
+def test_shared_flags_have_one_help_text_and_the_device_defaults_to_auto():
+    from paretoken.cli import subcommands
+    from paretoken.cli.flags import MODEL_HELP
+
+    helps: dict[str, set[str]] = {flag: set() for flag in SHARED_FLAGS}
+    with_model, devices = [], {}
+    for name, parser in subcommands().items():
+        options = _options(parser)
+        for flag in SHARED_FLAGS:
+            if flag in options:  # the default, in brackets at the end, aside: finetune's come from the plan
+                text = re.sub(r" \[[^]]*\]$", "", options[flag].help)
+                helps[flag].add(text.removesuffix(" (repeat to compare studies)"))
+        if "--model" in options:
+            with_model.append(name)
+            assert all(f in options for f in ("--checkpoint", "--pretrained", "--data", "--device")), name
+        if "--device" in options:
+            devices[name] = options["--device"].default
+    assert {flag: len(texts) for flag, texts in helps.items()} == dict.fromkeys(SHARED_FLAGS, 1), helps
+    assert helps["--model"] == {MODEL_HELP["model"]} and helps["--data"] == {MODEL_HELP["data"]}
+    assert with_model == ["flops", "eval", "slim", "search", "finetune"]
+    assert devices == dict.fromkeys(["flops", "eval", "slim", "search", "holdout", "finetune"], "auto")
+
+
+def test_help_needs_no_torch_and_the_command_line_lives_in_one_package():
+    code = ("import contextlib, io, sys\nfrom paretoken.cli import main, subcommands\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    for args in [['--help'], *([name, '--help'] for name in subcommands())]:\n"
+            "        try:\n            main(args)\n        except SystemExit:\n            pass\n"
+            "print(sorted(m for m in ('torch', 'timm', 'optuna', 'pandas', 'ray') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+    assert importlib.util.find_spec("paretoken.search.cli") is None
+    assert importlib.util.find_spec("paretoken.results.cli") is None
 
 
 def test_presets_lists_every_schedule_with_its_source():

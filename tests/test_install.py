@@ -1,15 +1,19 @@
-"""`pip install .` and `pip install -e .` both give a working `paretoken` with every subpackage."""
+"""`pip install .` and `pip install -e .` both give a working `paretoken` with every subpackage; its
+public names load on first use."""
 from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import venv
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ["compress", "spaces", "evaluators", "search", "results"]
+SUBPACKAGES = ["cli", "compress", "spaces", "evaluators", "search", "results"]
+#: Where each package lives in the checkout (pyproject's package-dir).
+FOLDERS = {"paretoken": "paretoken", "cli": "paretoken/cli"}
 PROBE = (
     "import json, paretoken, importlib, importlib.resources as r;"
     f"mods = {{n: importlib.import_module('paretoken.' + n).__file__ for n in {SUBPACKAGES!r}}};"
@@ -32,10 +36,33 @@ def test_pip_install(tmp_path, editable):
     site = str(env_dir)
     for name, path in found["files"].items():
         if editable:  # the folders of the checkout are the subpackages
-            expected = REPO / ("paretoken" if name == "paretoken" else name) / "__init__.py"
+            expected = REPO / FOLDERS.get(name, name) / "__init__.py"
             assert Path(path) == expected, (name, path)
         else:
             assert path.startswith(site), (name, path)
     assert "default_fmnist.safetensors" in found["weights"]
     script = subprocess.run([str(env_dir / "bin" / "paretoken"), "presets"], capture_output=True, text=True)
     assert script.returncode == 0 and "tome-r13" in script.stdout
+
+
+def test_public_names_resolve_and_importing_paretoken_needs_no_torch():
+    names = ["Budgets", "EvalConfig", "PRESETS", "ParetokenError", "Plan", "Stage", "apply", "count_flops", "evaluate",
+             "load_plan", "preset", "run_search", "token_counts"]
+    probe = ("import json, sys, paretoken; print(json.dumps({'torch': 'torch' in sys.modules, "
+             "'all': paretoken.__all__, 'dir': dir(paretoken)}))")
+    found = json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+    assert not found["torch"]
+    assert sorted(found["all"]) == names and set(names) <= set(found["dir"])
+
+    import paretoken
+    from paretoken.compress.patch import apply
+    from paretoken.compress.presets import PRESETS
+    from paretoken.evaluators.evaluate import EvalConfig, evaluate
+    from paretoken.evaluators.metrics import Budgets
+    from paretoken.search import run_search
+
+    assert paretoken.EvalConfig is EvalConfig and paretoken.evaluate is evaluate and paretoken.Budgets is Budgets
+    assert paretoken.run_search is run_search and paretoken.apply is apply and paretoken.PRESETS is PRESETS
+    assert all(getattr(paretoken, name) is not None for name in names)
+    with pytest.raises(AttributeError, match="no attribute 'search_cli'"):
+        paretoken.search_cli

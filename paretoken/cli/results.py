@@ -1,4 +1,8 @@
-"""`paretoken front`, `holdout`, `export` and `finetune`; hooked in by paretoken.cli.build_parser."""
+"""`paretoken front`, `holdout`, `export` and `finetune`: what users do with a study once it is searched.
+
+Registered on the main parser by :func:`paretoken.cli.build_parser`. Importing this module is cheap;
+the handlers import pandas, Optuna and torch when they run.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,8 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from paretoken import argtypes
+from paretoken.cli import flags
+from paretoken.cli.flags import (add_batch_size_flag, add_budget_flags, add_device_flag, add_json_flag,
+                                 add_model_flags, add_objectives_flag, add_plot_flag, add_study_flags)
 from paretoken.errors import ParetokenError
-from paretoken.evaluators.metrics import BOUNDS, HEADLINE, OBJECTIVES_HELP, Budgets, format_metric
+from paretoken.evaluators.metrics import BOUNDS, HEADLINE, Budgets, format_metric
 from paretoken.jsonvalues import json_ready
 from paretoken.outputs import PLAN_SUFFIXES, PLOT_SUFFIXES, check_output
 from paretoken.search.storage import redact, study_storage
@@ -21,23 +28,6 @@ if TYPE_CHECKING:
 
 TABLE_COLUMNS = ("number", "preset", "top1", "agreement", "kl", "gflops", "img_per_s", "speedup", "latency_ms",
                  "plan_str")
-
-
-def _budgets(args: argparse.Namespace) -> Budgets:
-    return Budgets(args.max_gflops, args.min_top1, args.max_top1_drop).check()
-
-
-def _storage_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--storage", metavar="URL",
-                        help="Optuna storage: sqlite:///FILE.db, journal:FILE or postgresql://USER@HOST/DB "
-                             "[default: sqlite:///studies/<study>.db]")
-
-
-def _budget_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-gflops", type=argtypes.finite, metavar="X", help="only trials with at most X GFLOPs per image")
-    parser.add_argument("--min-top1", type=argtypes.finite, metavar="Y", help="only trials with top-1 of at least Y %%")
-    parser.add_argument("--max-top1-drop", type=argtypes.finite, metavar="D",
-                        help="only trials at most D top-1 points below the uncompressed model (same images)")
 
 
 def _plain(value):
@@ -85,7 +75,7 @@ def cmd_front(args: argparse.Namespace) -> int:
                                  ("csv", args.csv, (".csv",))):  # before any output is written
         for storage in storages if path else ():
             check_output(flag, path, suffixes, storage)
-    budgets = _budgets(args)
+    budgets = flags.budgets(args)
     if len(args.study) > 1:
         return _compare(args)
     df = query.load(args.study[0], args.storage)
@@ -140,7 +130,7 @@ def cmd_front(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from paretoken.results import query
 
-    table = query.compare([(name, args.storage) for name in args.study], args.objectives, _budgets(args))
+    table = query.compare([(name, args.storage) for name in args.study], args.objectives, flags.budgets(args))
     if args.csv:
         _write_csv(table, args.csv)
     if args.json:
@@ -223,7 +213,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from paretoken.results.export import export
 
     check_output("out", args.out, PLAN_SUFFIXES, study_storage(args.study, args.storage))
-    path = export(args.study, args.storage, trial=args.trial, best=args.best, budgets=_budgets(args), out=args.out,
+    path = export(args.study, args.storage, trial=args.trial, best=args.best, budgets=flags.budgets(args), out=args.out,
                   cheapest=args.cheapest)
     meta = load_plan(path).meta
     metrics = meta["metrics"]
@@ -235,18 +225,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from paretoken.evaluators.evaluate import device_name
     from paretoken.results.finetune import FinetuneConfig, finetune
 
     config = FinetuneConfig(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
                             data=args.data, epochs=args.epochs, train_images=args.train_images,
                             eval_images=args.eval_images, batch_size=args.batch_size, lr=args.lr,
-                            alpha=args.alpha, temperature=args.temperature, seed=args.seed, device=args.device,
-                            max_steps=args.max_steps, learn_thresholds=not args.fixed_thresholds,
-                            budget=args.budget, budget_weight=args.budget_weight, learned_lr=args.learned_lr)
+                            alpha=args.alpha, temperature=args.temperature, seed=args.seed,
+                            device=device_name(args.device), max_steps=args.max_steps,
+                            learn_thresholds=not args.fixed_thresholds, budget=args.budget,
+                            budget_weight=args.budget_weight, learned_lr=args.learned_lr)
     report = finetune(args.plan, config, out=args.out, log=None if args.json else sys.stdout)
     if args.json:
         print(json.dumps(json_ready(report), allow_nan=False))
     return 0
+
+
+FRONT_BUDGETS = "only trials within the budgets count (on the study's own measurements)"
 
 
 def add_results_parsers(sub) -> None:
@@ -254,17 +249,14 @@ def add_results_parsers(sub) -> None:
     p = sub.add_parser("front", help="the Pareto front of a study (table, JSON, CSV, plot)",
                        description="Non-dominated COMPLETE trials of a study on the chosen objectives, within the "
                                    "budgets; with several --study, one comparison table.")
-    p.add_argument("--study", required=True, action="append", metavar="NAME",
-                   help="study name (repeat to compare studies)")
-    _storage_args(p)
-    p.add_argument("--objectives", default="top1,gflops", metavar="A,B",
-                   help=f"objectives, comma-separated: {OBJECTIVES_HELP} [top1,gflops]")
-    _budget_args(p)
+    add_study_flags(p, several=True)
+    add_objectives_flag(p)
+    add_budget_flags(p, FRONT_BUDGETS)
     out = p.add_mutually_exclusive_group()
-    out.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    add_json_flag(out)
     out.add_argument("--csv", metavar="FILE", help="also write the front (or the comparison) as CSV")
-    p.add_argument("--plot", metavar="FILE", help="draw the front: FILE.png/.svg/.pdf (matplotlib) or FILE.html (plotly)")
-    p.add_argument("--history", metavar="FILE", help="draw the hypervolume after each trial: FILE.png/.svg/.pdf or FILE.html")
+    add_plot_flag(p)
+    add_plot_flag(p, "the hypervolume after each trial", flag="--history")
     p.set_defaults(func=cmd_front)
 
     p = sub.add_parser("holdout", help="re-measure a study's front on test images the search never saw",
@@ -272,28 +264,25 @@ def add_results_parsers(sub) -> None:
                                    "the next test images of the search's seeded order (disjoint from its own), and "
                                    "show which plans stay on the front there. Top-1, agreement and KL are "
                                    "re-measured; GFLOPs and speed are the study's.")
-    p.add_argument("--study", required=True, metavar="NAME", help="study name")
-    _storage_args(p)
+    add_study_flags(p)
     p.add_argument("--images", type=argtypes.positive_int, default=2000, help="held-out test images [2000]")
-    p.add_argument("--objectives", default="top1,gflops", metavar="A,B",
-                   help="objectives of the fronts, as for `paretoken front` [top1,gflops]")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda where present) [auto]")
-    p.add_argument("--batch-size", type=argtypes.positive_int, default=100, help="images per forward [100]")
-    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    p.add_argument("--plot", metavar="FILE", help="draw the front on the held-out images: FILE.png/.svg/.pdf or FILE.html")
+    add_objectives_flag(p)
+    add_device_flag(p)
+    add_batch_size_flag(p)
+    add_json_flag(p)
+    add_plot_flag(p, "the front on the held-out images")
     p.set_defaults(func=cmd_holdout)
 
     p = sub.add_parser("export", help="write a trial's plan with model, weights, metrics and provenance",
                        description="Export a plan that `paretoken.load_plan` + `paretoken.apply` rebuild anywhere.")
-    p.add_argument("--study", required=True, metavar="NAME", help="study name")
-    _storage_args(p)
+    add_study_flags(p)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--trial", type=argtypes.non_negative_int, metavar="N", help="trial number")
     which.add_argument("--best", action="store_true",
                        help="the best top-1 within --max-gflops / --min-top1 / --max-top1-drop")
     which.add_argument("--cheapest", action="store_true",
                        help="the fewest GFLOPs within --min-top1 / --max-top1-drop / --max-gflops")
-    _budget_args(p)
+    add_budget_flags(p, FRONT_BUDGETS)
     p.add_argument("--out", default="plan.yaml", metavar="FILE", help="plan file, .yaml or .json [plan.yaml]")
     p.set_defaults(func=cmd_export)
 
@@ -303,15 +292,12 @@ def add_results_parsers(sub) -> None:
                                    "train DynamicViT predictors. Writes a checkpoint and plan that "
                                    "`paretoken eval --checkpoint FILE --plan FILE.yaml` measures.")
     p.add_argument("--plan", required=True, metavar="FILE", help="plan file (an export works)")
-    p.add_argument("--model", help="timm model name or 'default' [the plan's meta, else default]")
-    p.add_argument("--checkpoint", metavar="FILE", help="starting weights [the plan's meta, else packaged/timm]")
-    p.add_argument("--pretrained", action="store_true", help="start from the local Hugging Face cache weights")
-    p.add_argument("--data", metavar="DIR", help="Fashion-MNIST dir or ImageFolder [the plan's meta, else "
-                                                 "fashion-mnist]")
+    add_model_flags(p, defaults="plan")
     p.add_argument("--epochs", type=argtypes.positive, default=1.0, help="passes over the training images [1]")
     p.add_argument("--train-images", type=argtypes.positive_int, default=None, help="training images [all of the calib split]")
     p.add_argument("--eval-images", type=argtypes.positive_int, default=1000, help="images for the before/after top-1 [1000]")
-    p.add_argument("--batch-size", type=argtypes.positive_int, default=128, help="[128]")
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=128,
+                   help="images per optimiser step and per forward of the before/after top-1 [128]")
     p.add_argument("--lr", type=argtypes.positive, default=5e-5, help="AdamW learning rate, cosine schedule [5e-5]")
     p.add_argument("--alpha", type=argtypes.non_negative, default=0.5, help="weight of the KL term; (1-alpha) on CE [0.5]")
     p.add_argument("--temperature", type=argtypes.positive, default=1.0, help="distillation temperature [1]")
@@ -326,8 +312,7 @@ def add_results_parsers(sub) -> None:
                    help="learning rate of thresholds and DynamicViT predictors [1e-3]")
     p.add_argument("--max-steps", type=argtypes.positive_int, default=None, help="stop after this many optimiser steps")
     p.add_argument("--seed", type=argtypes.seed, default=0, help="[0]")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [cpu]")
     p.add_argument("--out", default="finetuned.safetensors", metavar="FILE",
                    help="checkpoint to write (NAME.safetensors); the plan is written beside it as NAME.yaml")
-    p.add_argument("--json", action="store_true", help="machine-readable report")
+    add_json_flag(p)
     p.set_defaults(func=cmd_finetune)

@@ -9,7 +9,9 @@ import argparse
 import json
 
 from paretoken import argtypes
-from paretoken.evaluators.metrics import OBJECTIVES_HELP, Budgets
+from paretoken.cli import flags
+from paretoken.cli.flags import (add_batch_size_flag, add_budget_flags, add_json_flag, add_model_flags,
+                                 add_objectives_flag, add_plot_flag, add_study_flags)
 from paretoken.outputs import PLOT_SUFFIXES, check_output
 from paretoken.search.storage import MAX_HEARTBEAT_S, study_storage
 
@@ -22,38 +24,26 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
         description="Search token-compression plans with an Optuna multi-objective study. Running the same "
                     "command again resumes the study: finished trials are kept, trials a killed run left "
                     "RUNNING are failed and re-run, and only the missing trials run.")
-    p.add_argument("--study", required=True, metavar="NAME", help="study name")
-    p.add_argument("--storage", metavar="URL",
-                   help="sqlite:///FILE.db, journal:FILE (several processes on one host) or postgresql://... "
-                        "[sqlite:///studies/NAME.db]")
+    add_study_flags(p)
     g = p.add_argument_group("what is measured")
-    g.add_argument("--model", default="default",
-                   help="timm model name, or 'default' (the embedded Fashion-MNIST ViT) [default]")
-    g.add_argument("--checkpoint", metavar="FILE", help="weights: .safetensors or .pth")
-    g.add_argument("--pretrained", action="store_true", help="weights from the local Hugging Face cache")
-    g.add_argument("--data", metavar="DIR", help="Fashion-MNIST idx.gz dir or an ImageNet-style folder "
-                                                 "[/usr/share/datasets/fashion-mnist]")
+    add_model_flags(g)
     g.add_argument("--images", type=argtypes.positive_int, default=500, help="evaluation images per trial [500]")
-    g.add_argument("--batch-size", type=argtypes.positive_int, default=100, help="images per timed batch [100]")
+    add_batch_size_flag(g)
     g.add_argument("--flops-images", type=argtypes.positive_int, default=16,
                    help="images whose GFLOPs are averaged for plans with per-image token counts [16]")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda where present) [auto]")
     g.add_argument("--no-speed", action="store_true",
                    help="skip throughput/latency timing (img_per_s, latency_ms, speedup are then not recorded)")
     g = p.add_argument_group("search")
     g.add_argument("--space", default="mixed", help=f"search space: {', '.join(SPACE_NAMES)} [mixed]")
-    g.add_argument("--objectives", default="top1,gflops",
-                   help=f"comma-separated: {OBJECTIVES_HELP} [top1,gflops]")
+    add_objectives_flag(g)
     g.add_argument("--sampler", default="tpe", help="tpe, nsga2, gp or random [tpe]")
     g.add_argument("--trials", type=argtypes.non_negative_int, default=40,
                    help="target number of finished trials in the study (a resumed run runs the missing ones) [40]")
     g.add_argument("--seed", type=argtypes.seed, default=0, help="sampler seed [0]")
-    g.add_argument("--max-gflops", type=argtypes.finite, metavar="X", help="budget: GFLOPs per image at most X")
-    g.add_argument("--min-top1", type=argtypes.finite, metavar="X", help="budget: top-1 at least X %%")
-    g.add_argument("--max-top1-drop", type=argtypes.finite, metavar="X",
-                   help="budget: top-1 at most X points below the uncompressed model's (same images)")
     g.add_argument("--no-presets", action="store_true",
                    help="do not enqueue the published schedules when the study is created")
+    add_budget_flags(p, "a trial outside a budget stays in the study but is infeasible: it leaves the front, "
+                        "and the sampler learns to avoid it")
     g = p.add_argument_group("backend")
     g.add_argument("--backend", default="local", choices=("local", "ray"), help="local (in process) or ray [local]")
     g.add_argument("--workers", type=argtypes.positive_int, default=None, help="concurrent Ray workers [ray: 2, local: 1]")
@@ -65,14 +55,14 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--heartbeat", type=argtypes.int_in(1, MAX_HEARTBEAT_S), default=10, metavar="S",
                    help="heartbeat of running trials, s; a trial silent for 3 heartbeats is re-run [10]")
     g = p.add_argument_group("output")
-    g.add_argument("--plot", metavar="FILE", help="also draw the front to FILE (.png, .svg, .pdf or .html)")
+    add_plot_flag(g, "the front once the search is done")
     p.set_defaults(func=cmd_search)
     return p
 
 
 def add_spaces_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("spaces", help="list the search spaces and their parameters")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_flag(p)
     p.add_argument("--presets", action="store_true", help="also show which published schedules each space expresses")
     p.set_defaults(func=cmd_spaces)
     return p
@@ -84,14 +74,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit deprecation, raised on importing fvcore
         from paretoken.evaluators.evaluate import EvalConfig, device_name
-        from paretoken.search.run import run_search
+        from paretoken.search import run_search
 
     workers = args.workers if args.workers is not None else (2 if args.backend == "ray" else 1)
     config = EvalConfig(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
                         images=args.images, batch_size=min(args.batch_size, args.images),
                         flops_images=min(args.flops_images, args.images),
                         device=device_name(args.device), speed=not args.no_speed)
-    budgets = Budgets(args.max_gflops, args.min_top1, args.max_top1_drop)
+    budgets = flags.budgets(args)
     if args.plot:  # before the search, not after
         check_output("plot", args.plot, PLOT_SUFFIXES, study_storage(args.study, args.storage))
     result = run_search(args.study, storage=args.storage, space=args.space, objectives=args.objectives,

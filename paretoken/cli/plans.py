@@ -1,21 +1,20 @@
-"""The `paretoken` command. Bad input is one line on stderr and exit status 2."""
+"""`paretoken presets`, `flops`, `eval` and `slim`: one plan on one model, no study.
+
+Importing this module is cheap; the handlers import torch and timm when they run.
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import logging
 import math
 import os
-import sys
-import warnings
 
 from paretoken import argtypes
+from paretoken.cli.flags import add_batch_size_flag, add_json_flag, add_model_flags
 from paretoken.errors import ParetokenError
 from paretoken.jsonvalues import json_ready
 from paretoken.outputs import PLAN_SUFFIXES, check_output
-from paretoken.results.cli import add_results_parsers
-from paretoken.search.cli import add_search_parser, add_spaces_parser
 
 
 def _plan_args(parser: argparse.ArgumentParser) -> None:
@@ -26,21 +25,7 @@ def _plan_args(parser: argparse.ArgumentParser) -> None:
                         help="and let the last block compute only the prefix (class) tokens: exact, fewer GFLOPs")
 
 
-def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default",
-                        help="timm model name, or 'default' (the embedded Fashion-MNIST ViT) [default]")
-    parser.add_argument("--checkpoint", metavar="FILE", help="weights: .safetensors or .pth (plain or timm-wrapped)")
-    parser.add_argument("--pretrained", action="store_true",
-                        help="load the model's weights from the local Hugging Face cache (never the network)")
-    parser.add_argument("--data", metavar="DIR",
-                        help="Fashion-MNIST idx.gz dir or an ImageNet-style folder "
-                             "[default: /usr/share/datasets/fashion-mnist]")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [cpu]")
-
-
 def _resolve_plan(args: argparse.Namespace):
-    import os
-
     import paretoken
     from paretoken.compress.presets import PRESETS
 
@@ -98,15 +83,16 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from paretoken.evaluators.evaluate import EvalConfig, environment, evaluate
+    from paretoken.evaluators.evaluate import EvalConfig, device_name, environment, evaluate
     from paretoken.evaluators.metrics import CATALOG, format_metric
 
     plan = _resolve_plan(args)
+    device = device_name(args.device)
     config = EvalConfig(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
-                        images=args.images, device=args.device, batch_size=args.batch_size, seed=args.seed,
+                        images=args.images, device=device, batch_size=args.batch_size, seed=args.seed,
                         skip=args.skip)
     metrics = evaluate(plan, config)
-    env = environment(args.device)
+    env = environment(device)
     if args.json:
         print(json.dumps(json_ready({"plan": plan.to_dict(), "metrics": metrics, "environment": env}), allow_nan=False))
         return 0
@@ -157,36 +143,34 @@ def cmd_slim(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argtypes.Parser(
-        prog="paretoken", description="Search the Pareto front of token-compression plans for Vision Transformers.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def add_plan_parsers(sub) -> None:
+    """Add `presets`, `flops`, `eval` and `slim` to the `paretoken` subcommands."""
     p = sub.add_parser("presets", help="list the published schedules and their sources")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_flag(p)
     p.set_defaults(func=cmd_presets)
 
     p = sub.add_parser("flops", help="GFLOPs per image and tokens per block of a plan")
-    _model_args(p)
+    add_model_flags(p)
     _plan_args(p)
-    p.add_argument("--images", type=argtypes.positive_int, default=8, help="images to count on (per-image plans average them) [8]")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--images", type=argtypes.positive_int, default=8,
+                   help="images to count on (per-image plans average them) [8]")
+    add_json_flag(p)
     p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("eval", help="measure a plan: top1, agreement, kl, GFLOPs, speed")
-    _model_args(p)
+    add_model_flags(p)
     _plan_args(p)
     p.add_argument("--images", type=argtypes.positive_int, default=1000, help="evaluation images [1000]")
-    p.add_argument("--batch-size", type=argtypes.positive_int, default=100, help="images per timed batch [100]")
+    add_batch_size_flag(p)
     p.add_argument("--seed", type=argtypes.seed, default=0, help="seed of the evaluation subset [0]")
     p.add_argument("--skip", type=argtypes.non_negative_int, default=0, metavar="K",
                    help="pass over the first K images of the seeded order: with K = a search's --images, "
                         "images the search never saw [0]")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_flag(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("slim", help="choose a Patch Slimming pyramid top-down on calibration images")
-    _model_args(p)
+    add_model_flags(p)
     p.add_argument("--layers", type=_layer_list, default=list(range(1, 12)), help="blocks with a stage [1-11]")
     p.add_argument("--tolerance", type=argtypes.positive, default=0.05,
                    help="KL budget of the whole plan, nats [0.05]")
@@ -194,33 +178,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=argtypes.seed, default=0, help="seed of the calibration subset [0]")
     p.add_argument("--out", default="slim.yaml", metavar="FILE", help="plan file to write, .yaml or .json [slim.yaml]")
     p.set_defaults(func=cmd_slim)
-
-    add_search_parser(sub)
-    add_spaces_parser(sub)
-    add_results_parsers(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.getLogger("fvcore").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="fvcore")
-    try:
-        return args.func(args)
-    except ParetokenError as err:
-        print(f"paretoken: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("paretoken: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # output piped into a reader that stopped early (`| head`): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except OSError as err:  # an output path that cannot be written, a disk that is full, ...
-        where = f": {err.filename}" if err.filename else ""
-        print(f"paretoken: error: {err.strerror or err}{where}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
