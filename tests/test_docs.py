@@ -75,12 +75,23 @@ def test_readme_is_short_and_holds_no_dates_or_commit_hashes():
     assert not dates and not hashes, (dates, hashes)
 
 
+def _anchors(doc: Path) -> set[str]:
+    """The anchors GitHub gives ``doc``'s headings: lower case, punctuation but ``-`` and ``_`` dropped,
+    spaces as ``-``."""
+    heads = re.findall(r"^#+ (.+)$", _without_code(doc.read_text(encoding="utf-8")), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", head.strip().lower()).replace(" ", "-") for head in heads}
+
+
 @pytest.mark.parametrize("doc", [README, *DOCS], ids=lambda p: p.relative_to(ROOT).as_posix())
-def test_relative_links_lead_to_files(doc):
+def test_relative_links_lead_to_files_and_headings(doc):
     links = re.findall(r"\]\(([^)\s]+)\)", _without_code(doc.read_text(encoding="utf-8")))
-    relative = [link.split("#")[0] for link in links if not re.match(r"[a-z]+:|#", link)]
-    missing = [link for link in relative if not (doc.parent / link).exists()]
+    relative = [link for link in links if not re.match(r"[a-z]+:", link)]
+    missing = [link for link in relative if link.split("#")[0] and not (doc.parent / link.split("#")[0]).exists()]
     assert not missing, f"{doc.name} links to missing files: {missing}"
+    anchored = [link for link in relative if "#" in link]
+    unknown = [link for link in anchored
+               if link.split("#")[1] not in _anchors(doc.parent / link.split("#")[0] if link.split("#")[0] else doc)]
+    assert not unknown, f"{doc.name} links to headings that do not exist: {unknown}"
 
 
 def test_the_docs_named_in_issue_29_exist():
