@@ -15,16 +15,23 @@ from paretoken.search.options import SearchOptions
 from paretoken.search.storage import redact
 
 
+#: The ops ``mixed`` chose among before the op registry grew (studies of then record no ``ops``).
+MIXED_OPS_BEFORE_REGISTRY = ("prune", "prune_fuse", "merge", "joint", "threshold")
+
+
 def check_settings(study_name: str, stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> None:
     """One-line error when a study is resumed with settings that would mix incomparable trials."""
-    labels = {"space": "--space", "objectives": "--objectives", **{b: "--" + b.replace("_", "-") for b in BOUNDS},
+    if stored.get("space") == "mixed" and "ops" not in stored:  # made before mixed could choose pitome, prune_merge
+        stored = {**stored, "ops": list(MIXED_OPS_BEFORE_REGISTRY)}
+    labels = {"space": "--space", "ops": "--ops", "objectives": "--objectives",
+              **{b: "--" + b.replace("_", "-") for b in BOUNDS},
               "depth": "the model depth", "heartbeat_s": "--heartbeat", "grace_s": "grace_s"}
 
     def shown(value: Any) -> str:
         return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else repr(value)
 
     for key, flag in labels.items():
-        if key in stored and stored[key] != wanted[key]:
+        if key in stored and stored[key] != wanted.get(key):
             raise ParetokenError(f"study: {study_name!r} was created with {key} {shown(stored[key])}, not "
                                  f"{shown(wanted[key])}; pass {flag} as before or start a new --study")
     from paretoken.evaluators.data import canonical_data

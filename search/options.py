@@ -56,8 +56,11 @@ class SearchOptions:
     @property
     def settings(self) -> dict[str, Any]:
         """The study's ``paretoken`` user attr (:func:`paretoken.search.record.study_settings`)."""
-        return record.study_settings(self.space.name, self.objectives, self.budgets, self.config_dict, self.depth,
-                                     self.heartbeat_s, self.grace_s)
+        settings = record.study_settings(self.space.name, self.objectives, self.budgets, self.config_dict,
+                                         self.depth, self.heartbeat_s, self.grace_s)
+        if hasattr(self.space, "ops"):  # mixed: the ops its overriding blocks choose among
+            settings["ops"] = list(self.space.ops)
+        return settings
 
     @property
     def cpus(self) -> float:
@@ -77,7 +80,8 @@ def check_options(study: str, *, storage: str | None = None, space: str = "mixed
                   backend: str = "local", workers: int = 1, ray_address: str | None = None,
                   cpus_per_trial: float | None = None, gpus_per_trial: float | None = None,
                   budgets: Budgets | None = None, eval_config=None, seed: int = 0, presets: bool = True,
-                  heartbeat_s: int = 10, grace_s: int | None = None, poll_s: float = 1.0) -> SearchOptions:
+                  heartbeat_s: int = 10, grace_s: int | None = None, poll_s: float = 1.0,
+                  ops: Sequence[str] | str | None = None) -> SearchOptions:
     """The checked :class:`SearchOptions` of :func:`~paretoken.search.run.run_search`'s keywords
     (defaults filled in: ``EvalConfig()``, ``Budgets()``, ``grace_s`` 3 heartbeats)."""
     from paretoken.evaluators.evaluate import EvalConfig, checked_config, device_name
@@ -86,6 +90,12 @@ def check_options(study: str, *, storage: str | None = None, space: str = "mixed
     check_study_name(study)
     objectives = check_objectives(objectives)
     space_obj = get_space(space)
+    if ops is not None:
+        from paretoken.spaces.families import MixedSpace
+
+        if space_obj.name != "mixed":
+            raise ParetokenError(f"ops: applies to the mixed space only, not {space_obj.name!r}; valid: --space mixed")
+        space_obj = MixedSpace(ops=ops.split(",") if isinstance(ops, str) else ops)
     config = eval_config if eval_config is not None else EvalConfig()
     config = dataclasses.replace(config, device=device_name(config.device))  # auto: what this machine has
     if sampler not in SAMPLERS:

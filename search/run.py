@@ -42,12 +42,14 @@ def run_search(study: str, *, storage: str | None = None, space: str = "mixed",
                cpus_per_trial: float | None = None, gpus_per_trial: float | None = None,
                budgets: Budgets | None = None, eval_config=None, seed: int = 0, presets: bool = True,
                heartbeat_s: int = 10, grace_s: int | None = None, poll_s: float = 1.0,
-               log: Callable[[str], None] | None = None) -> SearchResult:
+               ops: Sequence[str] | str | None = None, log: Callable[[str], None] | None = None) -> SearchResult:
     """Run (or resume) study ``study`` until it holds ``n_trials`` finished trials.
 
     study / storage: the Optuna study's name and its storage URL (default ``sqlite:///studies/<study>.db``;
       ``journal:PATH``; ``postgresql://...``).
-    space: a name of :data:`paretoken.spaces.SPACES`.
+    space: a name of :data:`paretoken.spaces.SPACES` (or a Space).
+    ops: mixed only: the ops its overriding blocks choose among (default: every op registered for
+      mixed); recorded with the study, which must be resumed with the same ops.
     objectives: metric names, each maximised or minimised as
       :data:`~paretoken.evaluators.metrics.DIRECTIONS` says.
     sampler: tpe, nsga2, gp or random, seeded with ``seed``.
@@ -76,7 +78,7 @@ def run_search(study: str, *, storage: str | None = None, space: str = "mixed",
                             n_trials=n_trials, backend=backend, workers=workers, ray_address=ray_address,
                             cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, budgets=budgets,
                             eval_config=eval_config, seed=seed, presets=presets, heartbeat_s=heartbeat_s,
-                            grace_s=grace_s, poll_s=poll_s)
+                            grace_s=grace_s, poll_s=poll_s, ops=ops)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():
         _quiet_warnings()

@@ -130,3 +130,19 @@ def test_every_built_in_op_declares_what_it_needs():
     assert ops.get_op("slim").needs == {"full"} and not ops.get_op("slim").mixed
     assert {s.name for s in ops.ops() if "keys" in s.needs} == {"merge", "joint", "pitome"}
     assert {s.name for s in ops.ops() if "fuse" in s.option_names} == {"merge", "pitome", "prune_merge"}
+
+
+def test_the_docs_op_table_is_the_registry():
+    """docs/plans.md's op table says what the registry declares, row for row."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "plans.md").read_text(encoding="utf-8")
+    lines = text.splitlines()
+    start = lines.index("| op | amount | scores | per image | source |")
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    expected = [[r["op"], r["amount"], r["scores"], r["per image"], r["source"]] for r in ops.op_table()]
+    assert rows == expected

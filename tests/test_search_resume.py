@@ -250,3 +250,20 @@ def test_a_result_for_a_trial_another_process_failed_as_stale_is_dropped_not_rai
     assert "already failed as stale" in lines[-1] and "result dropped" in lines[-1]
     state.finish(study.ask(), {"error": "out of memory"}, Beater())  # failed either way: no error raised
     assert study.trials[-1].state == optuna.trial.TrialState.FAIL
+
+
+def test_a_mixed_study_is_resumed_with_the_ops_it_was_made_with():
+    """Mixed's op choices grew with the registry (pitome, prune_merge): a study that records none was made
+    with the five before, and resuming it with other choices is one line naming --ops, nothing written."""
+    from paretoken.errors import ParetokenError
+    from paretoken.search.opening import MIXED_OPS_BEFORE_REGISTRY, check_settings
+
+    legacy = {"space": "mixed", "objectives": ["top1", "gflops"]}
+    now = {**legacy, "ops": ["prune", "prune_fuse", "merge", "joint", "threshold", "pitome", "prune_merge"]}
+    with pytest.raises(ParetokenError, match="created with ops prune,prune_fuse,merge,joint,threshold, not "
+                                             "prune,.*prune_merge; pass --ops as before"):
+        check_settings("old", legacy, now)
+    check_settings("old", legacy, {**legacy, "ops": list(MIXED_OPS_BEFORE_REGISTRY)})
+    check_settings("new", now, now)
+    with pytest.raises(ParetokenError, match="created with ops"):
+        check_settings("new", now, {**now, "ops": ["merge", "pitome"]})

@@ -35,6 +35,8 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
                    help="skip throughput/latency timing (img_per_s, latency_ms, speedup are then not recorded)")
     g = p.add_argument_group("search")
     g.add_argument("--space", default="mixed", help=f"search space: {', '.join(SPACE_NAMES)} [mixed]")
+    g.add_argument("--ops", metavar="OP,OP", help="mixed only: the ops an overriding block chooses among "
+                                                   "[every op registered for mixed; `paretoken spaces` lists them]")
     add_objectives_flag(g)
     g.add_argument("--sampler", default="tpe", help="tpe, nsga2, gp or random [tpe]")
     g.add_argument("--trials", type=argtypes.non_negative_int, default=40,
@@ -84,7 +86,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     budgets = flags.budgets(args)
     if args.plot:  # before the search, not after
         check_output("plot", args.plot, PLOT_SUFFIXES, study_storage(args.study, args.storage))
-    result = run_search(args.study, storage=args.storage, space=args.space, objectives=args.objectives,
+    result = run_search(args.study, storage=args.storage, space=args.space, ops=args.ops, objectives=args.objectives,
                         sampler=args.sampler, n_trials=args.trials, backend=args.backend, workers=workers,
                         ray_address=args.ray_address, cpus_per_trial=args.cpus_per_trial,
                         gpus_per_trial=args.gpus_per_trial, budgets=budgets, eval_config=config, seed=args.seed,
