@@ -57,11 +57,15 @@ def main() -> None:
         challenges = holdout.preset_challenges(table)
         presets = table[table["preset"].isin(figures["presets"])]
         searched = table[table["preset"].isna()]
+        base = table.loc[table["preset"] == UNCOMPRESSED].iloc[0]
+        reference = {"top1": float(base["top1"]) - 10.0, "gflops": float(base["gflops"])}  # the search's convention
         rows.append({
             "study": name, "presets": len(presets), "front": len(searched),
             "presets_dominated_search_images": len(figures["presets_dominated_search"]),
             "presets_dominated_held_out": len(figures["presets_dominated_held_out"]),
-            "uncompressed_top1_held_out": float(table.loc[table["preset"] == UNCOMPRESSED, "top1"].iloc[0]),
+            "uncompressed_top1_held_out": float(base["top1"]),
+            "hypervolume_held_out": query.hypervolume(table, ("top1", "gflops"), reference),
+            "hypervolume_presets_held_out": query.hypervolume(presets, ("top1", "gflops"), reference),
             "presets_held_out": {p.preset: {"top1": p.top1, "top1_search": p.top1_search, "gflops": p.gflops}
                                  for p in presets.itertuples()},
             "front_held_out": [{"trial": t.number, "plan": t.plan_str, "top1": t.top1, "top1_search": t.top1_search,
@@ -70,7 +74,8 @@ def main() -> None:
             "challenges": json_ready(challenges.to_dict("records")),
         })
         r = rows[-1]
-        print(f"{name}: presets dominated {r['presets_dominated_search_images']}/{r['presets']} on the "
+        print(f"{name}: held-out HV {r['hypervolume_held_out']:.4f} (presets {r['hypervolume_presets_held_out']:.4f}); "
+              f"presets dominated {r['presets_dominated_search_images']}/{r['presets']} on the "
               f"{images} search images, {r['presets_dominated_held_out']}/{r['presets']} on the "
               f"{config.images} held-out ones (front of {r['front']}); against its challenger: "
               + ", ".join(f"{c.preset} {c.delta_held_out:+.2f} [{c.ci_low:+.2f}, {c.ci_high:+.2f}]"
