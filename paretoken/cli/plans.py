@@ -53,6 +53,19 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ops(args: argparse.Namespace) -> int:
+    from paretoken.compress.ops import op_table
+
+    rows = op_table()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['op']:12s} {row['summary']}\n{'':12s} amount: {row['amount']}; scores: {row['scores']} "
+              f"(default first); per image: {row['per image']}; {row['source']}")
+    return 0
+
+
 def cmd_flops(args: argparse.Namespace) -> int:
     import torch
 
@@ -144,10 +157,14 @@ def cmd_slim(args: argparse.Namespace) -> int:
 
 
 def add_plan_parsers(sub) -> None:
-    """Add `presets`, `flops`, `eval` and `slim` to the `paretoken` subcommands."""
+    """Add `presets`, `ops`, `flops`, `eval` and `slim` to the `paretoken` subcommands."""
     p = sub.add_parser("presets", help="list the published schedules and their sources")
     add_json_flag(p)
     p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("ops", help="list the registered token-reduction ops: amounts, scores, per image, source")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_ops)
 
     p = sub.add_parser("flops", help="GFLOPs per image and tokens per block of a plan")
     add_model_flags(p)
