@@ -18,16 +18,24 @@ import torch.nn.functional as F
 from paretoken.compress import Plan, applied_plan, apply, token_counts
 from paretoken.errors import ParetokenError
 from paretoken.evaluators.data import load_split
+from paretoken.evaluators.flop_model import countable, flop_model
 from paretoken.evaluators.flops import count_flops
 from paretoken.evaluators.models import create_model
 from paretoken.evaluators.speed import latency_ms, paired_speedup, timed_forward
+
+#: How GFLOPs are measured (:attr:`EvalConfig.flops`).
+FLOPS_METHODS = ("count", "trace")
+
 
 @dataclass(frozen=True)
 class EvalConfig:
     """What a trial is measured on. ``images``: evaluation images, after the first ``skip`` of the
     seeded test order (``skip=k`` holds them out from a search that measured on ``images=k``);
     ``batch_size``: images per timed batch; ``speedup_pairs``: how many of the plan's timed batches
-    the uncompressed model also runs, next to the plan, for ``speedup`` (at least 1)."""
+    the uncompressed model also runs, next to the plan, for ``speedup`` (at least 1); ``flops``: how
+    GFLOPs are measured, ``count`` (from every evaluation image's token counts, exact to fvcore:
+    :mod:`~paretoken.evaluators.flop_model`) or ``trace`` (fvcore traces; a per-image plan's are the
+    mean of its first ``flops_images`` images, each traced alone)."""
 
     model: str = "default"
     checkpoint: str | None = None
@@ -42,8 +50,11 @@ class EvalConfig:
     latency_repeats: int = 10
     speedup_pairs: int = 4
     pretrained: bool = False
+    flops: str = "count"
 
     def __post_init__(self) -> None:
+        if self.flops not in FLOPS_METHODS:
+            raise ParetokenError(f"flops: {self.flops!r} is unknown; valid: {', '.join(FLOPS_METHODS)}")
         if self.speedup_pairs < 1:
             raise ParetokenError(f"speedup_pairs: {self.speedup_pairs!r} is invalid; valid: an integer >= 1")
 
@@ -113,6 +124,7 @@ class _Pass:
     padding_pct: float  # % of token slots that were padding
     peak_bytes: int  # CUDA memory a plan's forward allocates at its peak above what it starts with (max
     # over the batches); 0 on CPU
+    counts: torch.Tensor  # (n, depth) tokens left after each block, per image, on the CPU
 
 
 def _base_seconds(model: torch.nn.Module, batch: torch.Tensor, plan: Plan) -> float:
@@ -128,7 +140,7 @@ def _forward_all(model, images, batch_size, paired: Sequence[int] = ()) -> _Pass
     batch index in ``paired`` the uncompressed model runs too, timed next to the plan: right after it,
     or right before it on every second paired batch, so that neither always runs first."""
     plan, cuda = applied_plan(model), images.device.type == "cuda"
-    outs, seconds, base_seconds, slots, padding, peak = [], [], [], 0, 0, 0
+    outs, seconds, base_seconds, all_counts, slots, padding, peak = [], [], [], [], 0, 0, 0
     for k, start in enumerate(range(0, len(images), batch_size)):
         batch = images[start:start + batch_size]
         base_first = k in paired and paired.index(k) % 2 == 1
@@ -143,12 +155,13 @@ def _forward_all(model, images, batch_size, paired: Sequence[int] = ()) -> _Pass
         outs.append(logits.float())
         seconds.append(elapsed)
         counts = token_counts(model)  # (b, depth)
+        all_counts.append(counts.cpu())
         widest = counts.max(dim=0).values
         slots += int(widest.sum()) * len(batch)
         padding += int((widest - counts).sum())
         if k in paired and not base_first:
             base_seconds.append(_base_seconds(model, batch, plan))
-    return _Pass(torch.cat(outs), seconds, base_seconds, 100.0 * padding / max(slots, 1), peak)
+    return _Pass(torch.cat(outs), seconds, base_seconds, 100.0 * padding / max(slots, 1), peak, torch.cat(all_counts))
 
 
 def prepare(config: EvalConfig) -> _Bench:
@@ -164,6 +177,8 @@ def prepare(config: EvalConfig) -> _Bench:
         images, labels = load_split(config.data, model, "eval", n=config.images, seed=config.seed, skip=config.skip)
         images, labels = images.to(device), labels.to(device)
         apply(model, Plan())
+        if config.flops == "count":
+            flop_model(model)  # calibrated once; a model it cannot count is every trial's error
         base_logits = _forward_all(model, images, config.batch_size).logits
         if not torch.isfinite(base_logits).all():
             field, value = ("checkpoint", config.checkpoint) if config.checkpoint else ("model", config.model)
@@ -203,8 +218,7 @@ def evaluate_per_image(plan: Plan, config: EvalConfig = EvalConfig()) -> tuple[d
         "top1_drop": 100.0 * (base_pred == bench.labels).float().mean().item() - top1,
         "agreement": 100.0 * (pred == base_pred).float().mean().item(),
         "kl": max(kl.item(), 0.0),
-        "gflops": count_flops(model, bench.images[:config.flops_images], per_image=plan.per_image,
-                              max_images=config.flops_images),
+        "gflops": _gflops(model, plan, run.counts, bench.images, config),
         "img_per_s": min(config.batch_size, len(bench.images)) / statistics.median(timed) if config.speed else math.nan,
         "latency_ms": latency_ms(model, bench.images[:1], config.latency_repeats) if config.speed else math.nan,
         "speedup": paired_speedup(run.base_seconds, [seconds[k] for k in paired]) if config.speed else math.nan,
@@ -212,6 +226,14 @@ def evaluate_per_image(plan: Plan, config: EvalConfig = EvalConfig()) -> tuple[d
         "padding_pct": run.padding_pct,
     }
     return metrics, (pred == bench.labels).cpu()
+
+
+def _gflops(model, plan: Plan, counts: torch.Tensor, images: torch.Tensor, config: EvalConfig) -> float:
+    """GFLOPs per image as ``config.flops`` says: counted from ``counts`` (n, depth) for every image,
+    or traced (also for a plan with an op that declares no :attr:`~paretoken.compress.ops.OpSpec.flops`)."""
+    if config.flops == "count" and countable(plan):
+        return flop_model(model).gflops(plan, counts)
+    return count_flops(model, images[:config.flops_images], per_image=plan.per_image, max_images=config.flops_images)
 
 
 def _version(package: str) -> str:

@@ -46,7 +46,7 @@ def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
     return math.prod(lead) * n_q * n_k * (d + d_v)
 
 
-def _analysis(model: torch.nn.Module, images: torch.Tensor) -> FlopCountAnalysis:
+def fvcore_analysis(model: torch.nn.Module, images: torch.Tensor) -> FlopCountAnalysis:
     """fvcore analysis of one forward on ``images`` (B, C, H, W), warnings silenced."""
     return (
         FlopCountAnalysis(model, images)
@@ -81,12 +81,12 @@ def _per_image(model: torch.nn.Module, images: torch.Tensor, per_image: bool,
     if per_image:
         if max_images < 1:
             raise ValueError(f"max_images must be >= 1, got {max_images}")
-        return [(_analysis(model, image[None]), 1) for image in images[:max_images]]
-    return [(_analysis(model, images), images.shape[0])]
+        return [(fvcore_analysis(model, image[None]), 1) for image in images[:max_images]]
+    return [(fvcore_analysis(model, images), images.shape[0])]
 
 
 @contextmanager
-def _inference(model: torch.nn.Module) -> Iterator[None]:
+def inference(model: torch.nn.Module) -> Iterator[None]:
     """``torch.no_grad()`` with ``model.eval()``; restores the training mode on exit."""
     was_training = model.training
     model.eval()
@@ -107,7 +107,7 @@ def count_flops(model: torch.nn.Module, images: torch.Tensor, per_image: bool = 
     first ``max_images`` images is traced alone (batch 1) and the mean is
     returned, so padding used for batching is never counted as work.
     """
-    with _inference(model):
+    with inference(model):
         runs = _per_image(model, images, per_image, max_images)
         return sum(a.total() / n for a, n in runs) / len(runs) / _GIGA
 
@@ -124,7 +124,7 @@ def flops_by_module(model: torch.nn.Module, images: torch.Tensor, per_image: boo
     """
     names = _units(model)
     totals = dict.fromkeys(names, 0.0)
-    with _inference(model):
+    with inference(model):
         runs = _per_image(model, images, per_image, max_images)
         for analysis, n in runs:
             counts = analysis.by_module()

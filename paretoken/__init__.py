@@ -32,15 +32,21 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
 
 
-def count_flops(model, images, max_images: int = 32) -> float:
-    """GFLOPs per image of ``model`` on ``images`` (B, C, H, W), fvcore convention.
+def count_flops(model, images, max_images: int = 32, method: str = "count") -> float:
+    """GFLOPs per image of ``model`` on ``images`` (B, C, H, W), fvcore convention, the mean over the images.
 
-    Plans whose token count differs per image are counted one image at a time
-    (up to ``max_images``) and averaged, so batching padding is never counted.
+    ``method="count"``: from each image's token counts after one batched forward, exact to fvcore's
+    trace of the image alone. ``"trace"``: fvcore traces; plans whose token count differs per image are
+    traced one image at a time (the first ``max_images``), so batching padding is never counted.
     """
     from paretoken.compress import applied_plan
+    from paretoken.evaluators.flop_model import counted_gflops
     from paretoken.evaluators.flops import count_flops as _count
 
+    if method == "count":
+        return counted_gflops(model, images)
+    if method != "trace":
+        raise ParetokenError(f"method: {method!r} is unknown; valid: count, trace")
     plan = applied_plan(model)
     return _count(model, images, per_image=bool(plan and plan.per_image), max_images=max_images)
 

@@ -69,8 +69,10 @@ UNCOMPRESSED = "uncompressed"
 #: What is measured: the model, its weights and the images' data set.
 MODEL_KEYS = ("model", "checkpoint", "pretrained", "data")
 #: How it is measured: which images (``images`` after ``skip`` in the ``seed``'s order), in what batches,
-#: FLOPs counted on how many.
-EVALUATION_KEYS = ("images", "seed", "skip", "batch_size", "flops_images")
+#: GFLOPs counted or traced (``flops``), traced on how many.
+EVALUATION_KEYS = ("images", "seed", "skip", "batch_size", "flops", "flops_images")
+#: What a measurement recorded before a key existed measured with: GFLOPs were fvcore traces.
+MEASUREMENT_BEFORE = {"flops": "trace"}
 #: The evaluation settings that make two measurements comparable: they must match to add trials to a
 #: study, holdout measures on the images after them, export records them.
 MEASUREMENT_KEYS = (*MODEL_KEYS, *EVALUATION_KEYS)
@@ -102,9 +104,10 @@ def settings_of(study_attrs: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def measurement_of(settings: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The ``measurement`` of a study's settings; {} when it records none."""
+    """The ``measurement`` of a study's settings (keys recorded later at :data:`MEASUREMENT_BEFORE`'s
+    values); {} when it records none."""
     measurement = settings.get("measurement") if isinstance(settings, Mapping) else None
-    return measurement if isinstance(measurement, Mapping) else {}
+    return {**MEASUREMENT_BEFORE, **measurement} if isinstance(measurement, Mapping) and measurement else {}
 
 
 # --------------------------------------------------------------------------- trials

@@ -267,3 +267,17 @@ def test_a_mixed_study_is_resumed_with_the_ops_it_was_made_with():
     check_settings("new", now, now)
     with pytest.raises(ParetokenError, match="created with ops"):
         check_settings("new", now, {**now, "ops": ["merge", "pitome"]})
+
+
+def test_a_study_made_before_counted_flops_is_resumed_with_traced_ones():
+    """GFLOPs were fvcore traces before they were counted: a study whose measurement records no ``flops``
+    measured by trace, and resuming it with counted GFLOPs is one line naming --flops."""
+    from paretoken.errors import ParetokenError
+    from paretoken.search.opening import check_settings
+
+    legacy = {"space": "mixed", "measurement": {"model": "default", "images": 500, "flops_images": 16}}
+    counted = {**legacy, "measurement": {**legacy["measurement"], "flops": "count"}}
+    with pytest.raises(ParetokenError, match="measures with flops 'trace', not 'count'; pass the same --flops"):
+        check_settings("old", legacy, counted)
+    check_settings("old", legacy, {**legacy, "measurement": {**legacy["measurement"], "flops": "trace"}})
+    check_settings("new", counted, counted)

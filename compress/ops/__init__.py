@@ -9,12 +9,12 @@
 from __future__ import annotations
 
 from paretoken.compress.ops.base import (FUSE, KEEP, KEEP_GRID, NEEDS, R, SCORE_NEEDS, SCORES, TRAINED_SCORES,
-                                         Amount, Choice, Grid, OpSpec, Option, get_op, op_names, op_table, ops,
-                                         register, stage_fields, unregister)
+                                         Amount, Choice, Grid, OpSpec, Option, TokenDims, get_op, no_flops, op_names,
+                                         op_table, ops, register, stage_fields, unregister)
 # the built-in ops, registered in this order (the order of error messages and of ``mixed``'s choices)
 from paretoken.compress.ops import (prune, prune_fuse, merge, joint, threshold, slim, pitome,  # noqa: E402,F401
                                     prune_merge)  # isort: skip
 
 __all__ = ["FUSE", "KEEP", "KEEP_GRID", "NEEDS", "R", "SCORES", "SCORE_NEEDS", "TRAINED_SCORES", "Amount", "Choice",
-           "Grid", "OpSpec", "Option", "get_op", "op_names", "op_table", "ops", "register", "stage_fields",
-           "unregister"]
+           "Grid", "OpSpec", "Option", "TokenDims", "get_op", "no_flops", "op_names", "op_table", "ops", "register",
+           "stage_fields", "unregister"]

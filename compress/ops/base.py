@@ -47,6 +47,30 @@ Reduce = Callable[..., tuple[Any, Any]]
 
 
 @dataclass(frozen=True)
+class TokenDims:
+    """The widths an op's own work depends on: ``dim`` (C, a token's features), ``heads`` and
+    ``head_dim`` (D, the width of the head-averaged keys ToMe's metric is)."""
+
+    dim: int
+    heads: int
+    head_dim: int
+
+
+#: The multiply-adds an op's reduce function computes per image, in fvcore's convention (matmul,
+#: linear, einsum and norm layers count; elementwise, sort, gather and scatter ops count zero):
+#: ``flops(n, dims, prefix, **amounts) -> (B,)`` with n (B,) the image's tokens into the stage (prefix
+#: included; an integer tensor), dims the model's :class:`TokenDims` and the stage's amount and option
+#: fields as keywords. What attention computes for the op's score and ``needs`` is counted apart
+#: (:mod:`paretoken.evaluators.flop_model`).
+Flops = Callable[..., Any]
+
+
+def no_flops(n, dims: TokenDims, prefix: int, **amounts: Any):
+    """The :data:`Flops` of an op that only selects tokens (sorting and gathering count zero)."""
+    return n * 0
+
+
+@dataclass(frozen=True)
 class Amount:
     """One amount field a stage may give: ``name`` (a Stage keyword), an integer or a float,
     ``check(value) -> bool`` on finite numbers, ``valid`` the valid values in words, ``meaning``
@@ -162,6 +186,8 @@ class OpSpec:
       samples, for the located spaces and ``mixed``; a field without one is never sampled (an
       option then stays at its default).
     mixed: whether ``mixed`` may choose this op for an overriding block.
+    flops: the multiply-adds its reduce function computes (:data:`Flops`); None when not declared,
+      and then the GFLOPs of a plan with it are traced with fvcore instead of counted.
     """
 
     name: str
@@ -175,6 +201,7 @@ class OpSpec:
     needs: frozenset[str] = frozenset()
     grids: Mapping[str, Grid | Choice] = field(default_factory=dict)
     mixed: bool = True
+    flops: Flops | None = None
 
     def __post_init__(self) -> None:
         where = f"op {self.name!r}"

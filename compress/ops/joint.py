@@ -51,6 +51,11 @@ def joint_merge_prune(x, size, score, metric, prefix: int, mass: float, sim: flo
     return compact(x, size, size > 0)
 
 
+def flops(n, dims, prefix: int, **amounts):
+    """Every token's similarity to every token on the D-wide keys: n * n * D."""
+    return n * n * dims.head_dim
+
+
 def reduce(x, size, info, prefix: int, mass: float, sim: float):
     return joint_merge_prune(x, size, info["score"], info["keys"], prefix, mass=mass, sim=sim)
 
@@ -59,4 +64,4 @@ SPEC = register(OpSpec(
     name="joint", summary="keep the critical tokens; merge each other token into a similar one, or prune it",
     source="JMP (joint merging and pruning)", amounts=((MASS,), (SIM,)), scores=("cls_attn", "head_weighted"),
     reduce=reduce, per_image=True, needs=frozenset({"keys"}),
-    grids={"mass": Grid(0.7, 1.0, 0.05), "sim": Grid(0.0, 1.0, 0.05)}))
+    grids={"mass": Grid(0.7, 1.0, 0.05), "sim": Grid(0.0, 1.0, 0.05)}, flops=flops))

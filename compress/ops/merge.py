@@ -42,6 +42,11 @@ def bipartite_merge(x, size, metric, prefix: int, keep: float | None = None, r: 
     return compact(x[:, order], size[:, order], size[:, order] > 0)
 
 
+def flops(n, dims, prefix: int, **amounts):
+    """The similarities of set A (ceil(n / 2) tokens) to set B (floor(n / 2)) on the D-wide keys."""
+    return (n + 1) // 2 * (n // 2) * dims.head_dim
+
+
 def reduce(x, size, info, prefix: int, keep: float | None = None, r: int | None = None, fuse: str = "average"):
     return bipartite_merge(x, size, info["keys"], prefix, keep=keep, r=r, fuse=fuse)
 
@@ -49,4 +54,4 @@ def reduce(x, size, info, prefix: int, keep: float | None = None, r: int | None 
 SPEC = register(OpSpec(
     name="merge", summary="merge the most similar token pairs of a bipartite split (size-weighted)",
     source="ToMe (Bolya et al., ICLR 2023); fuse: ToFu (Kim et al., WACV 2024)", amounts=((KEEP, R),),
-    scores=("keys",), reduce=reduce, options=(FUSE,), needs=frozenset({"keys"}), grids={"r": Grid(1, 20, 1)}))
+    scores=("keys",), reduce=reduce, options=(FUSE,), needs=frozenset({"keys"}), grids={"r": Grid(1, 20, 1)}, flops=flops))

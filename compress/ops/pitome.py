@@ -51,6 +51,11 @@ def pitome_merge(x, size, metric, prefix: int, margin: float, keep: float | None
     return compact(x, size, size > 0)
 
 
+def flops(n, dims, prefix: int, **amounts):
+    """The energy's similarities of every token to every token on the D-wide keys: n * n * D."""
+    return n * n * dims.head_dim
+
+
 def reduce(x, size, info, prefix: int, margin: float, keep: float | None = None, r: int | None = None,
            fuse: str = "average"):
     return pitome_merge(x, size, info["keys"], prefix, margin, keep=keep, r=r, fuse=fuse)
@@ -59,4 +64,5 @@ def reduce(x, size, info, prefix: int, margin: float, keep: float | None = None,
 SPEC = register(OpSpec(
     name="pitome", summary="merge the highest-energy tokens (large clusters) in pairs; protect distinct ones",
     source="PiToMe (Tran et al., NeurIPS 2024)", amounts=((KEEP, R), (MARGIN,)), scores=("keys",), reduce=reduce,
-    options=(FUSE,), needs=frozenset({"keys"}), grids={"r": Grid(1, 20, 1), "margin": Grid(0.0, 0.75, 0.05)}))
+    options=(FUSE,), needs=frozenset({"keys"}), grids={"r": Grid(1, 20, 1), "margin": Grid(0.0, 0.75, 0.05)},
+    flops=flops))

@@ -1,7 +1,7 @@
 """``prune``: keep the top patch tokens by score and drop the rest (DynamicViT's inference form)."""
 from __future__ import annotations
 
-from paretoken.compress.ops.base import KEEP, KEEP_GRID, R, OpSpec, register
+from paretoken.compress.ops.base import KEEP, KEEP_GRID, R, OpSpec, no_flops, register
 
 
 def prune(x, size, score, prefix: int, keep: float | None = None, r: int | None = None):
@@ -19,4 +19,4 @@ def reduce(x, size, info, prefix: int, keep: float | None = None, r: int | None 
 SPEC = register(OpSpec(
     name="prune", summary="keep the top patch tokens by score, drop the rest",
     source="DynamicViT (Rao et al., NeurIPS 2021)", amounts=((KEEP, R),),
-    scores=("cls_attn", "head_weighted", "predictor"), reduce=reduce, grids={"keep": KEEP_GRID}))
+    scores=("cls_attn", "head_weighted", "predictor"), reduce=reduce, grids={"keep": KEEP_GRID}, flops=no_flops))

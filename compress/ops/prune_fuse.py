@@ -26,6 +26,11 @@ def prune_fuse(x, size, score, prefix: int, keep: float | None = None, r: int | 
     return compact(x, size, torch.cat([kept, fused_size > 0], dim=1))
 
 
+def flops(n, dims, prefix: int, **amounts):
+    """The fused token's weighted sum over every token: n * C."""
+    return n * dims.dim
+
+
 def reduce(x, size, info, prefix: int, keep: float | None = None, r: int | None = None):
     return prune_fuse(x, size, info["score"], prefix, keep=keep, r=r)
 
@@ -33,4 +38,4 @@ def reduce(x, size, info, prefix: int, keep: float | None = None, r: int | None 
 SPEC = register(OpSpec(
     name="prune_fuse", summary="keep the top patch tokens by score, fuse the rest into one token",
     source="EViT (Liang et al., ICLR 2022)", amounts=((KEEP, R),),
-    scores=("cls_attn", "head_weighted", "predictor"), reduce=reduce, grids={"keep": KEEP_GRID}))
+    scores=("cls_attn", "head_weighted", "predictor"), reduce=reduce, grids={"keep": KEEP_GRID}, flops=flops))

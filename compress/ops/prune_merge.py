@@ -50,6 +50,15 @@ def prune_merge(x, size, score, prefix: int, pruned: int, merged: int, fuse: str
     return compact(x, size, size > 0)
 
 
+def flops(n, dims, prefix: int, pruned: int, merged: int, **options):
+    """The similarities of the m merging tokens to the k - m they may merge into, on the C-wide features."""
+    from paretoken.compress.tokens import count_to_keep
+
+    k = count_to_keep(n - prefix, r=pruned)
+    m = (k - 1).clamp(max=merged)
+    return m * (k - m) * dims.dim
+
+
 def reduce(x, size, info, prefix: int, pruned: int, merged: int, fuse: str = "average"):
     return prune_merge(x, size, info["score"], prefix, pruned, merged, fuse=fuse)
 
@@ -57,4 +66,4 @@ def reduce(x, size, info, prefix: int, pruned: int, merged: int, fuse: str = "av
 SPEC = register(OpSpec(
     name="prune_merge", summary="prune the lowest-scoring tokens, then merge the next lowest into similar ones",
     source="DiffRate (Chen et al., ICCV 2023)", amounts=((PRUNED,), (MERGED,)), scores=("cls_attn", "head_weighted"),
-    reduce=reduce, options=(FUSE,), grids={"pruned": Grid(0, 24, 2), "merged": Grid(0, 24, 2)}))
+    reduce=reduce, options=(FUSE,), grids={"pruned": Grid(0, 24, 2), "merged": Grid(0, 24, 2)}, flops=flops))

@@ -1,7 +1,7 @@
 """``threshold``: AS-ViT's adaptive pruning; keep the tokens whose score exceeds a threshold."""
 from __future__ import annotations
 
-from paretoken.compress.ops.base import Amount, Grid, OpSpec, register
+from paretoken.compress.ops.base import Amount, Grid, OpSpec, no_flops, register
 
 THRESHOLD = Amount("threshold", False, lambda v: v > 0.0, "threshold > 0",
                    "score relative to uniform (score * patch tokens) above which a token is kept")
@@ -33,4 +33,4 @@ def reduce(x, size, info, prefix: int, threshold: float):
 SPEC = register(OpSpec(
     name="threshold", summary="keep the patch tokens whose score relative to uniform exceeds a threshold",
     source="AS-ViT (Liu et al., 2022)", amounts=((THRESHOLD,),), scores=("head_weighted", "cls_attn"),
-    reduce=reduce, per_image=True, grids={"threshold": Grid(0.1, 1.2, 0.05)}))
+    reduce=reduce, per_image=True, grids={"threshold": Grid(0.1, 1.2, 0.05)}, flops=no_flops))

@@ -31,6 +31,8 @@ MODEL_DEFAULTS = {
              "pretrained": "the plan's meta where no --checkpoint is given",
              "data": "the plan's meta, else /usr/share/datasets/fashion-mnist"},
 }
+FLOPS_HELP = ("how GFLOPs are measured: count (from every image's token counts, exact to fvcore's trace) "
+              "or trace (fvcore; per-image plans: the mean of the first images, each traced alone) [count]")
 DEVICE_HELP = "cpu, cuda, cuda:N or auto (cuda where present, else cpu) [auto]"
 STORAGE_HELP = ("Optuna storage: sqlite:///FILE.db, journal:FILE (several processes on one host) or "
                 "postgresql://USER@HOST/DB [sqlite:///studies/NAME.db]")
@@ -58,6 +60,10 @@ def add_model_flags(parser, *, defaults: str = "own") -> None:
     parser.add_argument("--pretrained", action="store_true", help=helped("pretrained"))
     parser.add_argument("--data", metavar="DIR", help=helped("data"))
     add_device_flag(parser)
+
+
+def add_flops_flag(parser) -> None:
+    parser.add_argument("--flops", default="count", choices=("count", "trace"), help=FLOPS_HELP)
 
 
 def add_device_flag(parser) -> None:

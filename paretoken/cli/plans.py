@@ -11,7 +11,7 @@ import math
 import os
 
 from paretoken import argtypes
-from paretoken.cli.flags import add_batch_size_flag, add_json_flag, add_model_flags
+from paretoken.cli.flags import add_batch_size_flag, add_flops_flag, add_json_flag, add_model_flags
 from paretoken.errors import ParetokenError
 from paretoken.jsonvalues import json_ready
 from paretoken.outputs import PLAN_SUFFIXES, check_output
@@ -79,7 +79,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
     model = create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained).to(device)
     images = load_split(args.data, model, "eval", n=args.images, seed=0)[0].to(device)
     paretoken.apply(model, plan)
-    gflops = paretoken.count_flops(model, images, max_images=args.images)
+    gflops = paretoken.count_flops(model, images, max_images=args.images, method=args.flops)
     with torch.no_grad():
         model(images)
     counts = paretoken.token_counts(model).float()
@@ -103,7 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = device_name(args.device)
     config = EvalConfig(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
                         images=args.images, device=device, batch_size=args.batch_size, seed=args.seed,
-                        skip=args.skip)
+                        skip=args.skip, flops=args.flops)
     metrics = evaluate(plan, config)
     env = environment(device)
     if args.json:
@@ -171,6 +171,7 @@ def add_plan_parsers(sub) -> None:
     _plan_args(p)
     p.add_argument("--images", type=argtypes.positive_int, default=8,
                    help="images to count on (per-image plans average them) [8]")
+    add_flops_flag(p)
     add_json_flag(p)
     p.set_defaults(func=cmd_flops)
 
@@ -183,6 +184,7 @@ def add_plan_parsers(sub) -> None:
     p.add_argument("--skip", type=argtypes.non_negative_int, default=0, metavar="K",
                    help="pass over the first K images of the seeded order: with K = a search's --images, "
                         "images the search never saw [0]")
+    add_flops_flag(p)
     add_json_flag(p)
     p.set_defaults(func=cmd_eval)
 

@@ -10,8 +10,8 @@ import json
 
 from paretoken import argtypes
 from paretoken.cli import flags
-from paretoken.cli.flags import (add_batch_size_flag, add_budget_flags, add_json_flag, add_model_flags,
-                                 add_objectives_flag, add_plot_flag, add_study_flags)
+from paretoken.cli.flags import (add_batch_size_flag, add_budget_flags, add_flops_flag, add_json_flag,
+                                 add_model_flags, add_objectives_flag, add_plot_flag, add_study_flags)
 from paretoken.outputs import PLOT_SUFFIXES, check_output
 from paretoken.search.storage import MAX_HEARTBEAT_S, study_storage
 
@@ -29,8 +29,9 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
     add_model_flags(g)
     g.add_argument("--images", type=argtypes.positive_int, default=500, help="evaluation images per trial [500]")
     add_batch_size_flag(g)
+    add_flops_flag(g)
     g.add_argument("--flops-images", type=argtypes.positive_int, default=16,
-                   help="images whose GFLOPs are averaged for plans with per-image token counts [16]")
+                   help="--flops trace: images whose GFLOPs are averaged for plans with per-image token counts [16]")
     g.add_argument("--no-speed", action="store_true",
                    help="skip throughput/latency timing (img_per_s, latency_ms, speedup are then not recorded)")
     g = p.add_argument_group("search")
@@ -81,7 +82,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else (2 if args.backend == "ray" else 1)
     config = EvalConfig(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
                         images=args.images, batch_size=min(args.batch_size, args.images),
-                        flops_images=min(args.flops_images, args.images),
+                        flops=args.flops, flops_images=min(args.flops_images, args.images),
                         device=device_name(args.device), speed=not args.no_speed)
     budgets = flags.budgets(args)
     if args.plot:  # before the search, not after
