@@ -275,7 +275,7 @@ def test_a_study_made_before_counted_flops_is_resumed_with_traced_ones():
     from paretoken.errors import ParetokenError
     from paretoken.search.opening import check_settings
 
-    legacy = {"space": "mixed", "measurement": {"model": "default", "images": 500, "flops_images": 16}}
+    legacy = {"space": "tome", "measurement": {"model": "default", "images": 500, "flops_images": 16}}
     counted = {**legacy, "measurement": {**legacy["measurement"], "flops": "count"}}
     with pytest.raises(ParetokenError, match="measures with flops 'trace', not 'count'; pass the same --flops"):
         check_settings("old", legacy, counted)
