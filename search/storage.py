@@ -11,6 +11,7 @@ that cannot be opened is one :class:`ParetokenError` line with the password hidd
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import re
 import time
@@ -79,11 +80,14 @@ def storage_file(url: str) -> Path | None:
 
 def _check_sqlite_file(path: Path, create: bool) -> None:
     """One-line error unless ``path`` is an Optuna SQLite database, or (``create``) an empty file:
-    Optuna would add its tables to another program's database."""
+    Optuna would add its tables to another program's database. Read without creating anything, but
+    read-write where the file allows it: a process killed mid-write (SIGKILL) leaves a hot journal
+    that SQLite must roll back before anyone can read the database."""
     import sqlite3
 
+    mode = "rw" if os.access(path, os.W_OK) else "ro"
     try:
-        with contextlib.closing(sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)) as db:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode={mode}", uri=True)) as db:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.Error as exc:
         raise ParetokenError(f"storage: {str(path)!r} is not a SQLite database ({exc}); "

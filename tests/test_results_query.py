@@ -173,6 +173,25 @@ def test_sqlite_files_read_where_they_are_and_no_other(tmp_path):
     assert empty.stat().st_size == 0
 
 
+def test_a_database_left_mid_write_by_a_killed_process_reads(tmp_path):
+    """SIGKILL during a write leaves a hot journal; the next reader rolls it back instead of refusing the file."""
+    path = tmp_path / "s.db"
+    make_study(f"sqlite:///{path}", "s", POINTS[:3], failed=0)
+    killed_mid_write = f"""
+import os, sqlite3
+db = sqlite3.connect({str(path)!r}, isolation_level=None)
+db.execute("PRAGMA cache_size=1")  # spill to the file before the commit that never comes
+db.execute("BEGIN")
+for i in range(2000):
+    db.execute("INSERT INTO study_user_attributes (study_id, key, value_json) VALUES (1, ?, ?)", (f"k{{i}}", "x" * 200))
+os._exit(0)
+"""
+    subprocess.run([sys.executable, "-c", killed_mid_write], check=True)
+    assert (tmp_path / "s.db-journal").stat().st_size > 0
+    df = query.load("s", f"sqlite:///{path}")
+    assert len(df) == 3 and not any(key.startswith("k") for key in df.attrs["user_attrs"])
+
+
 def test_journal_file_storage(tmp_path):
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 

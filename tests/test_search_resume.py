@@ -51,7 +51,7 @@ def snapshot(trial):
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_sigkill_then_the_same_command_resumes(kind, checkpoint, tmp_path):
     storage = f"sqlite:///{tmp_path}/k.db" if kind == "sqlite" else f"journal:{tmp_path}/k.log"
-    cmd = search_command("k", storage, checkpoint, TRIALS)
+    cmd = search_command("k", storage, checkpoint, TRIALS, images=160)  # trials long enough to be killed in one
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
