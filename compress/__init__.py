@@ -11,7 +11,8 @@ from paretoken.compress.ops import SCORES, OpSpec, get_op, op_names, register
 from paretoken.compress.plan import Plan, Stage, load_plan
 
 _LAZY = {name: "paretoken.compress.patch"
-         for name in ("applied_plan", "apply", "learn_thresholds", "learned_plan", "token_counts")}
+         for name in ("applied_plan", "apply", "learn_thresholds", "learned_plan", "token_counts",
+                      "token_slots")}
 
 
 def __getattr__(name: str):

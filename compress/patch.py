@@ -33,7 +33,9 @@ class TokenState:
 
     size: (B, N) patches per token (times the keep factor of learned stages in
     training), 0 for padding. counts: one (B,) tensor per block, the valid
-    tokens (prefix included) each image has after the block. soft: True once a
+    tokens (prefix included) each image has after the block. slots: per block,
+    the token slots the batch held after it (valid and padding, summed over the
+    sub-batches of :func:`forward_grouped`). soft: True once a
     learned stage has masked tokens in this forward (attention then weights keys
     by size, differentiably). kept: per learned stage of this forward,
     (stage, kept, before): the (B,) fractions of the input patch tokens alive
@@ -45,6 +47,7 @@ class TokenState:
         self.size: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
         self.counts: list[torch.Tensor] = []
+        self.slots: list[int] = []
         self.soft = False
         self.patches = 0
         self.kept: list[tuple[Stage, torch.Tensor, torch.Tensor]] = []
@@ -53,6 +56,7 @@ class TokenState:
         self.size = torch.ones(x.shape[:2], device=x.device)
         self.bias = None
         self.counts = []
+        self.slots = []
         self.soft = False
         self.patches = x.shape[1] - self.prefix
         self.kept = []
@@ -150,17 +154,26 @@ class PlanBlock(Block):
     _pt_prefix_only: bool = False
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        return self.feed_forward(self.attend(x))
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's first half: attention and its residual, then the block's stage (or, last in a
+        ``prefix_only_last`` plan, only the prefix tokens' attention)."""
         state = self._pt_state
         if self._pt_prefix_only:
             prefix = state.prefix
             x = x[:, :prefix] + self.drop_path1(self.ls1(self.attn(self.norm1(x), queries=prefix)))
             state.update(state.size[:, :prefix], x.dtype)
-        else:
-            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-            if self._pt_stage is not None:
-                x = self._reduce(self._pt_stage, x, state)
+            return x
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x if self._pt_stage is None else self._reduce(self._pt_stage, x, state)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's second half: the MLP and its residual; records the tokens and slots left."""
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        state = self._pt_state
         state.counts.append((state.size > 0).sum(dim=1))
+        state.slots.append(x.shape[0] * x.shape[1])
         return x
 
     def _reduce(self, stage: Stage, x: torch.Tensor, state: TokenState) -> torch.Tensor:
@@ -195,9 +208,13 @@ class PlanModel:
         x = self.patch_drop(x)
         x = self.norm_pre(x)
         self._pt_state.start(x)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
+        if self.training or not self._pt_plan.per_image:
+            for blk in self.blocks:
+                x = blk(x)
+            return self.norm(x)
+        from paretoken.compress.grouping import forward_grouped
+
+        return forward_grouped(self, x)
 
 
 _PATCHED_CLASSES: dict[type, type] = {}
@@ -328,6 +345,12 @@ def token_counts(model: torch.nn.Module) -> torch.Tensor:
     if not isinstance(model, PlanModel) or not model._pt_state.counts:
         raise ParetokenError("model: no token counts; apply a plan and run a forward pass first")
     return torch.stack(model._pt_state.counts, dim=1)
+
+
+def token_slots(model: torch.nn.Module) -> list[int]:
+    """Per block, the token slots (valid and padding) the last forward's batch held after it."""
+    token_counts(model)  # the same error without a forward
+    return list(model._pt_state.slots)
 
 
 def applied_plan(model: torch.nn.Module) -> Plan | None:

@@ -111,3 +111,21 @@ def merge_into(x, size, src: torch.Tensor, dst: torch.Tensor, fuse: str = "avera
         scale = largest / out.float().norm(dim=-1).clamp(min=torch.finfo(torch.float32).tiny)
         out = torch.where(received[..., None], out * scale[..., None].to(x.dtype), out)
     return out, size
+
+
+def padding_groups(counts: torch.Tensor, tolerance: float) -> list[torch.Tensor]:
+    """Split a batch by its token counts (B,) into groups (index tensors into the batch) in which
+    padding, the slots a shorter image leaves empty beside the group's widest, is at most
+    ``tolerance`` of the group's slots. Images are taken widest first; each group is the longest run
+    of them, from the widest not yet taken, within the tolerance."""
+    order = torch.argsort(counts, descending=True, stable=True)
+    ordered = counts[order].tolist()
+    groups, start, empty = [], 0, 0
+    for end, count in enumerate(ordered):
+        gap = ordered[start] - count
+        if end > start and (empty + gap) > tolerance * ordered[start] * (end - start + 1):
+            groups.append(order[start:end])
+            start, empty, gap = end, 0, 0
+        empty += gap
+    groups.append(order[start:])
+    return groups

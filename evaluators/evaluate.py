@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 import torch.nn.functional as F
 
-from paretoken.compress import Plan, applied_plan, apply, token_counts
+from paretoken.compress import Plan, applied_plan, apply, token_counts, token_slots
 from paretoken.errors import ParetokenError
 from paretoken.evaluators.data import load_split
 from paretoken.evaluators.flop_model import countable, flop_model
@@ -156,9 +156,9 @@ def _forward_all(model, images, batch_size, paired: Sequence[int] = ()) -> _Pass
         seconds.append(elapsed)
         counts = token_counts(model)  # (b, depth)
         all_counts.append(counts.cpu())
-        widest = counts.max(dim=0).values
-        slots += int(widest.sum()) * len(batch)
-        padding += int((widest - counts).sum())
+        batch_slots = sum(token_slots(model))
+        slots += batch_slots
+        padding += batch_slots - int(counts.sum())
         if k in paired and not base_first:
             base_seconds.append(_base_seconds(model, batch, plan))
     return _Pass(torch.cat(outs), seconds, base_seconds, 100.0 * padding / max(slots, 1), peak, torch.cat(all_counts))
