@@ -267,3 +267,39 @@ def test_a_mixed_study_is_resumed_with_the_ops_it_was_made_with():
     check_settings("new", now, now)
     with pytest.raises(ParetokenError, match="created with ops"):
         check_settings("new", now, {**now, "ops": ["merge", "pitome"]})
+
+
+def test_sigkill_mid_rung_resumes_the_trial_at_its_rung(tmp_path):
+    """Successive halving on a journal file: a trial killed between rungs goes on, in its retry, after
+    the rungs it finished; they are carried, not measured again."""
+    storage = f"journal:{tmp_path}/h.log"
+    cmd = [sys.executable, "-m", "paretoken.cli", "search", "--study", "h", "--storage", storage, "--space", "evit",
+           "--trials", "4", "--model", "default", "--images", "32", "--min-images", "8", "--eta", "2",
+           "--batch-size", "32", "--no-speed", "--heartbeat", "1", "--seed", "0"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def mid_rung():
+            return any(t.state.name == "RUNNING" and t.user_attrs.get("rungs")
+                       for t in load("h", storage).get_trials(deepcopy=False))
+
+        wait_until(mid_rung, 120, proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+    killed = next(t for t in load("h", storage).get_trials() if t.state.name == "RUNNING")
+    carried = killed.user_attrs["rungs"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    after = load("h", storage).get_trials()
+    assert after[killed.number].state.name == "FAIL" and "error" not in after[killed.number].user_attrs
+    retry = next(t for t in after if t.user_attrs.get("retry_of") == killed.number)
+    assert retry.state.name == "COMPLETE" and retry.user_attrs["rungs"][:len(carried)] == carried
+    if retry.user_attrs.get("preset"):  # presets run every rung: the retry measured only the rungs left
+        assert [e["images"] for e in retry.user_attrs["rungs"]] == [8, 16, 32] and retry.user_attrs["images"] == 32
+    assert f"[re-run of trial {killed.number}]" in out.stdout
+    done = [t for t in after if t.state.name == "COMPLETE"]
+    assert len(done) == 4 and not [t for t in after if t.state.name in ("RUNNING", "WAITING")]
