@@ -3,6 +3,7 @@ brute-force formulation, and a real search on the default model whose rungs, met
 holdout are checked against single-fidelity evaluations of the same plans."""
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -138,7 +139,9 @@ def test_a_halving_search_measures_each_rung_on_its_new_images_only(searched):
     assert "rungs 8:8 16:" in [line for line in lines if line.startswith("trial    7 ")][-1]
 
 
-def test_front_export_holdout_and_hypervolume_count_only_full_fidelity(searched):
+def test_front_export_holdout_and_hypervolume_count_only_full_fidelity(searched, tmp_path, capsys):
+    from paretoken.cli import main
+
     result = searched[0]
     df = query.trials_frame(result.study)
     stopped = set(df.loc[~df["full_fidelity"], "number"])
@@ -151,6 +154,17 @@ def test_front_export_holdout_and_hypervolume_count_only_full_fidelity(searched)
     assert query.best(df, "gflops")["number"] not in stopped
     with pytest.raises(ParetokenError, match=r"export: trial \d+ was measured on (8|16) images only"):
         export.choose_trial(df, trial=min(stopped))
+    # the command line says so too
+    assert main(["front", "--study", "h", "--storage", result.storage, "--json"]) == 0
+    front = json.loads(capsys.readouterr().out)["front"]
+    assert {row["number"] for row in front} == set(query.front(full)["number"])
+    assert main(["front", "--study", "h", "--storage", result.storage]) == 0
+    assert f"{len(stopped)} stopped by successive halving below the full rung" in capsys.readouterr().out
+    out = str(tmp_path / "p.yaml")
+    assert main(["export", "--study", "h", "--storage", result.storage, "--trial", str(min(stopped)), "--out", out]) == 2
+    assert "successive halving stopped it" in capsys.readouterr().err
+    assert main(["export", "--study", "h", "--storage", result.storage, "--best", "--out", out]) == 0
+    assert paretoken.load_plan(out).meta["eval"]["images"] == 32
 
 
 def test_a_halving_study_is_resumed_with_its_min_images_and_eta(searched):

@@ -43,6 +43,19 @@ def wait_until(predicate, timeout, proc=None):
     raise AssertionError("timed out")
 
 
+def sigkill_when(predicate, cmd, cwd, env, timeout=120):
+    """Run ``cmd`` and SIGKILL it once ``predicate()`` holds."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(predicate, timeout, proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+
+
 def snapshot(trial):
     return (trial.number, trial.state.name, trial.values, trial.params, trial.user_attrs.get("plan"),
             trial.datetime_complete)
@@ -53,20 +66,12 @@ def test_sigkill_then_the_same_command_resumes(kind, checkpoint, tmp_path):
     storage = f"sqlite:///{tmp_path}/k.db" if kind == "sqlite" else f"journal:{tmp_path}/k.log"
     cmd = search_command("k", storage, checkpoint, TRIALS)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        def mid_trial():
-            trials = load("k", storage).get_trials(deepcopy=False)
-            states = [t.state.name for t in trials]
-            return states.count("COMPLETE") >= 3 and "RUNNING" in states
+    def mid_trial():
+        trials = load("k", storage).get_trials(deepcopy=False)
+        states = [t.state.name for t in trials]
+        return states.count("COMPLETE") >= 3 and "RUNNING" in states
 
-        wait_until(mid_trial, 120, proc)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stdout.close()
+    sigkill_when(mid_trial, cmd, tmp_path, env)
 
     before = load("k", storage).get_trials()
     finished = {t.number: snapshot(t) for t in before if t.state.is_finished()}
@@ -277,19 +282,11 @@ def test_sigkill_mid_rung_resumes_the_trial_at_its_rung(tmp_path):
            "--trials", "4", "--model", "default", "--images", "32", "--min-images", "8", "--eta", "2",
            "--batch-size", "32", "--no-speed", "--heartbeat", "1", "--seed", "0"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        def mid_rung():
-            return any(t.state.name == "RUNNING" and t.user_attrs.get("rungs")
-                       for t in load("h", storage).get_trials(deepcopy=False))
+    def mid_rung():
+        return any(t.state.name == "RUNNING" and t.user_attrs.get("rungs")
+                   for t in load("h", storage).get_trials(deepcopy=False))
 
-        wait_until(mid_rung, 120, proc)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stdout.close()
+    sigkill_when(mid_rung, cmd, tmp_path, env)
     killed = next(t for t in load("h", storage).get_trials() if t.state.name == "RUNNING")
     carried = killed.user_attrs["rungs"]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
