@@ -142,6 +142,10 @@ def choose_trial(df, trial: int | None = None, best: bool = False, budgets: Budg
     if row["state"] != "COMPLETE":
         why = f" ({row['error']})" if isinstance(row.get("error"), str) else ""
         raise ParetokenError(f"export: trial {trial} is {row['state']}{why}; export a COMPLETE trial")
+    if not row.get("full_fidelity", True):
+        raise ParetokenError(f"export: trial {trial} was measured on {row['images']:.0f} images only (successive "
+                             "halving stopped it below the full rung); valid: a full-fidelity trial, as "
+                             "`paretoken front` lists them")
     return row
 
 

@@ -49,6 +49,8 @@ def _parts(df: pd.DataFrame, objectives, budgets: Budgets | None):
         raise ParetokenError("plot: needs at least two objectives (the first is drawn on y, the second on x)")
     x, y = objectives[1], objectives[0]
     done = df[(df["state"] == "COMPLETE") & df[x].notna() & df[y].notna()]
+    if "full_fidelity" in done.columns:  # successive halving: plans stopped below the full rung are not drawn
+        done = done[done["full_fidelity"]]
     fr = query.front(df, objectives, budgets).sort_values(x)
     rest = done.drop(index=fr.index)
     presets = query.preset_rows(done) if "preset" in done.columns else done.iloc[:0]

@@ -137,7 +137,7 @@ def hypervolume(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJE
 
 def hypervolume_history(df: pd.DataFrame, objectives: Sequence[str] | str = DEFAULT_OBJECTIVES,
                         reference: Mapping[str, float] | Sequence[float] | None = None) -> pd.DataFrame:
-    """Hypervolume after each trial (COMPLETE and feasible ones count), in trial-number order:
+    """Hypervolume after each trial (COMPLETE, full-fidelity and feasible ones count), in trial-number order:
     columns number, state, hypervolume."""
     objectives = _check_objectives(objectives, df)
     if reference is None:
@@ -146,6 +146,8 @@ def hypervolume_history(df: pd.DataFrame, objectives: Sequence[str] | str = DEFA
     ordered = df.sort_values("number")
     points = losses(ordered, objectives)
     complete = (ordered["state"] == "COMPLETE").to_numpy()
+    if "full_fidelity" in ordered.columns:  # successive halving: trials stopped below the full rung do not count
+        complete = complete & ordered["full_fidelity"].astype(bool).to_numpy()
     if "feasible" in ordered.columns:
         complete = complete & ordered["feasible"].astype(bool).to_numpy()
     values, current, seen = [], 0.0, []

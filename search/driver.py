@@ -6,6 +6,10 @@ A trial whose plan a COMPLETE trial measured already takes that trial's values (
 one whose plan a worker is measuring waits for it. A trial that raises is recorded FAIL with its
 ``error`` and the search goes on; a worker that cannot set up (``setup_error``) stops the search once
 the results at hand are recorded, its trial's plan enqueued again.
+
+With successive halving (``rungs``) a trial is measured rung by rung on the new images of each
+(:mod:`paretoken.search.halving`): after each rung it is promoted, or told COMPLETE with that rung's
+values and user attr ``images`` below the study's, so the samplers learn from it as a low-fidelity point.
 """
 from __future__ import annotations
 
@@ -15,10 +19,13 @@ import math
 import time
 from typing import Any, Callable
 
+import numpy as np
+
 from paretoken.compress.plan import Plan, plan_as_run
 from paretoken.errors import ParetokenError
 from paretoken.evaluators.metrics import Budgets
-from paretoken.search import record
+from paretoken.jsonvalues import json_ready
+from paretoken.search import halving, pareto, record
 from paretoken.search import study as st
 from paretoken.search.executors import Executor
 from paretoken.search.lifecycle import Beater, CtrlC, Liveness, requeue
@@ -41,8 +48,11 @@ def resolve_plan(trial, space, depth: int) -> Plan:
 
 def _stored_result(trial) -> dict[str, Any]:
     """A COMPLETE trial's metrics as a worker reports them (null, i.e. not measured, back to NaN)."""
-    return {"metrics": record.stored_metrics(trial.user_attrs), record.DEVICE: trial.user_attrs.get(record.DEVICE),
-            record.DURATION_S: 0.0}
+    result = {"metrics": record.stored_metrics(trial.user_attrs), record.DEVICE: trial.user_attrs.get(record.DEVICE),
+              record.DURATION_S: 0.0}
+    if record.IMAGES in trial.user_attrs:  # measured on that many images (successive halving)
+        result[record.IMAGES] = trial.user_attrs[record.IMAGES]
+    return result
 
 
 class LoopState:
@@ -51,19 +61,25 @@ class LoopState:
     workers are measuring, and what it printed (:class:`~paretoken.search.report.Progress`).
 
     ``space``: a space of :mod:`paretoken.spaces`; ``depth``: blocks of the model; ``config``: the
-    EvalConfig as the dict a worker receives; ``log``: receives the lines."""
+    EvalConfig as the dict a worker receives; ``log``: receives the lines; ``rungs`` and ``eta``: the
+    successive-halving schedule (images per rung) and its keep fraction 1/eta, None without it."""
 
     def __init__(self, study, space, depth: int, objectives: tuple[str, ...], n_trials: int, budgets: Budgets,
-                 config: dict[str, Any], log: Callable[[str], None]) -> None:
+                 config: dict[str, Any], log: Callable[[str], None], rungs: tuple[int, ...] | None = None,
+                 eta: int | None = None) -> None:
         self.study, self.space, self.depth, self.objectives = study, space, depth, objectives
         self.n_trials, self.budgets, self.config, self.log = n_trials, budgets, config, log
+        self.rungs, self.eta = rungs, eta
+        self.plans: dict[int, dict[str, Any]] = {}  # halving: trial number -> its plan, for its next rungs
+        self.entries: dict[int, list[dict[str, Any]]] = {}  # halving: trial number -> the rungs it finished
+        self.last: dict[int, dict[str, Any]] = {}  # halving: trial number -> its worker's last result
         self.in_flight: dict[int, Any] = {}
         self.measuring: dict[Plan, int] = {}  # plan as run -> number of the trial a worker measures it in
         self.waiting: dict[int, list[tuple[Any, dict[str, Any]]]] = {}  # that number -> (trial, plan) waiting for it
         self.runs: dict[int, Plan | None] = {}  # COMPLETE trial number -> its plan as run (see plan_as_run)
         self.stopping: str | None = None  # why the search stops once the results at hand are recorded
         self.ran = 0
-        self.progress = Progress(study, objectives, n_trials, log)
+        self.progress = Progress(study, objectives, n_trials, log, rungs)
 
     def launch(self, executor: Executor, liveness: Liveness, beater: Beater) -> None:
         """Ask for one trial and :meth:`dispatch` its plan; a trial whose plan cannot be built fails here."""
@@ -93,8 +109,75 @@ class LoopState:
         if run in self.measuring:
             self.waiting.setdefault(self.measuring[run], []).append((trial, plan))
             return
-        executor.submit(trial.number, plan, self.config)
         self.measuring[run] = trial.number
+        if self.rungs is None:
+            executor.submit(trial.number, plan, self.config)
+            return
+        self.plans[trial.number] = plan
+        self.entries[trial.number] = list(trial.user_attrs.get(record.RUNGS) or [])  # a retry's finished rungs
+        if self.entries[trial.number]:
+            self.advance(trial, executor, beater)
+        else:
+            executor.submit(trial.number, plan, halving.slice_config(self.config, self.rungs, 0))
+
+    def receive(self, number: int, result: dict[str, Any], executor: Executor, beater: Beater) -> None:
+        """A worker's result for trial ``number``: told (:meth:`finish`), or with successive halving its
+        rung recorded on the trial (``rungs``, ``images``) and the trial promoted or told (:meth:`advance`)."""
+        import optuna
+
+        trial = self.in_flight.get(number)
+        if trial is not None and self.rungs is not None and "metrics" in result:
+            entries = self.entries[number]
+            seen = entries[-1]["images"] if entries else 0
+            images = self.rungs[len(entries)]
+            metrics = halving.combine(record.stored_metrics(entries[-1]["metrics"]) if entries else None, seen,
+                                      result["metrics"], images - seen)
+            entry = {"images": images, "metrics": json_ready(metrics),
+                     record.DURATION_S: result.get(record.DURATION_S) or 0.0}
+            result = {**result, "metrics": metrics, record.IMAGES: images,
+                      record.DURATION_S: sum(e[record.DURATION_S] or 0.0 for e in [*entries, entry])}
+            if not nan_objectives(metrics, self.objectives):  # else told FAIL below
+                try:
+                    trial.set_user_attr(record.RUNGS, [*entries, entry])
+                    trial.set_user_attr(record.IMAGES, images)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    pass  # failed as stale meanwhile: finish() says so
+                else:
+                    entries.append(entry)
+                    self.last[number] = result
+                    self.advance(trial, executor, beater)
+                    return
+        if trial is not None:
+            self.finish(trial, result, beater)
+        self.settle(number, executor, beater)
+
+    def advance(self, trial, executor: Executor, beater: Beater) -> None:
+        """After a trial's latest rung: hand the next rung's new images to a worker when the trial is
+        promoted (a preset, the uncompressed model included, always is: they are the front's yardsticks
+        and the hypervolume's reference), else tell it COMPLETE with the rung's values."""
+        number, entries, rungs = trial.number, self.entries[trial.number], self.rungs
+        k, images = len(entries) - 1, entries[-1]["images"]
+        metrics = record.stored_metrics(entries[-1]["metrics"])
+        if k + 1 < len(rungs):
+            if trial.user_attrs.get(record.PRESET):
+                why = "a preset: measured on every rung"
+            else:
+                others = [m for n, m in halving.rung_trials(self.study.get_trials(deepcopy=False), images)
+                          if n != number]
+                rows = [metrics, *others]
+                losses = pareto.as_losses([[m.get(o, math.nan) for o in self.objectives] for m in rows],
+                                          self.objectives)
+                penalty = np.array([halving.penalty(m, self.budgets) for m in rows])
+                why = (f"ranked among {len(rows)} plans on {images}"
+                       if halving.promoted(losses, penalty, 0, self.eta) else None)
+            if why is not None:
+                self.log(f"trial {number:4d} promoted to {rungs[k + 1]} of {rungs[-1]} images ({why})")
+                executor.submit(number, self.plans[number], halving.slice_config(self.config, rungs, k + 1))
+                return
+        total = sum(e.get(record.DURATION_S) or 0.0 for e in entries)
+        self.finish(trial, {**self.last.get(number, {}), "metrics": metrics, record.IMAGES: images,
+                            record.DURATION_S: total}, beater)
+        self.settle(number, executor, beater)
 
     def measured_before(self, run: Plan | None):
         """The first COMPLETE trial of the study that measured the plan ``run`` (as :func:`plan_as_run`
@@ -134,6 +217,8 @@ class LoopState:
         try:
             record.write_run(trial, result)
             record.write_metrics(trial, metrics)
+            if record.IMAGES in result:
+                trial.set_user_attr(record.IMAGES, result[record.IMAGES])
             if error is None:
                 bad = nan_objectives(metrics, self.objectives)
                 if bad:
@@ -178,6 +263,8 @@ class LoopState:
         """The trial is finished (by this process or a sweep): no more heartbeats, not in flight."""
         beater.discard(trial._trial_id)
         self.in_flight.pop(trial.number, None)
+        for held in (self.plans, self.entries, self.last):
+            held.pop(trial.number, None)
 
     def abandon(self) -> None:
         """On Ctrl-C or an error that stops the search: fail this process's running trials at once and
@@ -218,9 +305,6 @@ def drive(state: LoopState, executor: Executor, liveness: Liveness, beater: Beat
             time.sleep(poll_s)  # the rest of the target is running in other processes (or is stale)
             continue
         for number, result in executor.wait(poll_s):
-            trial = state.in_flight.get(number)
-            if trial is not None:
-                state.finish(trial, result, beater)
-            state.settle(number, executor, beater)
+            state.receive(number, result, executor, beater)
         if state.stopping:
             raise ParetokenError(state.stopping)

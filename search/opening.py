@@ -34,6 +34,11 @@ def check_settings(study_name: str, stored: Mapping[str, Any], wanted: Mapping[s
         if key in stored and stored[key] != wanted.get(key):
             raise ParetokenError(f"study: {study_name!r} was created with {key} {shown(stored[key])}, not "
                                  f"{shown(wanted[key])}; pass {flag} as before or start a new --study")
+    halving = [stored.get(k) for k in ("min_images", "eta")]  # none recorded: made without successive halving
+    if halving != [wanted.get(k) for k in ("min_images", "eta")]:
+        made = f"with --min-images {halving[0]} --eta {halving[1]}" if halving[0] else "without --min-images"
+        raise ParetokenError(f"study: {study_name!r} was created {made} (successive halving); pass the same "
+                             "--min-images and --eta, or start a new --study")
     from paretoken.evaluators.data import canonical_data
 
     wanted_measurement = record.measurement_of(wanted)
@@ -95,7 +100,9 @@ def open_study(options: SearchOptions, storage, sampler, log: Callable[[str], No
         f"resumed with {c0.complete} complete, {c0.failed} failed, {c0.interrupted} interrupted, "
         f"{c0.running} running, {c0.waiting} waiting")
         + f"; space {options.space.name}, objectives {','.join(objectives)}, sampler {options.sampler} "
-          f"(seed {options.seed}), target {options.n_trials} trials")
+          f"(seed {options.seed}), target {options.n_trials} trials"
+        + (f"; successive halving on {','.join(map(str, options.rungs))} images (top 1/{options.eta} promoted)"
+           if options.rungs else ""))
     return study
 
 

@@ -16,6 +16,7 @@ from paretoken.argtypes import MAX_SEED
 from paretoken.errors import ParetokenError, check_int
 from paretoken.evaluators.metrics import DIRECTIONS, Budgets
 from paretoken.search import record
+from paretoken.search.halving import check_halving, rung_schedule
 from paretoken.search.storage import MAX_HEARTBEAT_S, check_study_name, study_storage
 from paretoken.search.study import DEFAULT_OBJECTIVES, SAMPLERS, SPEED_OBJECTIVES, check_objectives
 
@@ -45,6 +46,8 @@ class SearchOptions:
     grace_s: int  # s
     poll_s: float  # s
     depth: int  # blocks of the evaluated model
+    min_images: int | None = None  # successive halving: images of the first rung (None: every trial on all)
+    eta: int | None = None  # successive halving: each rung keeps the top 1/eta; None without it
 
     @property
     def config_dict(self) -> dict[str, Any]:
@@ -60,7 +63,17 @@ class SearchOptions:
                                          self.depth, self.heartbeat_s, self.grace_s)
         if hasattr(self.space, "ops"):  # mixed: the ops its overriding blocks choose among
             settings["ops"] = list(self.space.ops)
+        if self.min_images is not None:
+            settings.update(min_images=self.min_images, eta=self.eta)
         return settings
+
+    @property
+    def rungs(self) -> tuple[int, ...] | None:
+        """Images of each successive-halving rung (:func:`~paretoken.search.halving.rung_schedule`); None
+        without successive halving."""
+        if self.min_images is None:
+            return None
+        return rung_schedule(self.min_images, self.eval_config.images, self.eta)
 
     @property
     def cpus(self) -> float:
@@ -81,7 +94,8 @@ def check_options(study: str, *, storage: str | None = None, space: str = "mixed
                   cpus_per_trial: float | None = None, gpus_per_trial: float | None = None,
                   budgets: Budgets | None = None, eval_config=None, seed: int = 0, presets: bool = True,
                   heartbeat_s: int = 10, grace_s: int | None = None, poll_s: float = 1.0,
-                  ops: Sequence[str] | str | None = None) -> SearchOptions:
+                  ops: Sequence[str] | str | None = None, min_images: int | None = None,
+                  eta: int | None = None) -> SearchOptions:
     """The checked :class:`SearchOptions` of :func:`~paretoken.search.run.run_search`'s keywords
     (defaults filled in: ``EvalConfig()``, ``Budgets()``, ``grace_s`` 3 heartbeats)."""
     from paretoken.evaluators.evaluate import EvalConfig, checked_config, device_name
@@ -104,6 +118,7 @@ def check_options(study: str, *, storage: str | None = None, space: str = "mixed
     _check_run(backend, workers, ray_address, n_trials, cpus_per_trial, gpus_per_trial, seed)
     budgets.check()
     _check_objectives_measured(objectives, config)
+    eta = check_halving(min_images, eta, config.images, objectives)
     check_int("heartbeat", heartbeat_s, 1, MAX_HEARTBEAT_S, note="seconds")
     grace_s = int(grace_s) if grace_s is not None else 3 * heartbeat_s
     if grace_s <= heartbeat_s:
@@ -113,7 +128,7 @@ def check_options(study: str, *, storage: str | None = None, space: str = "mixed
                          sampler=sampler, n_trials=n_trials, backend=backend, workers=workers,
                          ray_address=ray_address, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
                          budgets=budgets, eval_config=config, seed=seed, presets=presets, heartbeat_s=heartbeat_s,
-                         grace_s=grace_s, poll_s=poll_s, depth=model_depth(config))
+                         grace_s=grace_s, poll_s=poll_s, depth=model_depth(config), min_images=min_images, eta=eta)
 
 
 def _check_run(backend, workers, ray_address, n_trials, cpus_per_trial, gpus_per_trial, seed) -> None:

@@ -142,12 +142,11 @@ def reference_point(base: Mapping[str, float] | None, objectives: Sequence[str],
 
 
 def baseline(study) -> dict[str, float] | None:
-    """Metrics of the first COMPLETE trial of the uncompressed model (a plan that changes nothing)."""
-    from optuna.trial import TrialState
-
+    """Metrics of the first full-fidelity COMPLETE trial of the uncompressed model (a plan that changes
+    nothing)."""
     from paretoken.compress.plan import is_uncompressed
 
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    for t in full_fidelity_trials(study):
         if is_uncompressed(t.user_attrs.get(record.PLAN)):
             return {k: v for k, v in t.user_attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return None
@@ -159,14 +158,23 @@ def feasible(trial) -> bool:
     return all(v <= 0.0 for v in trial.constraints.values())
 
 
-def front_trials(study) -> list:
-    """The non-dominated feasible COMPLETE trials of ``study``, in trial order, less those that took the
-    values of another one on it (``same_plan_as``: the same plan, not measured again)."""
+def full_fidelity_trials(study) -> list:
+    """The COMPLETE trials of ``study`` measured on all its images (:func:`record.is_full_fidelity`:
+    every trial but those successive halving stopped below the full rung), in trial order."""
     from optuna.trial import TrialState
 
+    full = record.full_images(record.settings_of(study.user_attrs))
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if record.is_full_fidelity(t.user_attrs, full)]
+
+
+def front_trials(study) -> list:
+    """The non-dominated feasible full-fidelity COMPLETE trials of ``study`` (:func:`full_fidelity_trials`),
+    in trial order, less those that took the values of another one on it (``same_plan_as``: the same plan,
+    not measured again)."""
     from optuna.study import StudyDirection
 
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if feasible(t)]
+    done = [t for t in full_fidelity_trials(study) if feasible(t)]
     signs = np.array([-1.0 if d == StudyDirection.MAXIMIZE else 1.0 for d in study.directions])
     points = np.asarray([t.values for t in done], dtype=float).reshape(-1, len(signs)) * signs
     best = [t for t, keep in zip(done, non_dominated(points)) if keep]
@@ -191,10 +199,13 @@ def losses(df: pd.DataFrame, objectives: Sequence[str]) -> np.ndarray:
 
 
 def budget(df: pd.DataFrame, budgets: Budgets | None = None, feasible_only: bool = True) -> pd.DataFrame:
-    """The COMPLETE rows within ``budgets`` and, with ``feasible_only``, within the study's own
-    constraints (column ``feasible``), as the search's front is. A study from before a budget's
-    metric (no such column) has no row within that budget."""
+    """The COMPLETE full-fidelity rows (column ``full_fidelity``: not stopped by successive halving below
+    the full rung) within ``budgets`` and, with ``feasible_only``, within the study's own constraints
+    (column ``feasible``), as the search's front is. A study from before a budget's metric (no such
+    column) has no row within that budget."""
     keep = df["state"] == "COMPLETE" if "state" in df.columns else pd.Series(True, index=df.index)
+    if "full_fidelity" in df.columns:
+        keep &= df["full_fidelity"].astype(bool)
     if feasible_only and "feasible" in df.columns:
         keep &= df["feasible"].astype(bool)
     budgets = budgets or Budgets()

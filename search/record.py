@@ -9,7 +9,8 @@ earlier version load because they never change.
 Study user attrs:
   ``paretoken``         the settings a resumed search must match (:func:`study_settings`): space,
                         objectives, budgets, ``measurement`` (:data:`MEASUREMENT_KEYS`), depth,
-                        heartbeat_s, grace_s
+                        heartbeat_s, grace_s; with successive halving also ``min_images`` and ``eta``
+                        (a study that records none measures every trial on all its images)
   ``objectives``        the objective names, in order
   ``presets_enqueued``  the creating process finished enqueueing the presets (bool)
 
@@ -21,6 +22,10 @@ Trial user attrs:
   ``same_plan_as``      the COMPLETE trial whose values it took (the same plan, not measured again)
   ``error``             its own error: recorded FAIL, counted, not re-run
   ``setup_error``       its worker could not prepare what every trial shares: FAIL, interrupted, re-run
+  ``images``            successive halving: the images its metrics (and values) are measured on, the
+                        rung it reached; full fidelity when it is the study's ``images`` (or absent)
+  ``rungs``             successive halving: each rung it finished, written as it runs and carried by
+                        its retry (:mod:`paretoken.search.halving`)
   every metric of :data:`~paretoken.evaluators.metrics.METRICS` under its name (null: not measured)
   :data:`RUN_KEYS`      where and how long the worker ran it
 
@@ -49,6 +54,8 @@ RETRY_OF = "retry_of"
 SAME_PLAN_AS = "same_plan_as"
 ERROR = "error"
 SETUP_ERROR = "setup_error"
+IMAGES = "images"
+RUNGS = "rungs"
 WORKER_PID = "worker_pid"
 HOSTNAME = "hostname"
 DEVICE = "device"  # the evaluation device, e.g. "cpu", "cuda:0 (NVIDIA H200)"
@@ -58,7 +65,7 @@ DURATION_S = "duration_s"  # s, the worker's time for the trial
 #: What a worker reports about its run of a trial (:func:`paretoken.search.worker.run_trial`), stored as is.
 RUN_KEYS = (WORKER_PID, HOSTNAME, DEVICE, THREADS, VERSIONS, DURATION_S)
 #: What a retry carries over from the trial it re-runs.
-CARRIED_BY_RETRY = (PRESET, ENQUEUED_PLAN)
+CARRIED_BY_RETRY = (PRESET, ENQUEUED_PLAN, RUNGS)
 
 # trial system attr
 HEARTBEAT = "paretoken:heartbeat"
@@ -89,6 +96,20 @@ def study_settings(space: str, objectives: Sequence[str], budgets: Budgets,
     return {"space": space, "objectives": list(objectives), **budgets.as_dict(),
             "measurement": {k: config.get(k) for k in MEASUREMENT_KEYS}, "depth": depth,
             "heartbeat_s": heartbeat_s, "grace_s": grace_s}
+
+
+def full_images(settings: Mapping[str, Any]) -> int | None:
+    """The images a full-fidelity trial of the study is measured on (its ``measurement``'s); None when
+    the study records none."""
+    images = measurement_of(settings).get("images")
+    return images if isinstance(images, int) else None
+
+
+def is_full_fidelity(attrs: Mapping[str, Any], full: int | None) -> bool:
+    """Whether a trial (user attrs ``attrs``) is measured on all ``full`` images of its study: every
+    trial without successive halving (no ``images`` attr), and those that reached its last rung."""
+    images = attrs.get(IMAGES)
+    return images is None or full is None or images == full
 
 
 def write_study(study, objectives: Sequence[str], settings: Mapping[str, Any]) -> None:

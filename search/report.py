@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from paretoken.evaluators.metrics import DIRECTIONS, HEADLINE, format_metric
-from paretoken.search import pareto, record
+from paretoken.search import halving, pareto, record
 from paretoken.search import study as st
 
 
@@ -25,8 +25,10 @@ class Progress:
     """The progress lines of one search process; remembers the reference point and the front it
     printed last."""
 
-    def __init__(self, study, objectives: Sequence[str], n_trials: int, log: Callable[[str], None]) -> None:
+    def __init__(self, study, objectives: Sequence[str], n_trials: int, log: Callable[[str], None],
+                 rungs: Sequence[int] | None = None) -> None:
         self.study, self.objectives, self.n_trials, self.log = study, objectives, n_trials, log
+        self.rungs = rungs  # successive halving: images per rung
         self.reference: dict[str, float] | None = None
         self.front: list[int] = []  # trial numbers on the front at the last progress line
 
@@ -46,9 +48,15 @@ class Progress:
             extra += f" [same plan as trial {attrs[record.SAME_PLAN_AS]}: its values, not measured again]"
         if attrs.get(record.RETRY_OF) is not None:
             extra += f" [re-run of trial {attrs[record.RETRY_OF]}]"
+        rungs = ""
+        if self.rungs:
+            if not error and attrs.get(record.IMAGES, self.rungs[-1]) < self.rungs[-1]:
+                extra += f" [stopped at {attrs[record.IMAGES]} of {self.rungs[-1]} images]"
+            reached = halving.rung_counts(self.study.get_trials(deepcopy=False), self.rungs)
+            rungs = ", rungs " + " ".join(f"{n}:{count}" for n, count in zip(self.rungs, reached))
         self.log(f"trial {trial.number:4d} {what}{extra} ({fmt(result.get(record.DURATION_S))} s, "
-                 f"pid {result.get(record.WORKER_PID, '?')}) | done {c.finished}/{self.n_trials}, failed {c.failed}, "
-                 f"front {len(front)}, hypervolume {fmt(hv)}")
+                 f"pid {result.get(record.WORKER_PID, '?')}) | done {c.finished}/{self.n_trials}, failed {c.failed}"
+                 f"{rungs}, front {len(front)}, hypervolume {fmt(hv)}")
         front = sorted(front, key=lambda t: t.values[-1])
         if [t.number for t in front] != self.front:
             self.front = [t.number for t in front]
@@ -79,7 +87,10 @@ def final_report(study, url: str, objectives: Sequence[str], ran: int, log: Call
     hv = pareto.hypervolume(fr, objectives, ref)
     table = front_table(study, objectives)
     shown_ref = f" (reference {', '.join(f'{k} {v:.4g}' for k, v in ref.items())})" if ref else ""
-    log(f"done: {c.complete} complete, {c.failed} failed, {c.interrupted} interrupted and re-run; "
+    full = pareto.full_fidelity_trials(study)
+    low = f" ({c.complete - len(full)} of them stopped by successive halving below the full rung)" \
+        if len(full) < c.complete else ""
+    log(f"done: {c.complete} complete{low}, {c.failed} failed, {c.interrupted} interrupted and re-run; "
         f"front {len(fr)}, hypervolume {fmt(hv)}{shown_ref}")
     if not table.empty:
         import pandas as pd

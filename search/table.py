@@ -13,6 +13,8 @@ Columns:
   feasible                all constraints <= 0 (True when the study has none)
   error                   a FAIL trial's error; an interrupted one's ``setup_error`` where its worker could not set up
   interrupted             FAIL without an error of its own: the search runs its plan again
+  images                  the images its metrics are measured on (user attr ``images``; the study's where absent)
+  full_fidelity           measured on all the study's images: not stopped by successive halving below them
   device, duration_s, worker_pid, retry_of, same_plan_as, space, versions, datetime_start,
   datetime_complete, values
 """
@@ -109,6 +111,7 @@ def trials_frame(study) -> pd.DataFrame:
     """
     names = list(getattr(study, "metric_names", None) or study.user_attrs.get(record.OBJECTIVES) or [])
     trials = study.get_trials(deepcopy=False)
+    full = record.full_images(record.settings_of(study.user_attrs))
     explicit = any(t.user_attrs.get(record.PRESET) for t in trials)
     rows = []
     constraint_keys: list[str] = []
@@ -143,6 +146,8 @@ def trials_frame(study) -> pd.DataFrame:
             "worker_pid": attrs.get(record.WORKER_PID),
             "error": record.error_of(attrs),
             "interrupted": record.is_interrupted(trial.state.name, attrs),
+            "images": _float(attrs.get(record.IMAGES, full)),
+            "full_fidelity": record.is_full_fidelity(attrs, full),
             "retry_of": attrs.get(record.RETRY_OF),
             "same_plan_as": attrs.get(record.SAME_PLAN_AS),
             "space": attrs.get(record.SPACE),
@@ -154,7 +159,8 @@ def trials_frame(study) -> pd.DataFrame:
         rows.append(row)
     columns = (["number", "state", "preset", "plan", "plan_str", *METRICS]
                + [f"constraint:{k}" for k in constraint_keys]
-               + ["feasible", "device", "duration_s", "worker_pid", "error", "interrupted", "retry_of",
+               + ["feasible", "device", "duration_s", "worker_pid", "error", "interrupted", "images", "full_fidelity",
+                  "retry_of",
                   "same_plan_as", "space", "versions", "datetime_start", "datetime_complete", "values"])
     df = pd.DataFrame(rows, columns=columns)
     for text in ("preset", "plan_str", "device", "error", "worker_pid", "retry_of", "same_plan_as", "space"):
@@ -163,6 +169,7 @@ def trials_frame(study) -> pd.DataFrame:
         df[metric] = df[metric].astype(float)
     df["feasible"] = df["feasible"].astype(bool)
     df["interrupted"] = df["interrupted"].astype(bool)
+    df["full_fidelity"] = df["full_fidelity"].astype(bool)
     df.attrs["study"] = study.study_name
     df.attrs["user_attrs"] = dict(study.user_attrs)
     df.attrs["objectives"] = names

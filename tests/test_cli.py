@@ -216,6 +216,14 @@ def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path):
     (["search", "--study", "s", "--cpus-per-trial", "2"], "cpus-per-trial: 2 is for Ray trials"),
     (["search", "--study", "s", "--backend", "ray", "--ray-address", ""], "ray-address: '' names no cluster"),
     (["holdout", "--study", "s", "--images", "0"], "argument --images: '0' is out of range"),
+    (["search", "--study", "s", "--min-images", "64", "--images", "32"], "min-images: 64 is invalid; valid: an "
+                                                                         "integer in 1..32 (at most --images 32)"),
+    (["search", "--study", "s", "--min-images", "0"], "argument --min-images: '0' is out of range"),
+    (["search", "--study", "s", "--min-images", "8", "--eta", "1"], "argument --eta: '1' is out of range; "
+                                                                    "valid: an integer >= 2"),
+    (["search", "--study", "s", "--eta", "3"], "eta: 3 applies to successive halving only; valid: --min-images M"),
+    (["search", "--study", "s", "--min-images", "8", "--objectives", "top1,speedup"],
+     "min-images: successive halving ranks plans below the full rung, where speedup is not timed"),
 ])
 def test_bad_input_in_process_is_one_line_before_any_work(args, message, tmp_path, monkeypatch, capsys):
     from paretoken.cli import main

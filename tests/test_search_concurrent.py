@@ -156,3 +156,24 @@ def test_reading_a_postgresql_database_without_studies_creates_nothing(postgres_
         cur.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'")
         assert cur.fetchone()[0] == 0
     conn.close()
+
+
+def test_a_halving_search_on_ray_workers_with_postgresql(postgres_url, checkpoint, tmp_path, monkeypatch):
+    """Successive halving on the Ray backend (two workers) with the study in PostgreSQL: each trial's
+    rungs are recorded, its rungs run on Ray workers, and a promoted plan reaches all images."""
+    pytest.importorskip("ray")
+    from paretoken.evaluators.evaluate import EvalConfig
+    from paretoken.search import run_search
+
+    monkeypatch.chdir(tmp_path)
+    config = EvalConfig(checkpoint=checkpoint, images=16, batch_size=16, speed=False, flops_images=2)
+    result = run_search("halving", storage=postgres_url, space="evit", n_trials=4, backend="ray", workers=2,
+                        cpus_per_trial=1, eval_config=config, presets=False, min_images=4, eta=2, log=lambda _: None)
+    trials = optuna.load_study(study_name="halving", storage=open_storage(postgres_url)).get_trials()
+    assert len(trials) == 4 and all(t.state.name == "COMPLETE" for t in trials)
+    assert os.getpid() not in {t.user_attrs["worker_pid"] for t in trials}
+    for t in trials:
+        rungs = [e["images"] for e in t.user_attrs["rungs"]]
+        assert rungs == [4, 8, 16][:len(rungs)] and t.user_attrs["images"] == rungs[-1]
+    assert trials[0].user_attrs["preset"] == "uncompressed" and trials[0].user_attrs["images"] == 16
+    assert result.study.user_attrs["paretoken"]["min_images"] == 4

@@ -43,6 +43,19 @@ def wait_until(predicate, timeout, proc=None):
     raise AssertionError("timed out")
 
 
+def sigkill_when(predicate, cmd, cwd, env, timeout=120):
+    """Run ``cmd`` and SIGKILL it once ``predicate()`` holds."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(predicate, timeout, proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+
+
 def snapshot(trial):
     return (trial.number, trial.state.name, trial.values, trial.params, trial.user_attrs.get("plan"),
             trial.datetime_complete)
@@ -53,20 +66,12 @@ def test_sigkill_then_the_same_command_resumes(kind, checkpoint, tmp_path):
     storage = f"sqlite:///{tmp_path}/k.db" if kind == "sqlite" else f"journal:{tmp_path}/k.log"
     cmd = search_command("k", storage, checkpoint, TRIALS, images=160)  # trials long enough to be killed in one
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        def mid_trial():
-            trials = load("k", storage).get_trials(deepcopy=False)
-            states = [t.state.name for t in trials]
-            return states.count("COMPLETE") >= 3 and "RUNNING" in states
+    def mid_trial():
+        trials = load("k", storage).get_trials(deepcopy=False)
+        states = [t.state.name for t in trials]
+        return states.count("COMPLETE") >= 3 and "RUNNING" in states
 
-        wait_until(mid_trial, 120, proc)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stdout.close()
+    sigkill_when(mid_trial, cmd, tmp_path, env)
 
     before = load("k", storage).get_trials()
     finished = {t.number: snapshot(t) for t in before if t.state.is_finished()}
@@ -281,3 +286,31 @@ def test_a_study_made_before_counted_flops_is_resumed_with_traced_ones():
         check_settings("old", legacy, counted)
     check_settings("old", legacy, {**legacy, "measurement": {**legacy["measurement"], "flops": "trace"}})
     check_settings("new", counted, counted)
+
+
+def test_sigkill_mid_rung_resumes_the_trial_at_its_rung(tmp_path):
+    """Successive halving on a journal file: a trial killed between rungs goes on, in its retry, after
+    the rungs it finished; they are carried, not measured again."""
+    storage = f"journal:{tmp_path}/h.log"
+    cmd = [sys.executable, "-m", "paretoken.cli", "search", "--study", "h", "--storage", storage, "--space", "evit",
+           "--trials", "4", "--model", "default", "--images", "32", "--min-images", "8", "--eta", "2",
+           "--batch-size", "32", "--no-speed", "--heartbeat", "1", "--seed", "0"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    def mid_rung():
+        return any(t.state.name == "RUNNING" and t.user_attrs.get("rungs")
+                   for t in load("h", storage).get_trials(deepcopy=False))
+
+    sigkill_when(mid_rung, cmd, tmp_path, env)
+    killed = next(t for t in load("h", storage).get_trials() if t.state.name == "RUNNING")
+    carried = killed.user_attrs["rungs"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    after = load("h", storage).get_trials()
+    assert after[killed.number].state.name == "FAIL" and "error" not in after[killed.number].user_attrs
+    retry = next(t for t in after if t.user_attrs.get("retry_of") == killed.number)
+    assert retry.state.name == "COMPLETE" and retry.user_attrs["rungs"][:len(carried)] == carried
+    if retry.user_attrs.get("preset"):  # presets run every rung: the retry measured only the rungs left
+        assert [e["images"] for e in retry.user_attrs["rungs"]] == [8, 16, 32] and retry.user_attrs["images"] == 32
+    assert f"[re-run of trial {killed.number}]" in out.stdout
+    done = [t for t in after if t.state.name == "COMPLETE"]
+    assert len(done) == 4 and not [t for t in after if t.state.name in ("RUNNING", "WAITING")]

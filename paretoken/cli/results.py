@@ -80,7 +80,7 @@ def cmd_front(args: argparse.Namespace) -> int:
         return _compare(args)
     df = query.load(args.study[0], args.storage)
     fr = query.front(df, args.objectives, budgets)
-    reference = query.reference_point(df, args.objectives) if (df["state"] == "COMPLETE").any() else None
+    reference = query.reference_point(df, args.objectives) if len(query.budget(df, feasible_only=False)) else None
     within = query.budget(df, budgets)
     hv = query.hypervolume(within, args.objectives, reference) if reference else math.nan
     if args.plot:
@@ -100,6 +100,7 @@ def cmd_front(args: argparse.Namespace) -> int:
     counts = states.value_counts().to_dict()
     settings = df.attrs.get("user_attrs", {}).get("paretoken") or {}
     study_budgets = Budgets(**{k: settings.get(k) for k in BOUNDS})
+    stopped = int(((df["state"] == "COMPLETE") & ~df["full_fidelity"]).sum())
     if args.json:
         columns = ["number", "state", "preset", "plan", "plan_str", *query.METRICS,
                    *[c for c in df.columns if c.startswith("constraint:")], "feasible", "device", "duration_s"]
@@ -114,7 +115,8 @@ def cmd_front(args: argparse.Namespace) -> int:
     print(f"study {args.study[0]} ({redact(df.attrs['storage'])}): {len(df)} trials, "
           + ", ".join(f"{v} {k.lower()}" for k, v in counts.items())
           + (f"; searched with {settings['space']} space" if settings.get("space") else "")
-          + (f"; study budgets {study_budgets} (infeasible trials leave the front)" if str(study_budgets) else ""))
+          + (f"; study budgets {study_budgets} (infeasible trials leave the front)" if str(study_budgets) else "")
+          + (f"; {stopped} stopped by successive halving below the full rung (not on the front)" if stopped else ""))
     print(f"front on {', '.join(args.objectives)}" + (f" within {budgets}" if str(budgets) else "")
           + f": {len(fr)} trials" + (f"; hypervolume {hv:.4g} (reference "
                                      + ", ".join(f"{k} {v:.4g}" for k, v in reference.items()) + ")"

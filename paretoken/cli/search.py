@@ -29,6 +29,11 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
     add_model_flags(g)
     g.add_argument("--images", type=argtypes.positive_int, default=500, help="evaluation images per trial [500]")
     add_batch_size_flag(g)
+    g.add_argument("--min-images", type=argtypes.positive_int, default=None, metavar="M",
+                   help="successive halving: measure each plan on the first M images, then promote the top "
+                        "1/eta of each rung to eta times more, up to --images [off: every plan on --images]")
+    g.add_argument("--eta", type=argtypes.int_in(2), default=None,
+                   help="successive halving: each rung keeps the top 1/eta of its plans (needs --min-images) [4]")
     add_flops_flag(g)
     g.add_argument("--flops-images", type=argtypes.positive_int, default=16,
                    help="--flops trace: images whose GFLOPs are averaged for plans with per-image token counts [16]")
@@ -91,7 +96,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                         sampler=args.sampler, n_trials=args.trials, backend=args.backend, workers=workers,
                         ray_address=args.ray_address, cpus_per_trial=args.cpus_per_trial,
                         gpus_per_trial=args.gpus_per_trial, budgets=budgets, eval_config=config, seed=args.seed,
-                        presets=not args.no_presets, heartbeat_s=args.heartbeat)
+                        presets=not args.no_presets, heartbeat_s=args.heartbeat, min_images=args.min_images,
+                        eta=args.eta)
     if args.plot:
         from paretoken.results.plots import plot_front
         from paretoken.results.query import trials_frame
