@@ -1,0 +1,130 @@
+"""Successive halving against single fidelity, at equal wall-clock, judged on held-out images.
+
+    python bench/multifidelity.py                     # 5 seeds x 10 min each way on the default model
+    python bench/multifidelity.py --minutes 3 --seeds 2 --out multifidelity_3min
+
+Each seed runs two searches of the same ``--minutes`` (``paretoken search``, stopped with Ctrl-C, as
+a user would): single fidelity on ``--images`` evaluation images, and successive halving from
+``--min-images`` to ``--images`` with ``--eta``. Both measure speed (``speedup``) as the main job
+does; halving only at the full rung. It then counts the plans screened (COMPLETE trials at any
+rung) and the full-fidelity trials, and re-measures each study's full-fidelity front and presets
+on the ``--held-out`` test images after the search's (``paretoken holdout``'s machinery):
+hypervolume and presets dominated there. Targets (issue 30): at least 3x the plans screened,
+held-out hypervolume at least single fidelity's in every seed, every preset dominated held out
+in at least 4 of 5 seeds. Studies in bench/results/multifidelity/, figures in
+bench/results/<out>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+
+from paretoken.evaluators.evaluate import environment
+from paretoken.results import holdout, query
+from paretoken.search import record
+from paretoken.search.record import UNCOMPRESSED
+
+RESULTS = Path(__file__).parent / "results"
+TEST_IMAGES = 10_000  # Fashion-MNIST test split
+
+
+def _search(name: str, storage: str, seconds: float, args: argparse.Namespace, seed: int, halving: bool) -> float:
+    """Run one search for ``seconds`` of wall-clock, then Ctrl-C it; returns the seconds it ran."""
+    cmd = [sys.executable, "-m", "paretoken.cli", "search", "--study", name, "--storage", storage,
+           "--trials", "100000", "--images", str(args.images), "--seed", str(seed),
+           "--max-top1-drop", str(args.max_top1_drop), "--model", args.model, "--device", "cpu"]
+    if halving:
+        cmd += ["--min-images", str(args.min_images), "--eta", str(args.eta)]
+    start = time.monotonic()
+    with open(RESULTS / "multifidelity" / f"{name}.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(seconds)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(300)
+    return time.monotonic() - start
+
+
+def _figures(name: str, storage: str) -> tuple[dict, pd.DataFrame]:
+    """Plans screened and full-fidelity trials of a study, and its rows worth re-measuring held out."""
+    study = optuna.load_study(study_name=name, storage=storage)
+    full = record.full_images(record.settings_of(study.user_attrs))
+    done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    at_full = [t for t in done if record.is_full_fidelity(t.user_attrs, full)]
+    df = query.load(name, storage)
+    return {"study": name, "plans_screened": len(done), "full_fidelity_trials": len(at_full)}, \
+        holdout.candidates(df).assign(study=name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0, help="wall-clock of each search [10]")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--images", type=int, default=2000, help="full-fidelity evaluation images [2000]")
+    parser.add_argument("--min-images", type=int, default=125, help="successive halving's first rung [125]")
+    parser.add_argument("--eta", type=int, default=4)
+    parser.add_argument("--held-out", type=int, default=2000, help="test images after the search's [2000]")
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--max-top1-drop", type=float, default=10.0)
+    parser.add_argument("--out", default="multifidelity")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    (RESULTS / "multifidelity").mkdir(parents=True, exist_ok=True)
+
+    runs, tables = [], []
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        for halving in (False, True):
+            name = (f"{'sh' if halving else 'sf'}-s{seed}-m{args.minutes:g}-i{args.images}"
+                    + (f"-min{args.min_images}-eta{args.eta}" if halving else ""))
+            storage = f"sqlite:///{RESULTS / 'multifidelity' / name}.db"
+            seconds = _search(name, storage, 60 * args.minutes, args, seed, halving)
+            figures, table = _figures(name, storage)
+            runs.append({"seed": seed, "halving": halving, "seconds": seconds, **figures})
+            tables.append(table)
+            print(f"{name}: {seconds:.0f} s, {figures['plans_screened']} plans screened, "
+                  f"{figures['full_fidelity_trials']} at full fidelity", flush=True)
+
+    settings = query.load(runs[0]["study"], f"sqlite:///{RESULTS / 'multifidelity' / runs[0]['study']}.db"
+                          ).attrs["user_attrs"]["paretoken"]
+    config = holdout.held_out_config(settings, min(args.held_out, TEST_IMAGES - args.images), batch_size=250)
+    held = holdout.remeasure(pd.concat(tables), config, log=lambda line: print(line, flush=True))
+    for run in runs:
+        table = held[held["study"] == run["study"]]
+        figures = holdout.summary(table)
+        base = table.loc[table["preset"] == UNCOMPRESSED].iloc[0]
+        reference = {"top1": float(base["top1"]) - args.max_top1_drop, "gflops": float(base["gflops"])}
+        run.update({"presets": len(figures["presets"]),
+                    "presets_dominated_held_out": len(figures["presets_dominated_held_out"]),
+                    "hypervolume_held_out": query.hypervolume(table, ("top1", "gflops"), reference)})
+        print(f"{run['study']}: held-out HV {run['hypervolume_held_out']:.4f}, presets dominated held out "
+              f"{run['presets_dominated_held_out']}/{run['presets']}", flush=True)
+    by_seed = {}
+    for run in runs:
+        by_seed.setdefault(run["seed"], {})["sh" if run["halving"] else "sf"] = run
+    verdict = {
+        "screened_ratio": [s["sh"]["plans_screened"] / max(s["sf"]["plans_screened"], 1) for s in by_seed.values()],
+        "hv_at_least_single_fidelity": [s["sh"]["hypervolume_held_out"] >= s["sf"]["hypervolume_held_out"]
+                                        for s in by_seed.values()],
+        "seeds_every_preset_dominated_held_out": sum(
+            s["sh"]["presets_dominated_held_out"] == s["sh"]["presets"] for s in by_seed.values()),
+    }
+    print(json.dumps(verdict))
+    out = RESULTS / f"{args.out}.json"
+    out.write_text(json.dumps({"command": "python bench/multifidelity.py " + " ".join(sys.argv[1:]),
+                               "held_out_images": config.images, "environment": environment(),
+                               "runs": runs, "verdict": verdict}, indent=2) + "\n")
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
