@@ -45,7 +45,10 @@ def _search(name: str, storage: str, seconds: float, args: argparse.Namespace, s
         cmd += ["--min-images", str(args.min_images), "--eta", str(args.eta)]
     start = time.monotonic()
     with open(RESULTS / "multifidelity" / f"{name}.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        # Ctrl-C as from a terminal, also where this runs as a background job (SIGINT ignored, and a search
+        # started so keeps ignoring it)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             proc.wait(seconds)
         except subprocess.TimeoutExpired:
