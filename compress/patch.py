@@ -39,7 +39,10 @@ class TokenState:
     learned stage has masked tokens in this forward (attention then weights keys
     by size, differentiably). kept: per learned stage of this forward,
     (stage, kept, before): the (B,) fractions of the input patch tokens alive
-    after it (with gradients) and before it.
+    after it (with gradients) and before it. uniform: True while every image has all its tokens valid
+    and the same count (no per-image stage, no learned mask yet in this forward), known from the plan,
+    not the data: stages then run their op's uniform reduce. unit: True while, besides, every size is
+    1 (no merge or fuse yet), so attention runs unmasked.
     """
 
     def __init__(self, prefix: int) -> None:
@@ -51,6 +54,7 @@ class TokenState:
         self.soft = False
         self.patches = 0
         self.kept: list[tuple[Stage, torch.Tensor, torch.Tensor]] = []
+        self.uniform = self.unit = True
 
     def start(self, x: torch.Tensor) -> None:
         self.size = torch.ones(x.shape[:2], device=x.device)
@@ -60,16 +64,22 @@ class TokenState:
         self.soft = False
         self.patches = x.shape[1] - self.prefix
         self.kept = []
+        self.uniform = self.unit = True
 
     def update(self, size: torch.Tensor, dtype: torch.dtype) -> None:
         self.size = size
-        self.bias = tokens.attention_bias(size.detach(), dtype)
+        if self.unit:  # every size 1, known without looking
+            self.bias = None
+        elif self.uniform:  # known to hold merged tokens: a mask, without asking the device whether it is needed
+            self.bias = size.detach().log().to(dtype)[:, None, None, :]
+        else:
+            self.bias = tokens.attention_bias(size.detach(), dtype)
 
     def mask(self, stage: Stage, keep: torch.Tensor, dtype: torch.dtype) -> None:
         """Multiply the sizes by a learned stage's keep factor (B, N) and record the kept fractions."""
         before = learn.effective_tokens(self.size, self.prefix).detach() / self.patches
+        self.soft, self.uniform, self.unit = True, False, False
         self.update(self.size * keep, dtype)
-        self.soft = True
         self.kept.append((stage, learn.effective_tokens(self.size, self.prefix) / self.patches, before))
 
 
@@ -121,12 +131,13 @@ class PlanAttention(Attention):
         info: dict[str, Any] = {}
         need = self._pt_needs
         if need:
-            cls_attn = scores.class_attention(q, k, self.scale, bias)
-            if "head" in need:
-                weights = scores.head_importance(out, self._pt_state.size)
-                info["score"] = scores.head_weighted_score(cls_attn, weights)
-            else:
-                info["score"] = scores.cls_attn_score(cls_attn)
+            if "cls" in need:
+                cls_attn = scores.class_attention(q, k, self.scale, bias)
+                if "head" in need:
+                    weights = scores.head_importance(out, self._pt_state.size)
+                    info["score"] = scores.head_weighted_score(cls_attn, weights)
+                else:
+                    info["score"] = scores.cls_attn_score(cls_attn)
             if "keys" in need:
                 info["keys"] = scores.key_metric(k)
             if "full" in need:
@@ -138,11 +149,19 @@ class PlanAttention(Attention):
         return self.proj_drop(self.proj(out))
 
 
-def reduce_tokens(stage: Stage, x: torch.Tensor, size: torch.Tensor, info: dict[str, Any], prefix: int,
-                  **overrides: float):
-    """Apply one stage to the token state with its op's reduce function; returns (x, size).
-    ``overrides`` replace amount fields of the stage (a learned threshold)."""
-    return get_op(stage.op).reduce(x, size, info, prefix, **{**stage.settings, **overrides})
+def reduce_tokens(stage: Stage, x: torch.Tensor, state: TokenState, info: dict[str, Any], **overrides: float):
+    """Apply one stage to the token state with its op's reduce function (its uniform one while the batch
+    is uniform); returns (x, size) and updates ``state``'s flags. ``overrides`` replace amount fields of
+    the stage (a learned threshold)."""
+    spec = get_op(stage.op)
+    settings = {**stage.settings, **overrides}
+    if state.uniform and spec.reduce_uniform is not None:
+        x, size = spec.reduce_uniform(x, state.size, info, state.prefix, **settings)
+    else:
+        x, size = spec.reduce(x, state.size, info, state.prefix, **settings)
+    state.uniform = state.uniform and not spec.per_image
+    state.unit = state.unit and state.uniform and not spec.sums_sizes
+    return x, size
 
 
 class PlanBlock(Block):
@@ -163,7 +182,7 @@ class PlanBlock(Block):
         if self._pt_prefix_only:
             prefix = state.prefix
             x = x[:, :prefix] + self.drop_path1(self.ls1(self.attn(self.norm1(x), queries=prefix)))
-            state.update(state.size[:, :prefix], x.dtype)
+            state.size, state.bias = state.size[:, :prefix], None  # prefix tokens stand for one patch each
             return x
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         return x if self._pt_stage is None else self._reduce(self._pt_stage, x, state)
@@ -191,7 +210,7 @@ class PlanBlock(Block):
         if stage.score == "predictor":
             info = {**info, "score": learn.predictor_score(self.token_predictor, x, state.size, prefix)}
         learned = {"threshold": learned_threshold.current()} if learned_threshold is not None else {}
-        x, size = reduce_tokens(stage, x, state.size, info, prefix, **learned)
+        x, size = reduce_tokens(stage, x, state, info, **learned)
         state.update(size, x.dtype)
         return x
 

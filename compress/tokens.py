@@ -13,8 +13,16 @@ Every function takes and returns (parts of) the token state of a batch:
 Valid tokens always come first and keep their relative order, so an image's
 tokens are the same whether it runs in a batch or alone. The ops themselves live
 in :mod:`paretoken.compress.ops`, one module each.
+
+A batch is *uniform* when every image has all its N tokens valid (no padding): the
+state of a plan without per-image stages. There, counts are Python ints that follow
+from shapes (:func:`keep_count`), and ops' uniform reduce functions select tokens with
+one sort and gathers (:func:`best_first`, :func:`take`), never synchronising with
+the device.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +57,45 @@ def count_to_keep(n: torch.Tensor, keep: float | None = None, r: int | None = No
     else:
         k = n - int(r)
     return k.clamp(min=1).minimum(n)
+
+
+def keep_count(n: int, keep: float | None = None, r: int | None = None) -> int:
+    """:func:`count_to_keep` for a uniform batch: patch tokens to keep out of ``n`` (a Python int)."""
+    k = math.floor(n * keep + 0.5) if keep is not None else n - int(r)
+    return min(max(k, 1), n)
+
+
+def best_first(score: torch.Tensor, prefix: int) -> torch.Tensor:
+    """(B, N - prefix) positions of a uniform batch's patch tokens, best ``score`` (B, N) first (ties by
+    position, as :func:`rank_desc`)."""
+    return torch.argsort(score[:, prefix:].float(), dim=1, descending=True, stable=True) + prefix
+
+
+def take(x: torch.Tensor, size: torch.Tensor, prefix: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prefix and the patch tokens at positions ``index`` (B, K) of a uniform batch, in position order:
+    x (B, prefix + K, C), size (B, prefix + K)."""
+    index = index.sort(dim=1).values
+    picked = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+    return torch.cat([x[:, :prefix], picked], dim=1), torch.cat([size[:, :prefix], size.gather(1, index)], dim=1)
+
+
+def merge_sources(x: torch.Tensor, size: torch.Tensor, src_x: torch.Tensor, src_size: torch.Tensor,
+                  dst: torch.Tensor, fuse: str = "average") -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the tokens ``src_x`` (B, R, C) of sizes ``src_size`` (B, R) into the tokens ``dst`` (B, R)
+    index of ``x`` (B, M, C), ``size`` (B, M): :func:`merge_into`'s ``fuse`` modes, computed on the
+    sources and the tokens they merge into only. Returns x, size (B, M, ...)."""
+    if fuse == "drop":
+        return x, size
+    index = dst[..., None].expand(-1, -1, x.shape[-1])
+    total = (x * size[..., None].to(x.dtype)).scatter_add(1, index, src_x * src_size[..., None].to(x.dtype))
+    merged_size = size.scatter_add(1, dst, src_size)
+    out = total / merged_size[..., None].to(x.dtype)
+    if fuse == "mlerp":
+        largest = x.float().norm(dim=-1).scatter_reduce(1, dst, src_x.float().norm(dim=-1), reduce="amax")
+        received = torch.zeros_like(size, dtype=torch.bool).scatter(1, dst, torch.ones_like(dst, dtype=torch.bool))
+        scale = largest / out.float().norm(dim=-1).clamp(min=torch.finfo(torch.float32).tiny)
+        out = torch.where(received[..., None], out * scale[..., None].to(x.dtype), out)
+    return out, merged_size
 
 
 def compact(x: torch.Tensor, size: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -188,6 +188,15 @@ class OpSpec:
     mixed: whether ``mixed`` may choose this op for an overriding block.
     flops: the multiply-adds its reduce function computes (:data:`Flops`); None when not declared,
       and then the GFLOPs of a plan with it are traced with fvcore instead of counted.
+    reduce_uniform: the same reduction for a *uniform* batch, in which every image has all its
+      ``x.shape[1]`` tokens valid (no padding, the same count): counts follow from shapes as Python
+      ints, so it never synchronises with the device (what ``torch.compile(fullgraph=True)`` needs)
+      and makes fewer passes over the tokens. It returns the same tokens in the same order as
+      ``reduce`` and computes the same multiply-adds (``flops`` counts both). None: ``reduce`` runs
+      (a plan with such an op compiles with graph breaks). Per-image ops have none.
+    sums_sizes: whether a token it keeps may stand for several patches afterwards (it merges or
+      fuses); an op that only selects tokens leaves every size 1 where it was, so attention stays
+      unmasked.
     """
 
     name: str
@@ -202,6 +211,8 @@ class OpSpec:
     grids: Mapping[str, Grid | Choice] = field(default_factory=dict)
     mixed: bool = True
     flops: Flops | None = None
+    reduce_uniform: Reduce | None = None
+    sums_sizes: bool = False
 
     def __post_init__(self) -> None:
         where = f"op {self.name!r}"
@@ -211,6 +222,8 @@ class OpSpec:
             raise ParetokenError(f"{where}: scores {self.scores!r}; valid: a non-empty tuple of {', '.join(SCORES)}")
         if not self.needs <= NEEDS:
             raise ParetokenError(f"{where}: needs {sorted(self.needs)!r}; valid: a subset of {sorted(NEEDS)}")
+        if self.per_image and self.reduce_uniform is not None:
+            raise ParetokenError(f"{where}: a per-image op has no uniform reduce; valid: reduce_uniform=None")
         if any(name not in self.fields + self.option_names for name in self.grids):
             raise ParetokenError(f"{where}: a grid names a field it has not; valid: "
                                  f"{', '.join(self.fields + self.option_names)}")

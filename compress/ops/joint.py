@@ -64,4 +64,4 @@ SPEC = register(OpSpec(
     name="joint", summary="keep the critical tokens; merge each other token into a similar one, or prune it",
     source="JMP (joint merging and pruning)", amounts=((MASS,), (SIM,)), scores=("cls_attn", "head_weighted"),
     reduce=reduce, per_image=True, needs=frozenset({"keys"}),
-    grids={"mass": Grid(0.7, 1.0, 0.05), "sim": Grid(0.0, 1.0, 0.05)}, flops=flops))
+    grids={"mass": Grid(0.7, 1.0, 0.05), "sim": Grid(0.0, 1.0, 0.05)}, flops=flops, sums_sizes=True))

@@ -42,6 +42,35 @@ def bipartite_merge(x, size, metric, prefix: int, keep: float | None = None, r: 
     return compact(x[:, order], size[:, order], size[:, order] > 0)
 
 
+def bipartite_merge_uniform(x, size, metric, prefix: int, keep: float | None = None, r: int | None = None,
+                            fuse: str = "average"):
+    """:func:`bipartite_merge` on a uniform batch, in the manner of ToMe's own code: the same
+    similarities, one sort of the A tokens' best matches, and the merge computed on the r sources
+    and the B tokens only; the same tokens, in the same order."""
+    import torch
+    import torch.nn.functional as F
+
+    from paretoken.compress.tokens import keep_count, merge_sources
+
+    dim = x.shape[-1]
+    n = x.shape[1] - prefix
+    removed = n - keep_count(n, keep, r) if keep is not None else int(r)
+    metric = F.normalize(metric.float(), dim=-1)
+    scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
+    a0, b0 = (prefix + 1) // 2, prefix // 2  # the first A (even) and B (odd) patch token, in each set
+    xa, sa, xb, sb = x[:, 2 * a0::2], size[:, 2 * a0::2], x[:, 2 * b0 + 1::2], size[:, 2 * b0 + 1::2]
+    r = min(removed, xa.shape[1]) if xb.shape[1] else 0
+    if r == 0:  # nothing merges; the order is still prefix, A, B
+        return torch.cat([x[:, :prefix], xa, xb], dim=1), torch.cat([size[:, :prefix], sa, sb], dim=1)
+    node_max, node_idx = scores[:, a0:, b0:].max(dim=-1)  # each A patch token's best B patch token
+    ranked = torch.argsort(node_max, dim=1, descending=True, stable=True)
+    src, unmerged = ranked[:, :r], ranked[:, r:].sort(dim=1).values
+    xb, sb = merge_sources(xb, sb, xa.gather(1, src[..., None].expand(-1, -1, dim)), sa.gather(1, src),
+                           node_idx.gather(1, src), fuse)
+    x = torch.cat([x[:, :prefix], xa.gather(1, unmerged[..., None].expand(-1, -1, dim)), xb], dim=1)
+    return x, torch.cat([size[:, :prefix], sa.gather(1, unmerged), sb], dim=1)
+
+
 def flops(n, dims, prefix: int, **amounts):
     """The similarities of set A (ceil(n / 2) tokens) to set B (floor(n / 2)) on the D-wide keys."""
     return (n + 1) // 2 * (n // 2) * dims.head_dim
@@ -51,7 +80,13 @@ def reduce(x, size, info, prefix: int, keep: float | None = None, r: int | None 
     return bipartite_merge(x, size, info["keys"], prefix, keep=keep, r=r, fuse=fuse)
 
 
+def reduce_uniform(x, size, info, prefix: int, keep: float | None = None, r: int | None = None,
+                   fuse: str = "average"):
+    return bipartite_merge_uniform(x, size, info["keys"], prefix, keep=keep, r=r, fuse=fuse)
+
+
 SPEC = register(OpSpec(
     name="merge", summary="merge the most similar token pairs of a bipartite split (size-weighted)",
     source="ToMe (Bolya et al., ICLR 2023); fuse: ToFu (Kim et al., WACV 2024)", amounts=((KEEP, R),),
-    scores=("keys",), reduce=reduce, options=(FUSE,), needs=frozenset({"keys"}), grids={"r": Grid(1, 20, 1)}, flops=flops))
+    scores=("keys",), reduce=reduce, options=(FUSE,), needs=frozenset({"keys"}), grids={"r": Grid(1, 20, 1)}, flops=flops,
+    reduce_uniform=reduce_uniform, sums_sizes=True))

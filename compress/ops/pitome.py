@@ -51,6 +51,32 @@ def pitome_merge(x, size, metric, prefix: int, margin: float, keep: float | None
     return compact(x, size, size > 0)
 
 
+def pitome_merge_uniform(x, size, metric, prefix: int, margin: float, keep: float | None = None,
+                         r: int | None = None, fuse: str = "average"):
+    """:func:`pitome_merge` on a uniform batch: the candidates by one sort of the energy, each A
+    token's match among the B candidates only; the same tokens, in the same order."""
+    import torch
+
+    from paretoken.compress.tokens import keep_count, merge_sources
+
+    n_in = x.shape[1]
+    n = n_in - prefix
+    removed = min(n - keep_count(n, keep, r) if keep is not None else int(r), n // 2)
+    e, sim = energy(metric, size, prefix, margin)
+    if removed <= 0:
+        return x, size
+    ranked = torch.argsort(e, dim=1, descending=True, stable=True)
+    a = ranked[:, 0:2 * removed:2]
+    b = ranked[:, 1:2 * removed:2].sort(dim=1).values  # in position order: ties go to the first, as there
+    rows = sim.gather(1, a[..., None].expand(-1, -1, n_in))
+    match = b.gather(1, rows.gather(2, b[:, None, :].expand(-1, removed, -1)).argmax(dim=-1))
+    dim = x.shape[-1]
+    x, size = merge_sources(x, size, x.gather(1, a[..., None].expand(-1, -1, dim)), size.gather(1, a), match, fuse)
+    is_src = torch.zeros_like(size, dtype=torch.int8).scatter(1, a, torch.ones_like(a, dtype=torch.int8))
+    kept = torch.argsort(is_src, dim=1, stable=True)[:, :n_in - removed]  # in position order
+    return x.gather(1, kept[..., None].expand(-1, -1, dim)), size.gather(1, kept)
+
+
 def flops(n, dims, prefix: int, **amounts):
     """The energy's similarities of every token to every token on the D-wide keys: n * n * D."""
     return n * n * dims.head_dim
@@ -61,8 +87,13 @@ def reduce(x, size, info, prefix: int, margin: float, keep: float | None = None,
     return pitome_merge(x, size, info["keys"], prefix, margin, keep=keep, r=r, fuse=fuse)
 
 
+def reduce_uniform(x, size, info, prefix: int, margin: float, keep: float | None = None, r: int | None = None,
+                   fuse: str = "average"):
+    return pitome_merge_uniform(x, size, info["keys"], prefix, margin, keep=keep, r=r, fuse=fuse)
+
+
 SPEC = register(OpSpec(
     name="pitome", summary="merge the highest-energy tokens (large clusters) in pairs; protect distinct ones",
     source="PiToMe (Tran et al., NeurIPS 2024)", amounts=((KEEP, R), (MARGIN,)), scores=("keys",), reduce=reduce,
     options=(FUSE,), needs=frozenset({"keys"}), grids={"r": Grid(1, 20, 1), "margin": Grid(0.0, 0.75, 0.05)},
-    flops=flops))
+    flops=flops, reduce_uniform=reduce_uniform, sums_sizes=True))

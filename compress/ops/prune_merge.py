@@ -50,6 +50,31 @@ def prune_merge(x, size, score, prefix: int, pruned: int, merged: int, fuse: str
     return compact(x, size, size > 0)
 
 
+def prune_merge_uniform(x, size, score, prefix: int, pruned: int, merged: int, fuse: str = "average"):
+    """:func:`prune_merge` on a uniform batch: one sort of the scores; the merge done on the kept
+    tokens only; the same tokens, in the same order, and the same similarities."""
+    import torch
+    import torch.nn.functional as F
+
+    from paretoken.compress.tokens import best_first, keep_count, merge_sources, take
+
+    k = keep_count(x.shape[1] - prefix, r=pruned)
+    m = min(max(k - 1, 0), merged)
+    ranked = best_first(score, prefix)
+    if m == 0:
+        return take(x, size, prefix, ranked[:, :k])
+    dst_pos, src_pos = ranked[:, :k - m], ranked[:, k - m:k]
+    unit = F.normalize(x.float(), dim=-1)
+    sim = unit.gather(1, src_pos[..., None].expand(-1, -1, x.shape[-1])) @ \
+        unit.gather(1, dst_pos[..., None].expand(-1, -1, x.shape[-1])).transpose(1, 2)
+    # the targets in position order (where the tokens come out), and each column of sim's place there
+    targets_x, targets_size = take(x, size, prefix, dst_pos)
+    place = prefix + torch.argsort(torch.argsort(dst_pos, dim=1), dim=1)
+    dim = x.shape[-1]
+    return merge_sources(targets_x, targets_size, x.gather(1, src_pos[..., None].expand(-1, -1, dim)),
+                         size.gather(1, src_pos), place.gather(1, sim.argmax(dim=-1)), fuse)
+
+
 def flops(n, dims, prefix: int, pruned: int, merged: int, **options):
     """The similarities of the m merging tokens to the k - m they may merge into, on the C-wide features."""
     from paretoken.compress.tokens import count_to_keep
@@ -63,7 +88,12 @@ def reduce(x, size, info, prefix: int, pruned: int, merged: int, fuse: str = "av
     return prune_merge(x, size, info["score"], prefix, pruned, merged, fuse=fuse)
 
 
+def reduce_uniform(x, size, info, prefix: int, pruned: int, merged: int, fuse: str = "average"):
+    return prune_merge_uniform(x, size, info["score"], prefix, pruned, merged, fuse=fuse)
+
+
 SPEC = register(OpSpec(
     name="prune_merge", summary="prune the lowest-scoring tokens, then merge the next lowest into similar ones",
     source="DiffRate (Chen et al., ICCV 2023)", amounts=((PRUNED,), (MERGED,)), scores=("cls_attn", "head_weighted"),
-    reduce=reduce, options=(FUSE,), grids={"pruned": Grid(0, 24, 2), "merged": Grid(0, 24, 2)}, flops=flops))
+    reduce=reduce, options=(FUSE,), grids={"pruned": Grid(0, 24, 2), "merged": Grid(0, 24, 2)}, flops=flops,
+    reduce_uniform=reduce_uniform, sums_sizes=True))

@@ -10,4 +10,5 @@ from paretoken.compress.ops.base import KEEP, R, OpSpec, no_flops, register
 SPEC = register(OpSpec(
     name="slim", summary="keep the top patch tokens by class importance propagated one attention step back",
     source="Patch Slimming (Tang et al., CVPR 2022)", amounts=((KEEP, R),), scores=("cls_attn", "head_weighted"),
-    reduce=prune.reduce, needs=frozenset({"full"}), mixed=False, flops=no_flops))
+    reduce=prune.reduce, needs=frozenset({"full"}), mixed=False, flops=no_flops,
+    reduce_uniform=prune.reduce_uniform))
