@@ -13,6 +13,7 @@ from paretoken.compress.plan import Plan, Stage, load_plan
 _LAZY = {name: "paretoken.compress.patch"
          for name in ("applied_plan", "apply", "learn_thresholds", "learned_plan", "token_counts",
                       "token_slots")}
+_LAZY["compile_model"] = "paretoken.compress.compiling"
 
 
 def __getattr__(name: str):

@@ -17,6 +17,7 @@ from paretoken.compress.patch import PlanModel, TokenState
 PADDING_TOLERANCE = 0.1
 
 
+@torch.compiler.disable(recursive=False)  # host bookkeeping; under torch.compile each block's halves compile
 def forward_grouped(model: "PlanModel", x: torch.Tensor) -> torch.Tensor:
     """The blocks and final norm of a per-image plan at inference, in sub-batches of images whose token
     counts are close: after each stage (before its block's MLP), a sub-batch whose padding exceeds
@@ -51,6 +52,7 @@ def forward_grouped(model: "PlanModel", x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@torch.compiler.disable
 def _split(group, state: TokenState) -> list:
     """``group`` (index, x, size, bias, counts), or its parts where its padding is over the tolerance."""
     index, xs, size, _, counts = group

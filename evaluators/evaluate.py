@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
@@ -35,7 +36,10 @@ class EvalConfig:
     the uncompressed model also runs, next to the plan, for ``speedup`` (at least 1); ``flops``: how
     GFLOPs are measured, ``count`` (from every evaluation image's token counts, exact to fvcore:
     :mod:`~paretoken.evaluators.flop_model`) or ``trace`` (fvcore traces; a per-image plan's are the
-    mean of its first ``flops_images`` images, each traced alone)."""
+    mean of its first ``flops_images`` images, each traced alone); ``compile``: run the plan and the
+    uncompressed model it is timed against under ``torch.compile``
+    (:func:`~paretoken.compress.compiling.compile_model`), their compilation timed apart
+    (``compile_s``)."""
 
     model: str = "default"
     checkpoint: str | None = None
@@ -51,6 +55,7 @@ class EvalConfig:
     speedup_pairs: int = 4
     pretrained: bool = False
     flops: str = "count"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.flops not in FLOPS_METHODS:
@@ -127,29 +132,32 @@ class _Pass:
     counts: torch.Tensor  # (n, depth) tokens left after each block, per image, on the CPU
 
 
-def _base_seconds(model: torch.nn.Module, batch: torch.Tensor, plan: Plan) -> float:
-    """Seconds of one uncompressed forward on ``batch``; ``model`` runs ``plan`` again afterwards."""
+def _base_seconds(model: torch.nn.Module, batch: torch.Tensor, plan: Plan, run=None) -> float:
+    """Seconds of one uncompressed forward on ``batch`` (through ``run``, ``model`` compiled, where
+    given); ``model`` runs ``plan`` again afterwards."""
     apply(model, Plan())
-    seconds = timed_forward(model, batch)[1]
+    seconds = timed_forward(model if run is None else run, batch)[1]
     apply(model, plan)
     return seconds
 
 
-def _forward_all(model, images, batch_size, paired: Sequence[int] = ()) -> _Pass:
-    """Run ``model``'s plan over ``images`` in batches of ``batch_size``, timing each batch. On each
-    batch index in ``paired`` the uncompressed model runs too, timed next to the plan: right after it,
-    or right before it on every second paired batch, so that neither always runs first."""
+def _forward_all(model, images, batch_size, paired: Sequence[int] = (), run=None) -> _Pass:
+    """Run ``model``'s plan over ``images`` in batches of ``batch_size``, timing each batch (through
+    ``run``, ``model`` compiled, where given). On each batch index in ``paired`` the uncompressed model
+    runs too, timed next to the plan: right after it, or right before it on every second paired batch,
+    so that neither always runs first."""
     plan, cuda = applied_plan(model), images.device.type == "cuda"
+    run = model if run is None else run
     outs, seconds, base_seconds, all_counts, slots, padding, peak = [], [], [], [], 0, 0, 0
     for k, start in enumerate(range(0, len(images), batch_size)):
         batch = images[start:start + batch_size]
         base_first = k in paired and paired.index(k) % 2 == 1
         if base_first:
-            base_seconds.append(_base_seconds(model, batch, plan))
+            base_seconds.append(_base_seconds(model, batch, plan, run))
         if cuda:
             torch.cuda.reset_peak_memory_stats(images.device)
             before = torch.cuda.memory_allocated(images.device)  # weights, images, the logits so far
-        logits, elapsed = timed_forward(model, batch)
+        logits, elapsed = timed_forward(run, batch)
         if cuda:
             peak = max(peak, torch.cuda.max_memory_allocated(images.device) - before)
         outs.append(logits.float())
@@ -160,7 +168,7 @@ def _forward_all(model, images, batch_size, paired: Sequence[int] = ()) -> _Pass
         slots += batch_slots
         padding += batch_slots - int(counts.sum())
         if k in paired and not base_first:
-            base_seconds.append(_base_seconds(model, batch, plan))
+            base_seconds.append(_base_seconds(model, batch, plan, run))
     return _Pass(torch.cat(outs), seconds, base_seconds, 100.0 * padding / max(slots, 1), peak, torch.cat(all_counts))
 
 
@@ -203,7 +211,8 @@ def evaluate_per_image(plan: Plan, config: EvalConfig = EvalConfig()) -> tuple[d
     timed_batches = range(1, full) or range(full)  # the first, a warm-up, only when it is the only one
     paired = timed_batches[:config.speedup_pairs] if config.speed else ()
     apply(model, plan)
-    run = _forward_all(model, bench.images, config.batch_size, paired)
+    compiled, compile_s = _compiled(model, plan, bench.images, config) if config.compile else (None, math.nan)
+    run = _forward_all(model, bench.images, config.batch_size, paired, compiled)
     logits, seconds = run.logits, run.seconds
     peak = run.peak_bytes / 2**20 if device.type == "cuda" else math.nan
     if not torch.isfinite(logits).all():
@@ -220,12 +229,34 @@ def evaluate_per_image(plan: Plan, config: EvalConfig = EvalConfig()) -> tuple[d
         "kl": max(kl.item(), 0.0),
         "gflops": _gflops(model, plan, run.counts, bench.images, config),
         "img_per_s": min(config.batch_size, len(bench.images)) / statistics.median(timed) if config.speed else math.nan,
-        "latency_ms": latency_ms(model, bench.images[:1], config.latency_repeats) if config.speed else math.nan,
+        "latency_ms": latency_ms(model if compiled is None else compiled, bench.images[:1], config.latency_repeats) if config.speed else math.nan,
         "speedup": paired_speedup(run.base_seconds, [seconds[k] for k in paired]) if config.speed else math.nan,
         "peak_mem_mb": peak,
         "padding_pct": run.padding_pct,
+        "compile_s": compile_s,
     }
     return metrics, (pred == bench.labels).cpu()
+
+
+def _compiled(model, plan: Plan, images: torch.Tensor, config: EvalConfig):
+    """``model`` (running ``plan``) under torch.compile, and the seconds its first forwards took: the plan
+    and the uncompressed model at every batch size the pass and the latency run (compilation), so that
+    no timed forward compiles. Earlier compilations are dropped first: a search compiles one plan after
+    another."""
+    from paretoken.compress.compiling import compile_model
+
+    torch._dynamo.reset()
+    compiled = compile_model(model)
+    sizes = {min(config.batch_size, len(images)), len(images) % config.batch_size} - {0}
+    if config.speed:
+        sizes.add(1)
+    start = time.perf_counter()
+    for warm in (plan, Plan()):
+        apply(model, warm)
+        for size in sorted(sizes):
+            timed_forward(compiled, images[:size])
+    apply(model, plan)
+    return compiled, time.perf_counter() - start
 
 
 def _gflops(model, plan: Plan, counts: torch.Tensor, images: torch.Tensor, config: EvalConfig) -> float:

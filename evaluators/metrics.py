@@ -31,6 +31,10 @@ Torch-free, so that reading a study never imports torch.
                NaN on CPU, where PyTorch offers no allocator peak.
   padding_pct  % of token slots in the batched pass that were padding (per-image
                plans only; 0 otherwise): what batching per-image counts costs.
+  compile_s    with ``compile`` (torch.compile), the seconds the first forwards
+               took, of the plan and of the uncompressed model it is timed
+               against, at each batch size timed: compilation, kept out of every
+               timed figure; NaN without it.
 """
 from __future__ import annotations
 
@@ -70,6 +74,7 @@ CATALOG: dict[str, Metric] = {
     "speedup": Metric("maximize", "speed-up over uncompressed", "x", 2),
     "peak_mem_mb": Metric("minimize", "peak memory", "MiB, CUDA only", 2),
     "padding_pct": Metric("minimize", "padding", "% of token slots", 2),
+    "compile_s": Metric("minimize", "compile time", "s", 1),
 }
 #: Whether a larger (``maximize``) or smaller (``minimize``) value is better, per metric, in table order.
 DIRECTIONS: dict[str, str] = {name: metric.direction for name, metric in CATALOG.items()}

@@ -5,6 +5,7 @@ The public face::
     import paretoken
     plan = paretoken.load_plan("plan.yaml")         # or paretoken.preset("tome-r13")
     model = paretoken.apply(model, plan)            # any timm VisionTransformer
+    compiled = paretoken.compile_model(model)       # torch.compile: one graph for plans without per-image stages
     gflops = paretoken.count_flops(model, images)   # fvcore, per image
     metrics = paretoken.evaluate(plan, paretoken.EvalConfig(images=500, device="auto"))  # top1, kl, ...
     result = paretoken.run_search("demo", budgets=paretoken.Budgets(max_top1_drop=2),   # an Optuna study
@@ -17,6 +18,7 @@ from paretoken.errors import ParetokenError
 
 #: Loaded on first use, so that importing paretoken (and `paretoken --help`) needs no torch.
 _LAZY = {"apply": "paretoken.compress.patch", "token_counts": "paretoken.compress.patch",
+         "compile_model": "paretoken.compress.compiling",
          "PRESETS": "paretoken.compress.presets", "preset": "paretoken.compress.presets",
          "EvalConfig": "paretoken.evaluators.evaluate", "evaluate": "paretoken.evaluators.evaluate",
          "Budgets": "paretoken.evaluators.metrics", "run_search": "paretoken.search"}
@@ -51,5 +53,5 @@ def count_flops(model, images, max_images: int = 32, method: str = "count") -> f
     return _count(model, images, per_image=bool(plan and plan.per_image), max_images=max_images)
 
 
-__all__ = ["PRESETS", "Budgets", "EvalConfig", "ParetokenError", "Plan", "Stage", "apply", "count_flops",
+__all__ = ["PRESETS", "Budgets", "EvalConfig", "ParetokenError", "Plan", "Stage", "apply", "compile_model", "count_flops",
            "evaluate", "load_plan", "preset", "run_search", "token_counts"]

@@ -76,10 +76,10 @@ UNCOMPRESSED = "uncompressed"
 #: What is measured: the model, its weights and the images' data set.
 MODEL_KEYS = ("model", "checkpoint", "pretrained", "data")
 #: How it is measured: which images (``images`` after ``skip`` in the ``seed``'s order), in what batches,
-#: GFLOPs counted or traced (``flops``), traced on how many.
-EVALUATION_KEYS = ("images", "seed", "skip", "batch_size", "flops", "flops_images")
-#: What a measurement recorded before a key existed measured with: GFLOPs were fvcore traces.
-MEASUREMENT_BEFORE = {"flops": "trace"}
+#: GFLOPs counted or traced (``flops``), traced on how many, speed eager or compiled (``compile``).
+EVALUATION_KEYS = ("images", "seed", "skip", "batch_size", "flops", "flops_images", "compile")
+#: What a measurement recorded before a key existed measured with: GFLOPs were fvcore traces, speed eager.
+MEASUREMENT_BEFORE = {"flops": "trace", "compile": False}
 #: The evaluation settings that make two measurements comparable: they must match to add trials to a
 #: study, holdout measures on the images after them, export records them.
 MEASUREMENT_KEYS = (*MODEL_KEYS, *EVALUATION_KEYS)

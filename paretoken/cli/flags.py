@@ -66,6 +66,14 @@ def add_flops_flag(parser) -> None:
     parser.add_argument("--flops", default="count", choices=("count", "trace"), help=FLOPS_HELP)
 
 
+COMPILE_HELP = ("run the plan and the uncompressed model it is timed against under torch.compile (one graph "
+                "for plans without per-image stages); compilation is timed apart (compile_s)")
+
+
+def add_compile_flag(parser) -> None:
+    parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+
+
 def add_device_flag(parser) -> None:
     parser.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
 

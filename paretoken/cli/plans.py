@@ -11,7 +11,7 @@ import math
 import os
 
 from paretoken import argtypes
-from paretoken.cli.flags import add_batch_size_flag, add_flops_flag, add_json_flag, add_model_flags
+from paretoken.cli.flags import add_batch_size_flag, add_compile_flag, add_flops_flag, add_json_flag, add_model_flags
 from paretoken.errors import ParetokenError
 from paretoken.jsonvalues import json_ready
 from paretoken.outputs import PLAN_SUFFIXES, check_output
@@ -103,7 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = device_name(args.device)
     config = EvalConfig(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
                         images=args.images, device=device, batch_size=args.batch_size, seed=args.seed,
-                        skip=args.skip, flops=args.flops)
+                        skip=args.skip, flops=args.flops, compile=args.compile)
     metrics = evaluate(plan, config)
     env = environment(device)
     if args.json:
@@ -185,6 +185,7 @@ def add_plan_parsers(sub) -> None:
                    help="pass over the first K images of the seeded order: with K = a search's --images, "
                         "images the search never saw [0]")
     add_flops_flag(p)
+    add_compile_flag(p)
     add_json_flag(p)
     p.set_defaults(func=cmd_eval)
 

@@ -10,7 +10,7 @@ import json
 
 from paretoken import argtypes
 from paretoken.cli import flags
-from paretoken.cli.flags import (add_batch_size_flag, add_budget_flags, add_flops_flag, add_json_flag,
+from paretoken.cli.flags import (add_batch_size_flag, add_budget_flags, add_compile_flag, add_flops_flag, add_json_flag,
                                  add_model_flags, add_objectives_flag, add_plot_flag, add_study_flags)
 from paretoken.outputs import PLOT_SUFFIXES, check_output
 from paretoken.search.storage import MAX_HEARTBEAT_S, study_storage
@@ -39,6 +39,7 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
                    help="--flops trace: images whose GFLOPs are averaged for plans with per-image token counts [16]")
     g.add_argument("--no-speed", action="store_true",
                    help="skip throughput/latency timing (img_per_s, latency_ms, speedup are then not recorded)")
+    add_compile_flag(g)
     g = p.add_argument_group("search")
     g.add_argument("--space", default="mixed", help=f"search space: {', '.join(SPACE_NAMES)} [mixed]")
     g.add_argument("--ops", metavar="OP,OP", help="mixed only: the ops an overriding block chooses among "
@@ -88,7 +89,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     config = EvalConfig(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
                         images=args.images, batch_size=min(args.batch_size, args.images),
                         flops=args.flops, flops_images=min(args.flops_images, args.images),
-                        device=device_name(args.device), speed=not args.no_speed)
+                        device=device_name(args.device), speed=not args.no_speed, compile=args.compile)
     budgets = flags.budgets(args)
     if args.plot:  # before the search, not after
         check_output("plot", args.plot, PLOT_SUFFIXES, study_storage(args.study, args.storage))
