@@ -3,7 +3,8 @@
     python bench/throughput.py [--device cpu|cuda] [--batch-size N] [--repeats R] [--rounds K]
     python bench/throughput.py --prefix-only-last --plans tome-r13,evit-0.7 --repeats 3 --rounds 3
 
-CPU: batch 64, fp32. GPU: batch 256, fp16 autocast. Prints a table and saves
+CPU: batch 64, fp32. GPU: batch 256, fp16 autocast. ``--model default`` times the embedded model
+(28-pixel images). Prints a table and saves
 bench/results/throughput_<device>.json. Efficiency = (throughput ratio) /
 (FLOPs ratio): 1.0 means the FLOPs saved all turn into speed. Per-image plans
 run batched with padding: their row also gives the GFLOPs the padded batch
@@ -14,7 +15,11 @@ its throughput over the mean of those two, and its figures are the medians over
 ``--rounds`` rounds, in a shuffled order each round. ``--prefix-only-last`` follows each
 plan with its ``prefix_only_last`` form (row ``NAME+pol``, with its speed-up over the
 plan timed just before it) and saves
-bench/results/throughput_<device>_prefix_only_last.json.
+bench/results/throughput_<device>_prefix_only_last.json. ``--compile`` times every plan (and the
+uncompressed model) under torch.compile (``paretoken.compile_model``: one graph for plans without
+per-image stages), each compiled by one untimed forward first (its ``compile_s``), and saves
+bench/results/throughput_<device>_compiled.json; the eager figures of a run without it are the
+other half of the comparison.
 """
 from __future__ import annotations
 
@@ -26,13 +31,13 @@ import statistics
 import time
 from pathlib import Path
 
-import timm
 import torch
 
 import paretoken
 from paretoken.argtypes import positive_int
 from paretoken.evaluators.evaluate import environment
 from paretoken.evaluators.flops import count_flops
+from paretoken.evaluators.models import create_model
 from paretoken.evaluators.speed import throughput, timing_context
 
 
@@ -47,14 +52,15 @@ def main() -> None:
                         help="comma-separated preset names; the uncompressed model always runs first [all]")
     parser.add_argument("--prefix-only-last", action="store_true",
                         help="also run each plan with the last block computing only the class token")
+    parser.add_argument("--compile", action="store_true", help="time every plan compiled (torch.compile)")
     parser.add_argument("--out", help="name of the figures in bench/results/: NAME.json "
                                       "[throughput_<device>, + _prefix_only_last with that flag]")
     args = parser.parse_args()
     device = torch.device(args.device)
     batch_size = args.batch_size or (256 if device.type == "cuda" else 64)
     torch.manual_seed(0)
-    model = timm.create_model(args.model).eval().to(device)
-    batch = torch.randn(batch_size, 3, 224, 224, device=device)
+    model = create_model(args.model).eval().to(device)
+    batch = torch.randn(batch_size, *model.pretrained_cfg["input_size"], device=device)
     flops_images = batch[:16]
 
     named = [("uncompressed", paretoken.Plan())] + [(n, paretoken.preset(n)) for n in args.plans.split(",")
@@ -71,9 +77,21 @@ def main() -> None:
         rows[name] = {"plan": name, "gflops": gflops, "padded_gflops": padded, "img_per_s_rounds": [],
                       "speedup_rounds": []}
 
+    compiled = {}  # plan -> its compiled model, compiled once by an untimed forward
+    if args.compile:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(rows))
+        for name, plan in [named[0], *(member for group in groups for member in group)]:
+            paretoken.apply(model, plan)
+            compiled[plan] = paretoken.compile_model(model)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                compiled[plan](batch)
+            rows[name]["compile_s"] = round(time.perf_counter() - start, 1)
+            print(f"{name:17s} compiled in {rows[name]['compile_s']} s", flush=True)
+
     def timed(plan: paretoken.Plan) -> float:
         paretoken.apply(model, plan)
-        return throughput(model, batch, repeats=args.repeats)
+        return throughput(compiled.get(plan, model), batch, repeats=args.repeats)
 
     started, order_rng, round_starts = time.perf_counter(), random.Random(0), []
     base = rows["uncompressed"]
@@ -107,12 +125,13 @@ def main() -> None:
               + (f"  over the plan {row['speedup_over_plan']:5.3f}x" if over else ""), flush=True)
     seconds = time.perf_counter() - started
 
-    suffix = "_prefix_only_last" if args.prefix_only_last else ""
+    suffix = ("_prefix_only_last" if args.prefix_only_last else "") + ("_compiled" if args.compile else "")
     out = Path(__file__).parent / "results" / f"{args.out or f'throughput_{device.type}{suffix}'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": f"python bench/throughput.py --device {args.device} --batch-size {batch_size} "
-                   f"--repeats {args.repeats} --rounds {args.rounds} --plans {args.plans}" + (" --prefix-only-last" if suffix else "")
+                   f"--repeats {args.repeats} --rounds {args.rounds} --plans {args.plans} --model {args.model}"
+                   + (" --prefix-only-last" if args.prefix_only_last else "") + (" --compile" if args.compile else "")
                    + (f" --out {args.out}" if args.out else ""),
         "model": args.model, "batch_size": batch_size, "amp": device.type == "cuda",
         "environment": environment(args.device), "timing": timing_context(), "seconds": round(seconds, 1),

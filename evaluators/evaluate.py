@@ -240,8 +240,8 @@ def evaluate_per_image(plan: Plan, config: EvalConfig = EvalConfig()) -> tuple[d
 
 def _compiled(model, plan: Plan, images: torch.Tensor, config: EvalConfig):
     """``model`` (running ``plan``) under torch.compile, and the seconds its first forwards took: the plan
-    and the uncompressed model at every batch size the pass and the latency run (compilation), so that
-    no timed forward compiles. Earlier compilations are dropped first: a search compiles one plan after
+    and, where speed is measured, the uncompressed model at every batch size the pass and the latency
+    run (compilation), so that no timed forward compiles. Earlier compilations are dropped first: a search compiles one plan after
     another."""
     from paretoken.compress.compiling import compile_model
 
@@ -251,7 +251,7 @@ def _compiled(model, plan: Plan, images: torch.Tensor, config: EvalConfig):
     if config.speed:
         sizes.add(1)
     start = time.perf_counter()
-    for warm in (plan, Plan()):
+    for warm in (plan, Plan()) if config.speed else (plan,):
         apply(model, warm)
         for size in sorted(sizes):
             timed_forward(compiled, images[:size])
