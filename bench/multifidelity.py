@@ -12,12 +12,15 @@ on the ``--held-out`` test images after the search's (``paretoken holdout``'s ma
 hypervolume and presets dominated there. Targets (issue 30): at least 3x the plans screened,
 held-out hypervolume at least single fidelity's in every seed, every preset dominated held out
 in at least 4 of 5 seeds. Studies in bench/results/multifidelity/, figures in
-bench/results/<out>.json.
+bench/results/<out>.json. ``--side-by-side`` runs a seed's two searches at the same time, one CPU
+thread each (``OMP_NUM_THREADS=1``), so that any other load on the machine falls on both alike and
+the bench takes half the time.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -36,24 +39,34 @@ RESULTS = Path(__file__).parent / "results"
 TEST_IMAGES = 10_000  # Fashion-MNIST test split
 
 
-def _search(name: str, storage: str, seconds: float, args: argparse.Namespace, seed: int, halving: bool) -> float:
-    """Run one search for ``seconds`` of wall-clock, then Ctrl-C it; returns the seconds it ran."""
+def _start(name: str, storage: str, args: argparse.Namespace, seed: int, halving: bool, threads: int | None):
+    """Start one search (``threads``: CPU threads of its torch, None for torch's default); returns the process."""
     cmd = [sys.executable, "-m", "paretoken.cli", "search", "--study", name, "--storage", storage,
            "--trials", "100000", "--images", str(args.images), "--seed", str(seed),
            "--max-top1-drop", str(args.max_top1_drop), "--model", args.model, "--device", "cpu"]
     if halving:
         cmd += ["--min-images", str(args.min_images), "--eta", str(args.eta)]
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    log = open(RESULTS / "multifidelity" / f"{name}.log", "w")
+    # Ctrl-C as from a terminal, also where this runs as a background job (SIGINT ignored, and a search
+    # started so keeps ignoring it)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _run_for(procs: list, seconds: float) -> float:
+    """Let ``procs`` run for ``seconds`` of wall-clock, then Ctrl-C them; returns the seconds they ran."""
     start = time.monotonic()
-    with open(RESULTS / "multifidelity" / f"{name}.log", "w") as log:
-        # Ctrl-C as from a terminal, also where this runs as a background job (SIGINT ignored, and a search
-        # started so keeps ignoring it)
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for proc in procs:
         try:
-            proc.wait(seconds)
+            proc.wait(max(seconds - (time.monotonic() - start), 0))
         except subprocess.TimeoutExpired:
+            pass
+    for proc in procs:
+        if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
-            proc.wait(300)
+    for proc in procs:
+        proc.wait(300)
     return time.monotonic() - start
 
 
@@ -79,6 +92,8 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=2000, help="test images after the search's [2000]")
     parser.add_argument("--model", default="default")
     parser.add_argument("--max-top1-drop", type=float, default=10.0)
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="run a seed's two searches at the same time, one CPU thread each")
     parser.add_argument("--out", default="multifidelity")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -86,15 +101,23 @@ def main() -> None:
 
     runs, tables = [], []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
+        arms = []
         for halving in (False, True):
             name = (f"{'sh' if halving else 'sf'}-s{seed}-m{args.minutes:g}-i{args.images}"
-                    + (f"-min{args.min_images}-eta{args.eta}" if halving else ""))
-            storage = f"sqlite:///{RESULTS / 'multifidelity' / name}.db"
-            seconds = _search(name, storage, 60 * args.minutes, args, seed, halving)
+                    + (f"-min{args.min_images}-eta{args.eta}" if halving else "")
+                    + ("-side" if args.side_by_side else ""))
+            arms.append((name, f"sqlite:///{RESULTS / 'multifidelity' / name}.db", halving))
+        if args.side_by_side:  # both at once, a thread each: whatever else loads the machine loads both
+            procs = [_start(name, storage, args, seed, halving, 1) for name, storage, halving in arms]
+            seconds = [_run_for(procs, 60 * args.minutes)] * 2
+        else:
+            seconds = [_run_for([_start(name, storage, args, seed, halving, None)], 60 * args.minutes)
+                       for name, storage, halving in arms]
+        for (name, storage, halving), ran in zip(arms, seconds):
             figures, table = _figures(name, storage)
-            runs.append({"seed": seed, "halving": halving, "seconds": seconds, **figures})
+            runs.append({"seed": seed, "halving": halving, "seconds": ran, **figures})
             tables.append(table)
-            print(f"{name}: {seconds:.0f} s, {figures['plans_screened']} plans screened, "
+            print(f"{name}: {ran:.0f} s, {figures['plans_screened']} plans screened, "
                   f"{figures['full_fidelity_trials']} at full fidelity", flush=True)
 
     settings = query.load(runs[0]["study"], f"sqlite:///{RESULTS / 'multifidelity' / runs[0]['study']}.db"

@@ -105,7 +105,7 @@ def test_exported_plans_rebuild_the_same_model_in_a_fresh_process(measured, tmp_
         meta, stored = plan.meta, df.loc[number]
         assert meta["model"] == "default" and meta["checkpoint"] == str(measured["checkpoint"])
         assert meta["input_size"] == [1, 28, 28] and meta["data"] == "fashion-mnist"
-        assert meta["eval"] == {"images": 64, "seed": 0, "flops": "count"}
+        assert meta["eval"] == {"images": 64, "seed": 0, "flops": "count", "compile": False}
         assert meta["search"] == {"space": "mixed", "objectives": ["top1", "gflops"], "max_gflops": None,
                                   "min_top1": None}
         assert meta["metrics"]["top1"] == stored["top1"] and meta["metrics"]["gflops"] == stored["gflops"]

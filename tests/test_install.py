@@ -46,7 +46,7 @@ def test_pip_install(tmp_path, editable):
 
 
 def test_public_names_resolve_and_importing_paretoken_needs_no_torch():
-    names = ["Budgets", "EvalConfig", "PRESETS", "ParetokenError", "Plan", "Stage", "apply", "count_flops", "evaluate",
+    names = ["Budgets", "EvalConfig", "PRESETS", "ParetokenError", "Plan", "Stage", "apply", "compile_model", "count_flops", "evaluate",
              "load_plan", "preset", "run_search", "token_counts"]
     probe = ("import json, sys, paretoken; print(json.dumps({'torch': 'torch' in sys.modules, "
              "'all': paretoken.__all__, 'dir': dir(paretoken)}))")

@@ -314,3 +314,19 @@ def test_sigkill_mid_rung_resumes_the_trial_at_its_rung(tmp_path):
     assert f"[re-run of trial {killed.number}]" in out.stdout
     done = [t for t in after if t.state.name == "COMPLETE"]
     assert len(done) == 4 and not [t for t in after if t.state.name in ("RUNNING", "WAITING")]
+
+
+def test_a_study_measured_eager_resumes_only_eager():
+    """Compiled speed is another measurement: a study that records none was measured eager, and resuming
+    it (or an eager study) with --compile is one line naming --compile."""
+    from paretoken.errors import ParetokenError
+    from paretoken.search.opening import check_settings
+
+    legacy = {"space": "tome", "measurement": {"model": "default", "images": 500, "flops": "count"}}
+    eager = {**legacy, "measurement": {**legacy["measurement"], "compile": False}}
+    compiled = {**legacy, "measurement": {**legacy["measurement"], "compile": True}}
+    check_settings("old", legacy, eager)
+    for stored in (legacy, eager):
+        with pytest.raises(ParetokenError, match="measures with compile False, not True; pass the same --compile"):
+            check_settings("s", stored, compiled)
+    check_settings("new", compiled, compiled)

@@ -31,6 +31,19 @@ def energy(metric, size, prefix: int, margin: float):
     return torch.where(valid, e, torch.full_like(e, NEG)), sim
 
 
+def energy_uniform(metric, prefix: int, margin: float):
+    """:func:`energy` on a uniform batch: no padding to mask, the ELU taken in place over the patch columns."""
+    import torch.nn.functional as F
+
+    from paretoken.compress.tokens import NEG
+
+    unit = F.normalize(metric.float(), dim=-1)
+    sim = unit @ unit.transpose(1, 2)
+    e = F.elu(sim[:, :, prefix:] - margin, inplace=True).sum(dim=-1) / (sim.shape[-1] - prefix)
+    e[:, :prefix] = NEG
+    return e, sim
+
+
 def pitome_merge(x, size, metric, prefix: int, margin: float, keep: float | None = None, r: int | None = None,
                  fuse: str = "average"):
     """PiToMe on keys ``metric`` (B, N, D): r patch tokens per image merged (at most half of them);
@@ -62,7 +75,7 @@ def pitome_merge_uniform(x, size, metric, prefix: int, margin: float, keep: floa
     n_in = x.shape[1]
     n = n_in - prefix
     removed = min(n - keep_count(n, keep, r) if keep is not None else int(r), n // 2)
-    e, sim = energy(metric, size, prefix, margin)
+    e, sim = energy_uniform(metric, prefix, margin)
     if removed <= 0:
         return x, size
     ranked = torch.argsort(e, dim=1, descending=True, stable=True)
