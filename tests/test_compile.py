@@ -113,14 +113,14 @@ def test_per_image_plans_stop_recompiling_once_their_graphs_exist(name, default_
     compiled = compiling.compile_model(default_model, backend="eager")
     graphs, counts = [], []
     with torch.inference_mode():
-        for start in range(0, 300, 60):
+        for start in range(0, 240, 60):
             batch = images[start:start + 60]
             out = compiled(batch)
             graphs.append(counters["stats"]["unique_graphs"])
             counts.append(token_counts(default_model).sum().item())
             torch.testing.assert_close(out, default_model(batch), rtol=1e-5, atol=1e-5)
     assert len(set(counts)) > 1  # the batches' token counts differ
-    assert graphs[2:] == [graphs[1]] * 3, graphs  # no graph after the second batch
+    assert graphs[2:] == [graphs[1]] * 2, graphs  # no graph after the second batch
 
 
 @pytest.fixture(scope="module")
