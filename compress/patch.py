@@ -118,8 +118,13 @@ class PlanAttention(Attention):
             kv = F.linear(x, weight[dim:], None if bias_qkv is None else bias_qkv[dim:])
             k, v = kv.reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
+        need = self._pt_needs
+        probs = None
         if self._pt_state.soft:
             out = learn.masked_attention(q, k, v, self.scale, self._pt_state.size, self.attn_drop)
+        elif "full" in need and queries is None:  # the stage reads the whole matrix: attention in one pass
+            probs = scores.attention_probs(q, k, self.scale, bias)
+            out = self.attn_drop(probs).to(v.dtype) @ v
         elif self.fused_attn:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0)
@@ -129,10 +134,9 @@ class PlanAttention(Attention):
                 attn = attn + bias
             out = self.attn_drop(attn.softmax(dim=-1)) @ v
         info: dict[str, Any] = {}
-        need = self._pt_needs
         if need:
             if "cls" in need:
-                cls_attn = scores.class_attention(q, k, self.scale, bias)
+                cls_attn = probs[:, :, 0] if probs is not None else scores.class_attention(q, k, self.scale, bias)
                 if "head" in need:
                     weights = scores.head_importance(out, self._pt_state.size)
                     info["score"] = scores.head_weighted_score(cls_attn, weights)
@@ -141,7 +145,9 @@ class PlanAttention(Attention):
             if "keys" in need:
                 info["keys"] = scores.key_metric(k)
             if "full" in need:
-                info["score"] = scores.propagated_importance(q, k, self.scale, bias, info["score"])
+                if probs is None:
+                    probs = scores.attention_probs(q, k, self.scale, bias)
+                info["score"] = scores.propagated_importance(probs, info["score"])
         self._pt_info = info
         out = self.norm(out.transpose(1, 2).reshape(B, Q, self.attn_dim))
         if gate is not None:

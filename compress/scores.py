@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """(B, H, Q, N) float32 attention probabilities of the queries ``q`` (B, H, Q, D) over the keys."""
     logits = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:
         logits = logits + bias
@@ -18,7 +19,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tenso
 
 def class_attention(q, k, scale: float, bias) -> torch.Tensor:
     """(B, H, N): each head's attention from the class token (query 0) to every token."""
-    return _attention(q[:, :, :1], k, scale, bias)[:, :, 0]
+    return attention_probs(q[:, :, :1], k, scale, bias)[:, :, 0]
 
 
 def head_importance(head_out: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
@@ -43,11 +44,11 @@ def key_metric(k: torch.Tensor) -> torch.Tensor:
     return k.mean(dim=1)
 
 
-def propagated_importance(q, k, scale: float, bias, class_score: torch.Tensor) -> torch.Tensor:
-    """(B, N) Patch Slimming importance: class importance carried back one attention step.
+def propagated_importance(probs: torch.Tensor, class_score: torch.Tensor) -> torch.Tensor:
+    """(B, N) Patch Slimming importance: class importance (B, N) carried back one attention step of
+    the probabilities ``probs`` (B, H, N, N) (:func:`attention_probs`).
 
     importance_j = sum_i class_score_i * mean_h A_h(i, j): a token matters as
     much as the attention it receives from the tokens the class token relies on.
     """
-    attn = _attention(q, k, scale, bias).mean(dim=1)
-    return torch.einsum("bi,bij->bj", class_score.float(), attn)
+    return torch.einsum("bi,bij->bj", class_score.float(), probs.mean(dim=1))

@@ -108,12 +108,12 @@ class FlopModel:
         need = SCORE_NEEDS[stage.score] | op.needs
         attn_dim = self.dims.heads * self.dims.head_dim
         extra = n * 0
-        if "cls" in need:  # a score from class attention (one a stage does not use is no work: fvcore's
+        if "full" in need:  # the attention matrix is computed once and read: its class row, the propagation
+            extra = extra + n * n
+        elif "cls" in need:  # a score from class attention (one a stage does not use is no work: fvcore's
             extra = extra + n * attn_dim  # trace drops it, as would any compiler)
         if "head" in need:
             extra = extra + n * self.dims.heads
-        if "full" in need:
-            extra = extra + n * n * (attn_dim + 1)
         if stage.score == "predictor":
             extra = extra + (n - self.prefix) * self.predictor
         return extra + op.flops(n, self.dims, self.prefix, **stage.settings)

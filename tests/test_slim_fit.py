@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import paretoken
+from paretoken.compress import applied_plan
 from paretoken.compress.slim import fit_slim, pyramid_plan
 from paretoken.evaluators.data import load_split
 from paretoken.evaluators.models import create_model
@@ -44,25 +45,26 @@ def test_top_down_pyramid_is_minimal_and_within_tolerance():
 
 
 def test_stages_that_cost_more_than_they_save_are_dropped():
-    """On the embedded model a top-down pyramid has stages dropping a token or a few, which cost
-    more in scores than they save; with a cost, none is left that could go (its layers keeping
-    their input count) at a lower cost within the tolerance."""
+    """On the embedded model a top-down pyramid has stages dropping a token or a few; with a cost that
+    charges each stage a fixed price besides its GFLOPs (a stage's latency, say), such stages cost
+    more than they save, and none is left that could go (its layers keeping their input count) at a
+    lower cost within the tolerance."""
     model = create_model("default")
     images, _ = load_split(None, model, "calib", n=32)
     with torch.no_grad():
         base = model(images).log_softmax(-1)
     tolerance = 0.05
 
-    def gflops(plan) -> float:
-        return paretoken.count_flops(paretoken.apply(model, plan), images[:1])
+    def cost(plan) -> float:  # GFLOPs, and 0.002 more per stage
+        return paretoken.count_flops(paretoken.apply(model, plan), images[:1]) + 0.002 * len(plan.stages)
 
     plain = fit_slim(model, images, layers=range(1, 12), tolerance=tolerance)
     plan = fit_slim(model, images, layers=range(1, 12), tolerance=tolerance,
-                    cost=lambda patched: paretoken.count_flops(patched, images[:1]))
-    assert gflops(plan) < gflops(plain) and len(plan.stages) < len(plain.stages)
+                    cost=lambda patched: cost(applied_plan(patched)))
+    assert cost(plan) < cost(plain) and len(plan.stages) < len(plain.stages)
     assert _kl(model, images, plan, base) <= tolerance
     for i, stage in enumerate(plan.stages):  # its tokens dropped by the next stage instead, or by none
         rest = [paretoken.Stage(s.layer, "slim", r=s.r + (stage.r if j == i + 1 else 0))
                 for j, s in enumerate(plan.stages) if j != i]
         without = paretoken.Plan(tuple(rest))
-        assert gflops(without) >= gflops(plan) or _kl(model, images, without, base) > tolerance
+        assert cost(without) >= cost(plan) or _kl(model, images, without, base) > tolerance
