@@ -3,6 +3,7 @@ and speed-up over the uncompressed model (the evaluator's paired ``speedup``).
 
     python bench/presets.py [--images 10000] [--model default] [--checkpoint FILE]
     python bench/presets.py --images 2000 --speedup-pairs 19 --compile --out presets_compiled
+    python bench/presets.py --model deit_small_patch16_224 --plans tome-r13,evit-0.7 --images 64 --batch-size 32
 
 Prints a Markdown table (it goes into the README) and saves bench/results/<out>.json. Efficiency is
 speed-up / FLOPs ratio (1.0: every FLOP saved is time saved). ``--compile`` measures every plan and
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import paretoken
@@ -26,14 +28,20 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--speedup-pairs", type=int, default=4, help="batches timed against the uncompressed model [4]")
     parser.add_argument("--compile", action="store_true", help="measure under torch.compile")
+    parser.add_argument("--plans", default=",".join(paretoken.PRESETS),
+                        help="comma-separated presets, each timed against the uncompressed model [all]")
     parser.add_argument("--out", default="presets", help="NAME.json in bench/results/ [presets]")
     args = parser.parse_args()
+    names = [name for name in args.plans.split(",") if name]
+    unknown = [name for name in names if name not in paretoken.PRESETS]
+    if unknown:
+        parser.error(f"--plans: {', '.join(unknown)} unknown; valid: {', '.join(paretoken.PRESETS)}")
     config = EvalConfig(model=args.model, checkpoint=args.checkpoint, images=args.images, batch_size=args.batch_size,
                         speedup_pairs=args.speedup_pairs, compile=args.compile)
     rows = []
     print("| plan | top-1 % | agreement % | GFLOPs | CPU img/s | speed-up | efficiency | padding % | compile s |\n"
           "|---|---|---|---|---|---|---|---|---|")
-    for name in [None, *paretoken.PRESETS]:
+    for name in [None, *names]:
         metrics = evaluate(paretoken.preset(name) if name else paretoken.Plan(), config)
         rows.append({"plan": name or "uncompressed", **metrics,
                      "efficiency": metrics["speedup"] * metrics["gflops"] / (rows[0] if rows else metrics)["gflops"]})
@@ -42,8 +50,7 @@ def main() -> None:
               f"| {metrics['padding_pct']:.1f} | {metrics['compile_s']:.1f} |", flush=True)
     out = Path(__file__).parent / "results" / f"{args.out}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = (f"python bench/presets.py --images {args.images} --batch-size {args.batch_size} "
-               f"--speedup-pairs {args.speedup_pairs}" + (" --compile" if args.compile else "") + f" --out {args.out}")
+    command = " ".join(["python bench/presets.py", *sys.argv[1:]])
     out.write_text(json.dumps({"command": command, "config": vars(config),
                                "environment": environment(), "rows": rows}, indent=2) + "\n")
     print(f"saved {out}")

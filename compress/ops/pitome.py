@@ -14,6 +14,13 @@ MARGIN = Amount("margin", False, lambda v: -1.0 <= v <= 1.0, "-1 <= margin <= 1"
                 "cosine above which a token counts towards another's cluster in the energy score")
 
 
+def elu_(z):
+    """ELU of ``z`` in place: max(z, 0) + exp(min(z, 0)) - 1. F.elu computes expm1, which PyTorch's
+    CPU kernels do not vectorise: on the n x n similarities this is about 4x faster."""
+    positive = z.clamp(min=0)
+    return z.clamp_(max=0).exp_().sub_(1).add_(positive)
+
+
 def energy(metric, size, prefix: int, margin: float):
     """(B, N) PiToMe energy of each valid patch token (-inf for prefix and padding) and the (B, N, N)
     cosine similarities of ``metric`` (B, N, D)."""
@@ -26,20 +33,20 @@ def energy(metric, size, prefix: int, margin: float):
     valid[:, :prefix] = False
     unit = F.normalize(metric.float(), dim=-1)
     sim = unit @ unit.transpose(1, 2)
-    elu = F.elu(sim - margin) * valid[:, None, :]
+    elu = elu_(sim - margin) * valid[:, None, :]
     e = elu.sum(dim=-1) / patch_counts(size, prefix).clamp(min=1)[:, None]
     return torch.where(valid, e, torch.full_like(e, NEG)), sim
 
 
 def energy_uniform(metric, prefix: int, margin: float):
-    """:func:`energy` on a uniform batch: no padding to mask, the ELU taken in place over the patch columns."""
+    """:func:`energy` on a uniform batch: no padding to mask, the ELU over the patch columns only."""
     import torch.nn.functional as F
 
     from paretoken.compress.tokens import NEG
 
     unit = F.normalize(metric.float(), dim=-1)
     sim = unit @ unit.transpose(1, 2)
-    e = F.elu(sim[:, :, prefix:] - margin, inplace=True).sum(dim=-1) / (sim.shape[-1] - prefix)
+    e = elu_(sim[:, :, prefix:] - margin).sum(dim=-1) / (sim.shape[-1] - prefix)
     e[:, :prefix] = NEG
     return e, sim
 
