@@ -118,41 +118,59 @@ class PlanAttention(Attention):
             kv = F.linear(x, weight[dim:], None if bias_qkv is None else bias_qkv[dim:])
             k, v = kv.reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        need = self._pt_needs
-        probs = None
+        size = self._pt_state.size
         if self._pt_state.soft:
-            out = learn.masked_attention(q, k, v, self.scale, self._pt_state.size, self.attn_drop)
-        elif "full" in need and queries is None:  # the stage reads the whole matrix: attention in one pass
-            probs = scores.attention_probs(q, k, self.scale, bias)
-            out = self.attn_drop(probs).to(v.dtype) @ v
-        elif self.fused_attn:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0)
+            out = learn.masked_attention(q, k, v, self.scale, size, self.attn_drop)
+            info = self._by_products(q, k, out, None, bias, size)
+        elif "full" in self._pt_needs and queries is None:  # the stage reads the whole matrix
+            out, info = self._attend_in_chunks(q, k, v, bias, size)
         else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            if bias is not None:
-                attn = attn + bias
-            out = self.attn_drop(attn.softmax(dim=-1)) @ v
-        info: dict[str, Any] = {}
-        if need:
-            if "cls" in need:
-                cls_attn = probs[:, :, 0] if probs is not None else scores.class_attention(q, k, self.scale, bias)
-                if "head" in need:
-                    weights = scores.head_importance(out, self._pt_state.size)
-                    info["score"] = scores.head_weighted_score(cls_attn, weights)
-                else:
-                    info["score"] = scores.cls_attn_score(cls_attn)
-            if "keys" in need:
-                info["keys"] = scores.key_metric(k)
-            if "full" in need:
-                if probs is None:
-                    probs = scores.attention_probs(q, k, self.scale, bias)
-                info["score"] = scores.propagated_importance(probs, info["score"])
+            if self.fused_attn:
+                out = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0)
+            else:
+                attn = (q * self.scale) @ k.transpose(-2, -1)
+                if bias is not None:
+                    attn = attn + bias
+                out = self.attn_drop(attn.softmax(dim=-1)) @ v
+            info = self._by_products(q, k, out, None, bias, size)
         self._pt_info = info
         out = self.norm(out.transpose(1, 2).reshape(B, Q, self.attn_dim))
         if gate is not None:
             out = out * gate
         return self.proj_drop(self.proj(out))
+
+    def _by_products(self, q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, probs: torch.Tensor | None,
+                     bias: torch.Tensor | None, size: torch.Tensor) -> dict[str, Any]:
+        """What the block's stage scores with (``info``), from q, k (B, H, N, D), the head outputs
+        ``out`` (B, H, N, Dv) and, when computed, the attention probabilities ``probs`` (B, H, N, N)."""
+        need, info = self._pt_needs, {}
+        if "cls" in need:
+            cls_attn = probs[:, :, 0] if probs is not None else scores.class_attention(q, k, self.scale, bias)
+            if "head" in need:
+                info["score"] = scores.head_weighted_score(cls_attn, scores.head_importance(out, size))
+            else:
+                info["score"] = scores.cls_attn_score(cls_attn)
+        if "keys" in need:
+            info["keys"] = scores.key_metric(k)
+        if "full" in need:
+            if probs is None:
+                probs = scores.attention_probs(q, k, self.scale, bias)
+            info["score"] = scores.propagated_importance(probs, info["score"])
+        return info
+
+    def _attend_in_chunks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                          size: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Attention computed from its probabilities, which a ``full`` stage reads too, a few images at
+        a time on CPU (:func:`~paretoken.compress.scores.cache_chunks`): the head outputs (B, H, N, Dv)
+        and the stage's ``info``."""
+        outs, infos = [], []
+        for rows in scores.cache_chunks(q):
+            part = None if bias is None else bias[rows]
+            probs = scores.attention_probs(q[rows], k[rows], self.scale, part)
+            outs.append(self.attn_drop(probs).to(v.dtype) @ v[rows])
+            infos.append(self._by_products(q[rows], k[rows], outs[-1], probs, part, size[rows]))
+        return torch.cat(outs), {key: torch.cat([info[key] for info in infos]) for key in infos[0]}
 
 
 def reduce_tokens(stage: Stage, x: torch.Tensor, state: TokenState, info: dict[str, Any], **overrides: float):

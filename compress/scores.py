@@ -17,6 +17,16 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.
     return logits.float().softmax(dim=-1)
 
 
+def cache_chunks(q: torch.Tensor, budget: int = 4 << 20) -> list[slice]:
+    """Slices of the batch of ``q`` (B, H, N, D) whose (H, N, N) float32 attention matrices take at most
+    ``budget`` bytes together (at least one image each) on CPU, the whole batch elsewhere. An
+    unfused attention all at once streams the B matrices through memory three times (logits,
+    softmax, product with the values); in cache-sized chunks it runs about as fast as fused attention."""
+    batch, heads, tokens = q.shape[:3]
+    per_chunk = batch if q.device.type != "cpu" else max(1, budget // (4 * heads * tokens * tokens))
+    return [slice(start, start + per_chunk) for start in range(0, batch, per_chunk)]
+
+
 def class_attention(q, k, scale: float, bias) -> torch.Tensor:
     """(B, H, N): each head's attention from the class token (query 0) to every token."""
     return attention_probs(q[:, :, :1], k, scale, bias)[:, :, 0]
@@ -58,4 +68,5 @@ def propagated_importance(probs: torch.Tensor, class_score: torch.Tensor) -> tor
     importance_j = sum_i class_score_i * mean_h A_h(i, j): a token matters as
     much as the attention it receives from the tokens the class token relies on.
     """
-    return torch.einsum("bi,bij->bj", class_score.float(), probs.mean(dim=1))
+    weights = class_score.float()[:, None, None, :].expand(-1, probs.shape[1], -1, -1)  # fvcore counts all heads
+    return (weights @ probs)[:, :, 0].mean(dim=1)

@@ -109,7 +109,7 @@ class FlopModel:
         attn_dim = self.dims.heads * self.dims.head_dim
         extra = n * 0
         if "full" in need:  # the attention matrix is computed once and read: its class row, the propagation
-            extra = extra + n * n
+            extra = extra + n * n * self.dims.heads
         elif "cls" in need:  # a score from class attention (one a stage does not use is no work: fvcore's
             extra = extra + n * attn_dim  # trace drops it, as would any compiler)
         if "head" in need:

@@ -146,6 +146,24 @@ def test_batched_equals_one_at_a_time(model_and_images, plan_name):
             assert batched[i].argmax() == alone[0].argmax()
 
 
+def test_slim_attention_in_cache_chunks_equals_one_image_at_a_time():
+    """slim's attention runs a few images at a time on CPU (its probabilities stay in cache): on the
+    default model a batch of 30 is 3 chunks, and gives the logits and tokens of each image alone."""
+    from paretoken.compress.scores import cache_chunks
+    from paretoken.evaluators.models import create_model
+
+    model = paretoken.apply(create_model("default"), paretoken.preset("slim"))
+    torch.manual_seed(2)
+    images = torch.randn(30, 1, 28, 28)
+    chunks = cache_chunks(torch.empty(30, 2, 197, 32))
+    assert len(chunks) == 3 and [i for rows in chunks for i in range(30)[rows]] == list(range(30))
+    with torch.no_grad():
+        batched = model(images)
+        alone = torch.cat([model(images[i:i + 1]) for i in range(len(images))])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+    assert (batched.argmax(-1) == alone.argmax(-1)).all()
+
+
 @pytest.mark.parametrize("plan_name", ["joint", "mixed"])
 def test_half_precision_batched_equals_one_at_a_time(plan_name):
     """In float16, merged-away rows once divided 0 by 0 and the NaN reached other images' attention
