@@ -4,11 +4,12 @@ A plan whose token count differs per image runs a batch padded to its widest ima
 :mod:`~paretoken.compress.tokens`); where counts spread, most slots are padding (asvit kept 43.5 %
 padding in a batch of 100 on the default model). Splitting the batch by count after the stages
 keeps each sub-batch within :data:`PADDING_TOLERANCE` of padding, at the price of more, smaller
-forwards. Each image's tokens are exactly those it has in one padded batch or alone.
+forwards; the whole batch regroups at each stage, so the sub-batches stay few. Each image's tokens are exactly those it has in one padded batch or alone.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from paretoken.compress import tokens
 from paretoken.compress.patch import PlanModel, TokenState
@@ -32,8 +33,8 @@ def forward_grouped(model: "PlanModel", x: torch.Tensor) -> torch.Tensor:
         for index, xs, size, bias, counts in groups:
             state.size, state.bias, state.counts = size, bias, counts
             attended.append((index, blk.attend(xs), state.size, state.bias, counts))
-        if blk._pt_stage is not None:  # the split comes before the MLP, which runs on the trimmed parts
-            attended = [part for group in attended for part in _split(group, state)]
+        if blk._pt_stage is not None:  # the whole batch regroups before the MLP, which runs on the trimmed parts
+            attended = _split(_joined(attended, state), state)
         groups, slots = [], slots + [0]
         for index, xs, size, bias, counts in attended:
             state.size, state.bias, state.counts, state.slots = size, bias, counts, []
@@ -50,6 +51,21 @@ def forward_grouped(model: "PlanModel", x: torch.Tensor) -> torch.Tensor:
     state.size, state.counts, state.slots = size, counts, slots
     state.bias = tokens.attention_bias(size, x.dtype)
     return out
+
+
+@torch.compiler.disable
+def _joined(groups: list, state: TokenState) -> tuple:
+    """The sub-batches ``groups`` as one group (index, x, size, bias, counts), padded to the widest:
+    regrouping the whole batch at every stage keeps the sub-batches few (splitting each sub-batch
+    again multiplied them: asvit ran its last blocks in about 60 of them at batch 100)."""
+    if len(groups) == 1:
+        return groups[0]
+    width = max(xs.shape[1] for _, xs, *_ in groups)
+    index = torch.cat([g[0] for g in groups])
+    xs = torch.cat([F.pad(g[1], (0, 0, 0, width - g[1].shape[1])) for g in groups])
+    state.update(torch.cat([F.pad(g[2], (0, width - g[2].shape[1])) for g in groups]), xs.dtype)
+    counts = [torch.cat(block_counts) for block_counts in zip(*(g[4] for g in groups))]
+    return index, xs, state.size, state.bias, counts
 
 
 @torch.compiler.disable
