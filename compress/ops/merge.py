@@ -50,9 +50,8 @@ def bipartite_merge_uniform(x, size, metric, prefix: int, keep: float | None = N
     import torch
     import torch.nn.functional as F
 
-    from paretoken.compress.tokens import keep_count, merge_sources
+    from paretoken.compress.tokens import gather_tokens, keep_count, merge_sources
 
-    dim = x.shape[-1]
     n = x.shape[1] - prefix
     removed = n - keep_count(n, keep, r) if keep is not None else int(r)
     metric = F.normalize(metric.float(), dim=-1)
@@ -65,9 +64,8 @@ def bipartite_merge_uniform(x, size, metric, prefix: int, keep: float | None = N
     node_max, node_idx = scores[:, a0:, b0:].max(dim=-1)  # each A patch token's best B patch token
     ranked = torch.argsort(node_max, dim=1, descending=True, stable=True)
     src, unmerged = ranked[:, :r], ranked[:, r:].sort(dim=1).values
-    xb, sb = merge_sources(xb, sb, xa.gather(1, src[..., None].expand(-1, -1, dim)), sa.gather(1, src),
-                           node_idx.gather(1, src), fuse)
-    x = torch.cat([x[:, :prefix], xa.gather(1, unmerged[..., None].expand(-1, -1, dim)), xb], dim=1)
+    xb, sb = merge_sources(xb, sb, gather_tokens(xa, src), sa.gather(1, src), node_idx.gather(1, src), fuse)
+    x = torch.cat([x[:, :prefix], gather_tokens(xa, unmerged), xb], dim=1)
     return x, torch.cat([size[:, :prefix], sa.gather(1, unmerged), sb], dim=1)
 
 

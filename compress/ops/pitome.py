@@ -77,7 +77,7 @@ def pitome_merge_uniform(x, size, metric, prefix: int, margin: float, keep: floa
     token's match among the B candidates only; the same tokens, in the same order."""
     import torch
 
-    from paretoken.compress.tokens import keep_count, merge_sources
+    from paretoken.compress.tokens import gather_tokens, keep_count, merge_sources
 
     n_in = x.shape[1]
     n = n_in - prefix
@@ -88,13 +88,12 @@ def pitome_merge_uniform(x, size, metric, prefix: int, margin: float, keep: floa
     ranked = torch.argsort(e, dim=1, descending=True, stable=True)
     a = ranked[:, 0:2 * removed:2]
     b = ranked[:, 1:2 * removed:2].sort(dim=1).values  # in position order: ties go to the first, as there
-    rows = sim.gather(1, a[..., None].expand(-1, -1, n_in))
+    rows = gather_tokens(sim, a)
     match = b.gather(1, rows.gather(2, b[:, None, :].expand(-1, removed, -1)).argmax(dim=-1))
-    dim = x.shape[-1]
-    x, size = merge_sources(x, size, x.gather(1, a[..., None].expand(-1, -1, dim)), size.gather(1, a), match, fuse)
+    x, size = merge_sources(x, size, gather_tokens(x, a), size.gather(1, a), match, fuse)
     is_src = torch.zeros_like(size, dtype=torch.int8).scatter(1, a, torch.ones_like(a, dtype=torch.int8))
     kept = torch.argsort(is_src, dim=1, stable=True)[:, :n_in - removed]  # in position order
-    return x.gather(1, kept[..., None].expand(-1, -1, dim)), size.gather(1, kept)
+    return gather_tokens(x, kept), size.gather(1, kept)
 
 
 def flops(n, dims, prefix: int, **amounts):

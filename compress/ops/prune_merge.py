@@ -23,8 +23,8 @@ def prune_merge(x, size, score, prefix: int, pruned: int, merged: int, fuse: str
     import torch
     import torch.nn.functional as F
 
-    from paretoken.compress.tokens import (NEG, compact, count_to_keep, merge_into, patch_counts, patch_score,
-                                           rank_desc, topk_mask)
+    from paretoken.compress.tokens import (NEG, compact, count_to_keep, gather_tokens, merge_into, patch_counts,
+                                           patch_score, rank_desc, topk_mask)
 
     n = patch_counts(size, prefix)
     k = count_to_keep(n, r=pruned)
@@ -40,8 +40,7 @@ def prune_merge(x, size, score, prefix: int, pruned: int, merged: int, fuse: str
     src_pos = order.gather(1, src_slots.clamp(max=x.shape[1] - 1))
     dst_pos = order.gather(1, dst_slots.expand(x.shape[0], -1))
     unit = F.normalize(x.float(), dim=-1)
-    sim = unit.gather(1, src_pos[..., None].expand(-1, -1, x.shape[-1])) @ \
-        unit.gather(1, dst_pos[..., None].expand(-1, -1, x.shape[-1])).transpose(1, 2)
+    sim = gather_tokens(unit, src_pos) @ gather_tokens(unit, dst_pos).transpose(1, 2)
     sim = sim.masked_fill(~(dst_slots < (k - m)[:, None])[:, None, :], NEG)
     dst = dst_pos.gather(1, sim.argmax(dim=-1))
     src = torch.zeros_like(size, dtype=torch.bool).scatter(1, src_pos, src_ok)
@@ -51,28 +50,30 @@ def prune_merge(x, size, score, prefix: int, pruned: int, merged: int, fuse: str
 
 
 def prune_merge_uniform(x, size, score, prefix: int, pruned: int, merged: int, fuse: str = "average"):
-    """:func:`prune_merge` on a uniform batch: one sort of the scores; the merge done on the kept
-    tokens only; the same tokens, in the same order, and the same similarities."""
+    """:func:`prune_merge` on a uniform batch: one sort of the scores, one of the targets' positions;
+    the similarities and the merge computed on the kept tokens only; the same tokens, in the same
+    order, and the same similarities."""
     import torch
     import torch.nn.functional as F
 
-    from paretoken.compress.tokens import best_first, keep_count, merge_sources, take
+    from paretoken.compress.tokens import best_first, gather_tokens, keep_count, merge_sources, take
 
     k = keep_count(x.shape[1] - prefix, r=pruned)
     m = min(max(k - 1, 0), merged)
     ranked = best_first(score, prefix)
     if m == 0:
         return take(x, size, prefix, ranked[:, :k])
-    dst_pos, src_pos = ranked[:, :k - m], ranked[:, k - m:k]
-    unit = F.normalize(x.float(), dim=-1)
-    sim = unit.gather(1, src_pos[..., None].expand(-1, -1, x.shape[-1])) @ \
-        unit.gather(1, dst_pos[..., None].expand(-1, -1, x.shape[-1])).transpose(1, 2)
-    # the targets in position order (where the tokens come out), and each column of sim's place there
-    targets_x, targets_size = take(x, size, prefix, dst_pos)
-    place = prefix + torch.argsort(torch.argsort(dst_pos, dim=1), dim=1)
-    dim = x.shape[-1]
-    return merge_sources(targets_x, targets_size, x.gather(1, src_pos[..., None].expand(-1, -1, dim)),
-                         size.gather(1, src_pos), place.gather(1, sim.argmax(dim=-1)), fuse)
+    dst_pos, src_pos = ranked[:, :k - m], ranked[:, k - m:k]  # best first
+    x_dst, x_src = gather_tokens(x, dst_pos), gather_tokens(x, src_pos)
+    sim = F.normalize(x_src.float(), dim=-1) @ F.normalize(x_dst.float(), dim=-1).transpose(1, 2)
+    # the targets come out in position order: each column of sim's place there
+    by_position = dst_pos.argsort(dim=1)
+    place = torch.empty_like(by_position).scatter_(1, by_position, torch.arange(
+        prefix, prefix + k - m, device=x.device).expand_as(by_position))
+    targets_x = torch.cat([x[:, :prefix], gather_tokens(x_dst, by_position)], dim=1)
+    targets_size = torch.cat([size[:, :prefix], size.gather(1, dst_pos.gather(1, by_position))], dim=1)
+    return merge_sources(targets_x, targets_size, x_src, size.gather(1, src_pos), place.gather(1, sim.argmax(dim=-1)),
+                         fuse)
 
 
 def flops(n, dims, prefix: int, pruned: int, merged: int, **options):
