@@ -3,7 +3,7 @@
     python bench/throughput.py [--device cpu|cuda] [--batch-size N] [--repeats R] [--rounds K]
     python bench/throughput.py --prefix-only-last --plans tome-r13,evit-0.7 --repeats 3 --rounds 3
 
-CPU: batch 64, fp32. GPU: batch 256, fp16 autocast. ``--model default`` times the embedded model
+CPU: batch 64, fp32. GPU: batch 256, fp16 autocast (``--amp bf16``: bfloat16). ``--model default`` times the embedded model
 (28-pixel images). Prints a table and saves
 bench/results/throughput_<device>.json. Efficiency = (throughput ratio) /
 (FLOPs ratio): 1.0 means the FLOPs saved all turn into speed. Per-image plans
@@ -38,7 +38,7 @@ from paretoken.argtypes import positive_int
 from paretoken.evaluators.evaluate import environment
 from paretoken.evaluators.flops import count_flops
 from paretoken.evaluators.models import create_model
-from paretoken.evaluators.speed import throughput, timing_context
+from paretoken.evaluators.speed import AMP_DTYPES, autocast, throughput, timing_context
 
 
 def main() -> None:
@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--prefix-only-last", action="store_true",
                         help="also run each plan with the last block computing only the class token")
     parser.add_argument("--compile", action="store_true", help="time every plan compiled (torch.compile)")
+    parser.add_argument("--amp", choices=sorted(AMP_DTYPES), default="fp16", help="autocast precision on CUDA [fp16]")
     parser.add_argument("--out", help="name of the figures in bench/results/: NAME.json "
                                       "[throughput_<device>, + _prefix_only_last with that flag]")
     args = parser.parse_args()
@@ -84,14 +85,14 @@ def main() -> None:
             paretoken.apply(model, plan)
             compiled[plan] = paretoken.compile_model(model)
             start = time.perf_counter()
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(device, AMP_DTYPES[args.amp]):
                 compiled[plan](batch)
             rows[name]["compile_s"] = round(time.perf_counter() - start, 1)
             print(f"{name:17s} compiled in {rows[name]['compile_s']} s", flush=True)
 
     def timed(plan: paretoken.Plan) -> float:
         paretoken.apply(model, plan)
-        return throughput(compiled.get(plan, model), batch, repeats=args.repeats)
+        return throughput(compiled.get(plan, model), batch, repeats=args.repeats, amp=AMP_DTYPES[args.amp])
 
     started, order_rng, round_starts = time.perf_counter(), random.Random(0), []
     base = rows["uncompressed"]
@@ -132,8 +133,8 @@ def main() -> None:
         "command": f"python bench/throughput.py --device {args.device} --batch-size {batch_size} "
                    f"--repeats {args.repeats} --rounds {args.rounds} --plans {args.plans} --model {args.model}"
                    + (" --prefix-only-last" if args.prefix_only_last else "") + (" --compile" if args.compile else "")
-                   + (f" --out {args.out}" if args.out else ""),
-        "model": args.model, "batch_size": batch_size, "amp": device.type == "cuda",
+                   + f" --amp {args.amp}" + (f" --out {args.out}" if args.out else ""),
+        "model": args.model, "batch_size": batch_size, "amp": args.amp if device.type == "cuda" else None,
         "environment": environment(args.device), "timing": timing_context(), "seconds": round(seconds, 1),
         "round_starts_s": round_starts, "rows": list(rows.values())}, indent=2) + "\n")
     print(f"saved {out}")

@@ -11,7 +11,8 @@ order, ``--repeats`` forwards each (medians); the speed-up of paretoken over ToM
 rounds of ToMe's seconds / paretoken's. Both are also timed against the uncompressed model. The
 logits of the two are compared (they differ only where ToMe's unstable sort breaks a tie of
 similarities another way). ``--compile`` compiles paretoken's model (``paretoken.compile_model``) and
-adds it as a third row; ToMe's own stays eager, as its users run it. CPU: fp32; GPU: fp16 autocast.
+adds it as a third row; ToMe's own stays eager, as its users run it. CPU: fp32; GPU: fp16 autocast
+(``--amp bf16``: bfloat16).
 Saves bench/results/<out>.json.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ import paretoken
 from paretoken.argtypes import positive_int
 from paretoken.evaluators.evaluate import environment
 from paretoken.evaluators.models import create_model
-from paretoken.evaluators.speed import median_seconds, timing_context
+from paretoken.evaluators.speed import AMP_DTYPES, median_seconds, timing_context
 
 
 def main() -> None:
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--rounds", type=positive_int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time paretoken's model compiled")
+    parser.add_argument("--amp", choices=sorted(AMP_DTYPES), default="fp16", help="autocast precision on CUDA [fp16]")
     parser.add_argument("--out", default=None, help="NAME.json in bench/results/ [tome_reference_<device>]")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(args.tome_src).expanduser()))
@@ -63,7 +65,7 @@ def main() -> None:
     if args.compile:
         start = time.perf_counter()
         models["paretoken_compiled"] = paretoken.compile_model(ours)
-        median_seconds(models["paretoken_compiled"], batch, repeats=1, warmup=0)
+        median_seconds(models["paretoken_compiled"], batch, repeats=1, warmup=0, amp=AMP_DTYPES[args.amp])
         compile_s = round(time.perf_counter() - start, 1)
     with torch.inference_mode():
         differ = (ours(batch) - theirs(batch)).abs().max().item()
@@ -73,7 +75,7 @@ def main() -> None:
     for k in range(args.rounds):
         order = list(models) if k % 2 == 0 else list(reversed(models))
         for name in order:
-            seconds[name].append(median_seconds(models[name], batch, repeats=args.repeats))
+            seconds[name].append(median_seconds(models[name], batch, repeats=args.repeats, amp=AMP_DTYPES[args.amp]))
         print(f"round {k}: " + ", ".join(f"{n} {1e3 * s[-1]:.1f} ms" for n, s in seconds.items()), flush=True)
     rows = []
     for name, times in seconds.items():
@@ -87,7 +89,7 @@ def main() -> None:
     out = Path(__file__).parent / "results" / f"{args.out or f'tome_reference_{device.type}'}.json"
     out.write_text(json.dumps({
         "command": "python bench/tome_reference.py " + " ".join(a for a in sys.argv[1:]),
-        "model": args.model, "r": args.r, "batch_size": batch_size, "amp": device.type == "cuda",
+        "model": args.model, "r": args.r, "batch_size": batch_size, "amp": args.amp if device.type == "cuda" else None,
         "environment": environment(args.device), "timing": timing_context(), "compile_s": compile_s,
         "largest_logit_difference": differ, "rows": rows, "seconds_rounds": seconds}, indent=2) + "\n")
     print(f"saved {out}")

@@ -13,9 +13,13 @@ from contextlib import nullcontext
 import torch
 
 
-def autocast(device: torch.device):
-    """fp16 autocast on CUDA (how a ViT is deployed there); nothing on CPU."""
-    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
+#: The autocast precisions a GPU forward may be timed in (``--amp`` of the benchmarks).
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast(device: torch.device, dtype: torch.dtype = torch.float16):
+    """Autocast to ``dtype`` on CUDA (fp16 unless told: how a ViT is deployed there); nothing on CPU."""
+    return torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else nullcontext()
 
 
 def synchronize(device: torch.device) -> None:
@@ -24,26 +28,30 @@ def synchronize(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def timed_forward(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Logits of one forward on ``images`` (B, C, H, W) and its wall time in seconds."""
+def timed_forward(model: torch.nn.Module, images: torch.Tensor,
+                  amp: torch.dtype = torch.float16) -> tuple[torch.Tensor, float]:
+    """Logits of one forward on ``images`` (B, C, H, W) and its wall time in seconds (``amp``: the
+    autocast precision on CUDA)."""
     device = images.device
     synchronize(device)
     start = time.perf_counter()
-    with autocast(device):
+    with autocast(device, amp):
         logits = model(images)
     synchronize(device)
     return logits, time.perf_counter() - start
 
 
-def median_seconds(model: torch.nn.Module, images: torch.Tensor, repeats: int = 5, warmup: int = 2) -> float:
+def median_seconds(model: torch.nn.Module, images: torch.Tensor, repeats: int = 5, warmup: int = 2,
+                   amp: torch.dtype = torch.float16) -> float:
     """Median wall time in seconds of ``repeats`` forwards on ``images``, after ``warmup`` untimed ones."""
-    times = [timed_forward(model, images)[1] for _ in range(warmup + repeats)]
+    times = [timed_forward(model, images, amp)[1] for _ in range(warmup + repeats)]
     return statistics.median(times[warmup:])
 
 
-def throughput(model: torch.nn.Module, batch: torch.Tensor, repeats: int = 5, warmup: int = 2) -> float:
+def throughput(model: torch.nn.Module, batch: torch.Tensor, repeats: int = 5, warmup: int = 2,
+               amp: torch.dtype = torch.float16) -> float:
     """Images per second at the batch size of ``batch`` (B, C, H, W)."""
-    return batch.shape[0] / median_seconds(model, batch, repeats, warmup)
+    return batch.shape[0] / median_seconds(model, batch, repeats, warmup, amp)
 
 
 def latency_ms(model: torch.nn.Module, image: torch.Tensor, repeats: int = 10, warmup: int = 2) -> float:
