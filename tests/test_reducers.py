@@ -256,3 +256,21 @@ def test_layer_out_of_range_for_the_model():
     plan = paretoken.Plan.from_dict({"stages": [{"layer": 12, "op": "prune", "keep": 0.5}]})
     with pytest.raises(paretoken.ParetokenError, match=r"layer 12 is out of range; valid: 0..11"):
         paretoken.apply(model, plan)
+
+
+def test_row_selection_and_addition_equal_gather_and_scatter_add():
+    """tokens.gather_tokens / add_tokens (rows of the flattened batch) against torch's gather and
+    scatter_add with the index expanded over the channels, on a non-contiguous x, with gradients."""
+    from paretoken.compress.tokens import add_tokens, gather_tokens
+
+    torch.manual_seed(3)
+    x = torch.randn(4, 16, 10).transpose(1, 2).requires_grad_()  # (4, 10, 16), strided
+    index = torch.randint(0, 10, (4, 7))
+    expanded = index[..., None].expand(-1, -1, 16)
+    assert torch.equal(gather_tokens(x, index), x.gather(1, expanded))
+    src = torch.randn(4, 7, 16)
+    ours, theirs = add_tokens(x, index, src), x.scatter_add(1, expanded, src)
+    torch.testing.assert_close(ours, theirs)
+    (grad,) = torch.autograd.grad((ours * theirs.detach()).sum() + gather_tokens(x, index).sum(), x)
+    (expected,) = torch.autograd.grad((theirs * theirs.detach()).sum() + x.gather(1, expanded).sum(), x)
+    torch.testing.assert_close(grad, expected)
