@@ -73,12 +73,15 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.reshape(batch * n, dim).index_select(0, rows.reshape(-1)).reshape(*index.shape, dim)
 
 
-def add_tokens(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """``x`` (B, M, C) with the tokens ``src`` (B, R, C) added at positions ``index`` (B, R): as
-    ``x.scatter_add(1, index expanded over C, src)``, by one ``index_add`` over rows (faster on CPU)."""
+def add_tokens_(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """Add the tokens ``src`` (B, R, C) to ``x`` (B, M, C) at positions ``index`` (B, R) and return the
+    sum: ``x.scatter_add(1, index expanded over C, src)`` by one ``index_add_`` over rows (faster on
+    CPU), in place when ``x`` is contiguous. Callers pass a tensor they have just made."""
     batch, m, dim = x.shape
+    x = x.contiguous()
     rows = index + torch.arange(batch, device=x.device)[:, None] * m
-    return x.reshape(batch * m, dim).index_add(0, rows.reshape(-1), src.reshape(-1, dim)).reshape(batch, m, dim)
+    x.view(batch * m, dim).index_add_(0, rows.reshape(-1), src.reshape(-1, dim))
+    return x
 
 
 def best_first(score: torch.Tensor, prefix: int) -> torch.Tensor:
@@ -101,7 +104,7 @@ def merge_sources(x: torch.Tensor, size: torch.Tensor, src_x: torch.Tensor, src_
     sources and the tokens they merge into only. Returns x, size (B, M, ...)."""
     if fuse == "drop":
         return x, size
-    total = add_tokens(x * size[..., None].to(x.dtype), dst, src_x * src_size[..., None].to(x.dtype))
+    total = add_tokens_(x * size[..., None].to(x.dtype), dst, src_x * src_size[..., None].to(x.dtype))
     merged_size = size.scatter_add(1, dst, src_size)
     out = total / merged_size[..., None].to(x.dtype)
     if fuse == "mlerp":
@@ -161,7 +164,7 @@ def merge_into(x, size, src: torch.Tensor, dst: torch.Tensor, fuse: str = "avera
     w = size * src
     dst = torch.where(src, dst, torch.arange(x.shape[1], device=x.device)[None])
     xs = x * (size - w)[..., None].to(x.dtype)
-    xs = add_tokens(xs, dst, x * w[..., None].to(x.dtype))
+    xs = add_tokens_(xs, dst, x * w[..., None].to(x.dtype))
     size = (size - w).scatter_add(1, dst, w)
     # merged-away rows (size 0) are 0 / 1, not 0 / 0: a clamp to float32's tiny is 0 in half precision
     out = xs / torch.where(size > 0, size, 1).to(x.dtype)[..., None]

@@ -64,8 +64,10 @@ def bipartite_merge_uniform(x, size, metric, prefix: int, keep: float | None = N
     node_max, node_idx = scores[:, a0:, b0:].max(dim=-1)  # each A patch token's best B patch token
     ranked = torch.argsort(node_max, dim=1, descending=True, stable=True)
     src, unmerged = ranked[:, :r], ranked[:, r:].sort(dim=1).values
-    xb, sb = merge_sources(xb, sb, gather_tokens(xa, src), sa.gather(1, src), node_idx.gather(1, src), fuse)
-    x = torch.cat([x[:, :prefix], gather_tokens(xa, unmerged), xb], dim=1)
+    # A's tokens taken from x itself (A is a strided view: selecting from it would copy it first)
+    xb, sb = merge_sources(xb, sb, gather_tokens(x, 2 * a0 + 2 * src), sa.gather(1, src), node_idx.gather(1, src),
+                           fuse)
+    x = torch.cat([x[:, :prefix], gather_tokens(x, 2 * a0 + 2 * unmerged), xb], dim=1)
     return x, torch.cat([size[:, :prefix], sa.gather(1, unmerged), sb], dim=1)
 
 
