@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--out", help="name of the figures in bench/results/: NAME.json "
                                       "[throughput_<device>, + _prefix_only_last with that flag]")
     args = parser.parse_args()
+    amp = AMP_DTYPES[args.amp]
     device = torch.device(args.device)
     batch_size = args.batch_size or (256 if device.type == "cuda" else 64)
     torch.manual_seed(0)
@@ -85,14 +86,14 @@ def main() -> None:
             paretoken.apply(model, plan)
             compiled[plan] = paretoken.compile_model(model)
             start = time.perf_counter()
-            with torch.inference_mode(), autocast(device, AMP_DTYPES[args.amp]):
+            with torch.inference_mode(), autocast(device, amp):
                 compiled[plan](batch)
             rows[name]["compile_s"] = round(time.perf_counter() - start, 1)
             print(f"{name:17s} compiled in {rows[name]['compile_s']} s", flush=True)
 
     def timed(plan: paretoken.Plan) -> float:
         paretoken.apply(model, plan)
-        return throughput(compiled.get(plan, model), batch, repeats=args.repeats, amp=AMP_DTYPES[args.amp])
+        return throughput(compiled.get(plan, model), batch, repeats=args.repeats, amp=amp)
 
     started, order_rng, round_starts = time.perf_counter(), random.Random(0), []
     base = rows["uncompressed"]

@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--amp", choices=sorted(AMP_DTYPES), default="fp16", help="autocast precision on CUDA [fp16]")
     parser.add_argument("--out", default=None, help="NAME.json in bench/results/ [tome_reference_<device>]")
     args = parser.parse_args()
+    amp = AMP_DTYPES[args.amp]
     sys.path.insert(0, str(Path(args.tome_src).expanduser()))
     import tome  # noqa: E402  (from --tome-src)
 
@@ -65,7 +66,7 @@ def main() -> None:
     if args.compile:
         start = time.perf_counter()
         models["paretoken_compiled"] = paretoken.compile_model(ours)
-        median_seconds(models["paretoken_compiled"], batch, repeats=1, warmup=0, amp=AMP_DTYPES[args.amp])
+        median_seconds(models["paretoken_compiled"], batch, repeats=1, warmup=0, amp=amp)
         compile_s = round(time.perf_counter() - start, 1)
     with torch.inference_mode():
         differ = (ours(batch) - theirs(batch)).abs().max().item()
@@ -75,7 +76,7 @@ def main() -> None:
     for k in range(args.rounds):
         order = list(models) if k % 2 == 0 else list(reversed(models))
         for name in order:
-            seconds[name].append(median_seconds(models[name], batch, repeats=args.repeats, amp=AMP_DTYPES[args.amp]))
+            seconds[name].append(median_seconds(models[name], batch, repeats=args.repeats, amp=amp))
         print(f"round {k}: " + ", ".join(f"{n} {1e3 * s[-1]:.1f} ms" for n, s in seconds.items()), flush=True)
     rows = []
     for name, times in seconds.items():

@@ -64,13 +64,17 @@ def keep_count(n: int, keep: float | None = None, r: int | None = None) -> int:
     return min(max(k, 1), n)
 
 
+def _flat_rows(index: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(B * K,) rows of a (B * tokens, C) flattened batch for the positions ``index`` (B, K)."""
+    return (index + torch.arange(index.shape[0], device=index.device)[:, None] * tokens).reshape(-1)
+
+
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(B, K, C): the tokens of ``x`` (B, N, C) at positions ``index`` (B, K), as
     ``x.gather(1, index[..., None].expand(-1, -1, C))`` but by one selection of rows of the flattened
     batch (on CPU, gather with an index expanded over C is about 15x slower)."""
     batch, n, dim = x.shape
-    rows = index + torch.arange(batch, device=x.device)[:, None] * n
-    return x.reshape(batch * n, dim).index_select(0, rows.reshape(-1)).reshape(*index.shape, dim)
+    return x.reshape(batch * n, dim).index_select(0, _flat_rows(index, n)).reshape(*index.shape, dim)
 
 
 def add_tokens_(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -79,8 +83,7 @@ def add_tokens_(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torc
     CPU), in place when ``x`` is contiguous. Callers pass a tensor they have just made."""
     batch, m, dim = x.shape
     x = x.contiguous()
-    rows = index + torch.arange(batch, device=x.device)[:, None] * m
-    x.view(batch * m, dim).index_add_(0, rows.reshape(-1), src.reshape(-1, dim))
+    x.view(batch * m, dim).index_add_(0, _flat_rows(index, m), src.reshape(-1, dim))
     return x
 
 
