@@ -5,16 +5,16 @@
 
 Each seed runs two searches of the same ``--minutes`` (``paretoken search``, stopped with Ctrl-C, as
 a user would): single fidelity on ``--images`` evaluation images, and successive halving from
-``--min-images`` to ``--images`` with ``--eta``. Both measure speed (``speedup``) as the main job
+``--min-images`` to ``--images`` with ``--eta`` and ``--promotion``. Both measure speed (``speedup``) as the main job
 does; halving only at the full rung. It then counts the plans screened (COMPLETE trials at any
 rung) and the full-fidelity trials, and re-measures each study's full-fidelity front and presets
 on the ``--held-out`` test images after the search's (``paretoken holdout``'s machinery):
 hypervolume and presets dominated there. Targets (issue 30): at least 3x the plans screened,
 held-out hypervolume at least single fidelity's in every seed, every preset dominated held out
-in at least 4 of 5 seeds. Studies in bench/results/multifidelity/, figures in
-bench/results/<out>.json. ``--side-by-side`` runs a seed's two searches at the same time, one CPU
-thread each (``OMP_NUM_THREADS=1``), so that any other load on the machine falls on both alike and
-the bench takes half the time.
+in at least 4 of 5 seeds. Studies ``<out>-sf-s<seed>`` and ``<out>-sh-s<seed>`` in
+bench/results/multifidelity/, figures in bench/results/<out>.json. ``--side-by-side`` runs a seed's
+two searches at the same time, one CPU thread each (``OMP_NUM_THREADS=1``), so that any other load on
+the machine falls on both alike and the bench takes half the time.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ import pandas as pd
 from paretoken.evaluators.evaluate import environment
 from paretoken.results import holdout, query
 from paretoken.search import record
+from paretoken.search.halving import PROMOTIONS
 from paretoken.search.record import UNCOMPRESSED
 
 RESULTS = Path(__file__).parent / "results"
@@ -45,7 +46,7 @@ def _start(name: str, storage: str, args: argparse.Namespace, seed: int, halving
            "--trials", "100000", "--images", str(args.images), "--seed", str(seed),
            "--max-top1-drop", str(args.max_top1_drop), "--model", args.model, "--device", "cpu"]
     if halving:
-        cmd += ["--min-images", str(args.min_images), "--eta", str(args.eta)]
+        cmd += ["--min-images", str(args.min_images), "--eta", str(args.eta), "--promotion", args.promotion]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     log = open(RESULTS / "multifidelity" / f"{name}.log", "w")
     # Ctrl-C as from a terminal, also where this runs as a background job (SIGINT ignored, and a search
@@ -89,6 +90,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000, help="full-fidelity evaluation images [2000]")
     parser.add_argument("--min-images", type=int, default=125, help="successive halving's first rung [125]")
     parser.add_argument("--eta", type=int, default=4)
+    parser.add_argument("--promotion", choices=PROMOTIONS, default=PROMOTIONS[0],
+                        help=f"successive halving's promotion rule [{PROMOTIONS[0]}]")
     parser.add_argument("--held-out", type=int, default=2000, help="test images after the search's [2000]")
     parser.add_argument("--model", default="default")
     parser.add_argument("--max-top1-drop", type=float, default=10.0)
@@ -103,10 +106,11 @@ def main() -> None:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         arms = []
         for halving in (False, True):
-            name = (f"{'sh' if halving else 'sf'}-s{seed}-m{args.minutes:g}-i{args.images}"
-                    + (f"-min{args.min_images}-eta{args.eta}" if halving else "")
-                    + ("-side" if args.side_by_side else ""))
-            arms.append((name, f"sqlite:///{RESULTS / 'multifidelity' / name}.db", halving))
+            name = f"{args.out}-{'sh' if halving else 'sf'}-s{seed}"
+            path = RESULTS / "multifidelity" / f"{name}.db"
+            if path.exists():  # a search of that name would resume it
+                parser.error(f"--out: {path} exists; remove it or choose another --out")
+            arms.append((name, f"sqlite:///{path}", halving))
         if args.side_by_side:  # both at once, a thread each: whatever else loads the machine loads both
             procs = [_start(name, storage, args, seed, halving, 1) for name, storage, halving in arms]
             seconds = [_run_for(procs, 60 * args.minutes)] * 2

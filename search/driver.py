@@ -61,15 +61,16 @@ class LoopState:
     workers are measuring, and what it printed (:class:`~paretoken.search.report.Progress`).
 
     ``space``: a space of :mod:`paretoken.spaces`; ``depth``: blocks of the model; ``config``: the
-    EvalConfig as the dict a worker receives; ``log``: receives the lines; ``rungs`` and ``eta``: the
-    successive-halving schedule (images per rung) and its keep fraction 1/eta, None without it."""
+    EvalConfig as the dict a worker receives; ``log``: receives the lines; ``rungs``, ``eta`` and ``promotion``:
+    the successive-halving schedule (images per rung), its keep fraction 1/eta and its promotion rule
+    (:data:`~paretoken.search.halving.PROMOTIONS`), None without it."""
 
     def __init__(self, study, space, depth: int, objectives: tuple[str, ...], n_trials: int, budgets: Budgets,
                  config: dict[str, Any], log: Callable[[str], None], rungs: tuple[int, ...] | None = None,
-                 eta: int | None = None) -> None:
+                 eta: int | None = None, promotion: str | None = None) -> None:
         self.study, self.space, self.depth, self.objectives = study, space, depth, objectives
         self.n_trials, self.budgets, self.config, self.log = n_trials, budgets, config, log
-        self.rungs, self.eta = rungs, eta
+        self.rungs, self.eta, self.promotion = rungs, eta, promotion
         self.plans: dict[int, dict[str, Any]] = {}  # halving: trial number -> its plan, for its next rungs
         self.entries: dict[int, list[dict[str, Any]]] = {}  # halving: trial number -> the rungs it finished
         self.last: dict[int, dict[str, Any]] = {}  # halving: trial number -> its worker's last result
@@ -169,7 +170,7 @@ class LoopState:
                                           self.objectives)
                 penalty = np.array([halving.penalty(m, self.budgets) for m in rows])
                 why = (f"ranked among {len(rows)} plans on {images}"
-                       if halving.promoted(losses, penalty, 0, self.eta) else None)
+                       if halving.promoted(losses, penalty, 0, self.eta, self.promotion) else None)
             if why is not None:
                 self.log(f"trial {number:4d} promoted to {rungs[k + 1]} of {rungs[-1]} images ({why})")
                 executor.submit(number, self.plans[number], halving.slice_config(self.config, rungs, k + 1))

@@ -3,7 +3,7 @@ the driver (:mod:`paretoken.search.driver`) glues in.
 
 A plan is measured first on the first M images of the study's seeded order, and promoted rung by rung
 (M, M·η, M·η², …, N: :func:`rung_schedule`) while it ranks well among the plans measured at its rung
-(:func:`promoted`). The rungs are prefixes of one image order, so a promoted plan is evaluated on its
+(:func:`promoted`, by one of :data:`PROMOTIONS`). The rungs are prefixes of one image order, so a promoted plan is evaluated on its
 new images only (:func:`slice_config`) and its metrics at the next rung combine both (:func:`combine`).
 
 A trial records its finished rungs as user attr ``rungs`` (:data:`paretoken.search.record.RUNGS`): a
@@ -27,6 +27,10 @@ from paretoken.search import record
 WEIGHTED = ("top1", "top1_drop", "agreement", "kl", "gflops", "padding_pct")
 #: Timed metrics: measured at the full rung only (on its new images), NaN below it.
 TIMED = ("img_per_s", "latency_ms", "speedup")
+#: Promotion rules (``--promotion``): ``front``, the top 1/eta of a rung by non-dominated sorting or any
+#: plan no other plan there dominates; ``top``, MO-ASHA's: the top 1/eta only, a front's plans ordered
+#: by crowding distance (NSGA-II's tie-break).
+PROMOTIONS = ("front", "top")
 
 
 def rung_schedule(min_images: int, images: int, eta: int) -> tuple[int, ...]:
@@ -47,27 +51,32 @@ def rung_schedule(min_images: int, images: int, eta: int) -> tuple[int, ...]:
     return (*rungs, images)
 
 
-def check_halving(min_images: int | None, eta: int | None, images: int, objectives: Sequence[str]) -> int | None:
-    """The checked ``eta`` (default 4 with ``min_images``, None without); one-line error naming the
-    flag otherwise. Below the full rung plans are ranked on metrics measured there, so no objective
-    may be timed (speed is measured at the full rung only)."""
+def check_halving(min_images: int | None, eta: int | None, images: int, objectives: Sequence[str],
+                  promotion: str | None = None) -> tuple[int | None, str | None]:
+    """The checked ``eta`` and ``promotion`` (defaults 4 and ``front`` with ``min_images``, None without);
+    one-line error naming the flag otherwise. Below the full rung plans are ranked on metrics measured
+    there, so no objective may be timed (speed is measured at the full rung only)."""
     if min_images is None:
-        if eta is not None:
-            raise ParetokenError(f"eta: {eta!r} applies to successive halving only; valid: --min-images M with it, "
-                                 "or no --eta")
-        return None
+        for flag, value in (("eta", eta), ("promotion", promotion)):
+            if value is not None:
+                raise ParetokenError(f"{flag}: {value!r} applies to successive halving only; valid: --min-images M "
+                                     f"with it, or no --{flag}")
+        return None, None
     if isinstance(min_images, bool) or not isinstance(min_images, int) or not 1 <= min_images <= images:
         raise ParetokenError(f"min-images: {min_images!r} is invalid; valid: an integer in 1..{images} "
                              f"(at most --images {images})")
     eta = 4 if eta is None else eta
     if isinstance(eta, bool) or not isinstance(eta, int) or eta < 2:
         raise ParetokenError(f"eta: {eta!r} is invalid; valid: an integer >= 2 (each rung keeps the top 1/eta)")
+    promotion = PROMOTIONS[0] if promotion is None else promotion
+    if promotion not in PROMOTIONS:
+        raise ParetokenError(f"promotion: {promotion!r} is unknown; valid: {', '.join(PROMOTIONS)}")
     timed = [o for o in objectives if o in TIMED]
     if timed:
         raise ParetokenError(f"min-images: successive halving ranks plans below the full rung, where "
                              f"{', '.join(timed)} is not timed; valid: objectives without img_per_s, latency_ms, "
                              "speedup, or no --min-images")
-    return eta
+    return eta, promotion
 
 
 def slice_config(config: Mapping[str, Any], rungs: Sequence[int], k: int) -> dict[str, Any]:
@@ -103,23 +112,43 @@ def combine(before: Mapping[str, float] | None, n_before: int, new: Mapping[str,
     return out
 
 
-def promoted(losses: np.ndarray, penalty: np.ndarray, index: int, eta: int) -> bool:
+def promoted(losses: np.ndarray, penalty: np.ndarray, index: int, eta: int, rule: str = "front") -> bool:
     """Whether row ``index`` of the plans measured at one rung goes on to the next.
 
     ``losses``: (n, k) objective values as losses (lower is better), one row per plan at the rung;
     ``penalty``: (n,) total budget excess (<= 0: within every budget). The plans are sorted into
     non-dominated fronts (Optuna's constrained fast non-dominated sort: plans outside a budget rank
-    behind every plan within them). A plan within its budgets is promoted when it is on the first front
-    (no plan at the rung dominates it) or when fewer than ``n // eta`` plans rank on better fronts than
-    its own (its front starts within the top 1/eta). A plan outside a budget is never promoted.
+    behind every plan within them); a plan outside a budget is never promoted. A plan within its budgets
+    is promoted when fewer than ``n // eta`` plans rank ahead of it: with ``rule`` ``front``, the plans
+    on better fronts than its own, and it is promoted on the first front in any case; with ``top``
+    (MO-ASHA), also the plans of its own front with a larger crowding distance (Optuna's NSGA-II
+    measure), or an equal one (ties go against the plan deciding).
     """
     from optuna.study._multi_objective import _fast_non_domination_rank
 
     if penalty[index] > 0:
         return False
     ranks = _fast_non_domination_rank(np.asarray(losses, dtype=float), penalty=np.asarray(penalty, dtype=float))
-    better = int(np.count_nonzero(ranks < ranks[index]))
-    return bool(ranks[index] == 0 or better < len(losses) // eta)
+    ahead = int(np.count_nonzero(ranks < ranks[index]))
+    if rule == "front":
+        return bool(ranks[index] == 0 or ahead < len(losses) // eta)
+    same = np.flatnonzero(ranks == ranks[index])
+    crowding = crowding_distances(np.asarray(losses, dtype=float)[same])
+    mine = crowding[int(np.flatnonzero(same == index)[0])]
+    return ahead + int(np.count_nonzero(crowding >= mine)) - 1 < len(losses) // eta
+
+
+def crowding_distances(values: np.ndarray) -> np.ndarray:
+    """NSGA-II's crowding distance of each row of ``values`` (n, k) within its set, as Optuna's NSGA-II
+    sampler computes it: per objective, the gap between a row's two neighbours over the objective's
+    range (infinite at its ends; an objective equal on every row adds nothing), summed."""
+    from types import SimpleNamespace
+
+    from optuna.samplers.nsgaii._elite_population_selection_strategy import _calc_crowding_distance
+
+    rows = [SimpleNamespace(number=i, values=list(map(float, v))) for i, v in enumerate(values)]
+    distances = _calc_crowding_distance(rows)
+    return np.array([distances[i] for i in range(len(values))])
 
 
 def penalty(metrics: Mapping[str, float], budgets: Budgets) -> float:

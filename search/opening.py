@@ -11,6 +11,7 @@ from paretoken.errors import ParetokenError
 from paretoken.evaluators.metrics import BOUNDS
 from paretoken.search import record
 from paretoken.search import study as st
+from paretoken.search.halving import PROMOTIONS
 from paretoken.search.options import SearchOptions
 from paretoken.search.storage import redact
 
@@ -34,11 +35,14 @@ def check_settings(study_name: str, stored: Mapping[str, Any], wanted: Mapping[s
         if key in stored and stored[key] != wanted.get(key):
             raise ParetokenError(f"study: {study_name!r} was created with {key} {shown(stored[key])}, not "
                                  f"{shown(wanted[key])}; pass {flag} as before or start a new --study")
-    halving = [stored.get(k) for k in ("min_images", "eta")]  # none recorded: made without successive halving
-    if halving != [wanted.get(k) for k in ("min_images", "eta")]:
-        made = f"with --min-images {halving[0]} --eta {halving[1]}" if halving[0] else "without --min-images"
+    # none recorded: made without successive halving; no promotion recorded: made before --promotion, "front"
+    halving = [stored.get("min_images"), stored.get("eta"),
+               stored.get("promotion", PROMOTIONS[0]) if stored.get("min_images") else None]
+    if halving != [wanted.get(k) for k in ("min_images", "eta", "promotion")]:
+        made = (f"with --min-images {halving[0]} --eta {halving[1]} --promotion {halving[2]}" if halving[0]
+                else "without --min-images")
         raise ParetokenError(f"study: {study_name!r} was created {made} (successive halving); pass the same "
-                             "--min-images and --eta, or start a new --study")
+                             "--min-images, --eta and --promotion, or start a new --study")
     from paretoken.evaluators.data import canonical_data
 
     wanted_measurement = record.measurement_of(wanted)

@@ -48,6 +48,7 @@ class SearchOptions:
     depth: int  # blocks of the evaluated model
     min_images: int | None = None  # successive halving: images of the first rung (None: every trial on all)
     eta: int | None = None  # successive halving: each rung keeps the top 1/eta; None without it
+    promotion: str | None = None  # successive halving: its rule (halving.PROMOTIONS); None without it
 
     @property
     def config_dict(self) -> dict[str, Any]:
@@ -64,7 +65,7 @@ class SearchOptions:
         if hasattr(self.space, "ops"):  # mixed: the ops its overriding blocks choose among
             settings["ops"] = list(self.space.ops)
         if self.min_images is not None:
-            settings.update(min_images=self.min_images, eta=self.eta)
+            settings.update(min_images=self.min_images, eta=self.eta, promotion=self.promotion)
         return settings
 
     @property
@@ -95,7 +96,7 @@ def check_options(study: str, *, storage: str | None = None, space: str = "mixed
                   budgets: Budgets | None = None, eval_config=None, seed: int = 0, presets: bool = True,
                   heartbeat_s: int = 10, grace_s: int | None = None, poll_s: float = 1.0,
                   ops: Sequence[str] | str | None = None, min_images: int | None = None,
-                  eta: int | None = None) -> SearchOptions:
+                  eta: int | None = None, promotion: str | None = None) -> SearchOptions:
     """The checked :class:`SearchOptions` of :func:`~paretoken.search.run.run_search`'s keywords
     (defaults filled in: ``EvalConfig()``, ``Budgets()``, ``grace_s`` 3 heartbeats)."""
     from paretoken.evaluators.evaluate import EvalConfig, checked_config, device_name
@@ -118,7 +119,7 @@ def check_options(study: str, *, storage: str | None = None, space: str = "mixed
     _check_run(backend, workers, ray_address, n_trials, cpus_per_trial, gpus_per_trial, seed)
     budgets.check()
     _check_objectives_measured(objectives, config)
-    eta = check_halving(min_images, eta, config.images, objectives)
+    eta, promotion = check_halving(min_images, eta, config.images, objectives, promotion)
     check_int("heartbeat", heartbeat_s, 1, MAX_HEARTBEAT_S, note="seconds")
     grace_s = int(grace_s) if grace_s is not None else 3 * heartbeat_s
     if grace_s <= heartbeat_s:
@@ -128,7 +129,8 @@ def check_options(study: str, *, storage: str | None = None, space: str = "mixed
                          sampler=sampler, n_trials=n_trials, backend=backend, workers=workers,
                          ray_address=ray_address, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
                          budgets=budgets, eval_config=config, seed=seed, presets=presets, heartbeat_s=heartbeat_s,
-                         grace_s=grace_s, poll_s=poll_s, depth=model_depth(config), min_images=min_images, eta=eta)
+                         grace_s=grace_s, poll_s=poll_s, depth=model_depth(config), min_images=min_images, eta=eta,
+                         promotion=promotion)
 
 
 def _check_run(backend, workers, ray_address, n_trials, cpus_per_trial, gpus_per_trial, seed) -> None:

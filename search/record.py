@@ -9,8 +9,9 @@ earlier version load because they never change.
 Study user attrs:
   ``paretoken``         the settings a resumed search must match (:func:`study_settings`): space,
                         objectives, budgets, ``measurement`` (:data:`MEASUREMENT_KEYS`), depth,
-                        heartbeat_s, grace_s; with successive halving also ``min_images`` and ``eta``
-                        (a study that records none measures every trial on all its images)
+                        heartbeat_s, grace_s; with successive halving also ``min_images``, ``eta`` and
+                        ``promotion`` (a study that records no min_images measures every trial on all
+                        its images; one that records no promotion was made before it, by ``front``)
   ``objectives``        the objective names, in order
   ``presets_enqueued``  the creating process finished enqueueing the presets (bool)
 

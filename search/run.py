@@ -43,6 +43,7 @@ def run_search(study: str, *, storage: str | None = None, space: str = "mixed",
                budgets: Budgets | None = None, eval_config=None, seed: int = 0, presets: bool = True,
                heartbeat_s: int = 10, grace_s: int | None = None, poll_s: float = 1.0,
                ops: Sequence[str] | str | None = None, min_images: int | None = None, eta: int | None = None,
+               promotion: str | None = None,
                log: Callable[[str], None] | None = None) -> SearchResult:
     """Run (or resume) study ``study`` until it holds ``n_trials`` finished trials.
 
@@ -68,10 +69,11 @@ def run_search(study: str, *, storage: str | None = None, space: str = "mixed",
     heartbeat_s / grace_s: heartbeat interval of running trials (s); a RUNNING trial silent for
       ``grace_s`` (default 3 heartbeats) is failed and its plan re-run.
     poll_s: seconds between the driver's looks at its workers.
-    min_images / eta: successive halving: each plan is measured first on the first ``min_images`` of the
-      ``eval_config.images`` images and promoted rung by rung (``min_images`` times the powers of ``eta``
-      (default 4), then all images) while it ranks in the top 1/eta of its rung
-      (:mod:`~paretoken.search.halving`); a plan stopped below the full rung is COMPLETE with that rung's
+    min_images / eta / promotion: successive halving: each plan is measured first on the first
+      ``min_images`` of the ``eval_config.images`` images and promoted rung by rung (``min_images`` times
+      the powers of ``eta`` (default 4), then all images) while it ranks in the top 1/eta of its rung,
+      by the rule ``promotion`` names (:data:`~paretoken.search.halving.PROMOTIONS`, default ``front``:
+      the non-dominated go on too); a plan stopped below the full rung is COMPLETE with that rung's
       values and user attr ``images``, and counts towards ``n_trials``. Recorded with the study.
     log: receives the progress lines (default: print).
 
@@ -84,7 +86,8 @@ def run_search(study: str, *, storage: str | None = None, space: str = "mixed",
                             n_trials=n_trials, backend=backend, workers=workers, ray_address=ray_address,
                             cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, budgets=budgets,
                             eval_config=eval_config, seed=seed, presets=presets, heartbeat_s=heartbeat_s,
-                            grace_s=grace_s, poll_s=poll_s, ops=ops, min_images=min_images, eta=eta)
+                            grace_s=grace_s, poll_s=poll_s, ops=ops, min_images=min_images, eta=eta,
+                            promotion=promotion)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():
         _quiet_warnings()
@@ -112,7 +115,8 @@ def _run(options: SearchOptions, log: Callable[[str], None]) -> SearchResult:
         beater = Beater(liveness)
         beater.start()
         state = LoopState(study, options.space, options.depth, options.objectives, options.n_trials,
-                          options.budgets, options.config_dict, log, options.rungs, options.eta)
+                          options.budgets, options.config_dict, log, options.rungs, options.eta,
+                          options.promotion)
         with ctrl_c.installed():
             try:
                 drive(state, executor, liveness, beater, options.poll_s, ctrl_c)

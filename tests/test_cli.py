@@ -222,6 +222,8 @@ def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path):
     (["search", "--study", "s", "--min-images", "8", "--eta", "1"], "argument --eta: '1' is out of range; "
                                                                     "valid: an integer >= 2"),
     (["search", "--study", "s", "--eta", "3"], "eta: 3 applies to successive halving only; valid: --min-images M"),
+    (["search", "--study", "s", "--promotion", "top"], "promotion: 'top' applies to successive halving only"),
+    (["search", "--study", "s", "--min-images", "8", "--promotion", "all"], "argument --promotion: invalid choice"),
     (["search", "--study", "s", "--min-images", "8", "--objectives", "top1,speedup"],
      "min-images: successive halving ranks plans below the full rung, where speedup is not timed"),
 ])

@@ -43,9 +43,26 @@ def test_combine_weights_by_images_keeps_the_larger_peak_and_the_new_timings():
     assert halving.combine(None, 0, new, 8) == new
 
 
-def brute_promoted(points, feasible, i, eta):
+def brute_crowding(points):
+    """NSGA-II's crowding distance as Deb et al. define it, for points without ties in any objective: per
+    objective, the span between a point's two neighbours over the objective's range, infinite at the ends
+    (nothing from an objective of one value, as for a single point)."""
+    out = [0.0] * len(points)
+    for k in range(len(points[0]) if points else 0):
+        order = sorted(range(len(points)), key=lambda j: points[j][k])
+        span = points[order[-1]][k] - points[order[0]][k]
+        for at, j in enumerate(order if span else ()):
+            if at in (0, len(order) - 1):
+                out[j] = math.inf
+            else:
+                out[j] += (points[order[at + 1]][k] - points[order[at - 1]][k]) / span
+    return out
+
+
+def brute_promoted(points, feasible, i, eta, rule="front"):
     """The rule as words say it: peel the feasible plans into fronts by pairwise dominance; plan i goes on
-    when it is feasible and on the first front, or when fewer than n // eta plans lie on earlier fronts."""
+    when it is feasible and fewer than n // eta plans rank ahead: on earlier fronts (``front``: or when
+    it is on the first front), and for ``top`` also its own front's plans crowded no more than it."""
     def dominates(a, b):
         return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
 
@@ -57,7 +74,11 @@ def brute_promoted(points, feasible, i, eta):
         fronts.append(front)
         left = [j for j in left if j not in front]
     level = next(n for n, front in enumerate(fronts) if i in front)
-    return level == 0 or sum(len(f) for f in fronts[:level]) < len(points) // eta
+    ahead = sum(len(f) for f in fronts[:level])
+    if rule == "front":
+        return level == 0 or ahead < len(points) // eta
+    crowding = dict(zip(fronts[level], brute_crowding([points[j] for j in fronts[level]])))
+    return ahead + sum(crowding[j] >= crowding[i] for j in fronts[level] if j != i) < len(points) // eta
 
 
 def test_promotion_rule_matches_a_brute_force_formulation():
@@ -72,6 +93,33 @@ def test_promotion_rule_matches_a_brute_force_formulation():
             assert halving.promoted(np.array(points, dtype=float), np.array(excess), i, eta) == want
             checked, promoted = checked + 1, promoted + want
     assert 0.2 < promoted / checked < 0.9  # both outcomes exercised
+
+
+def test_mo_asha_promotion_matches_a_brute_force_formulation():
+    """``top``: the top 1/eta only, a front ordered by crowding distance (points without ties, where the
+    crowding distance is one number whatever the order the plans come in)."""
+    rng = random.Random(1)
+    checked = promoted = first_front_stopped = 0
+    for _ in range(300):
+        n, k, eta = rng.randint(1, 16), rng.randint(2, 3), rng.choice((2, 3, 4))
+        points = [tuple(rng.random() for _ in range(k)) for _ in range(n)]
+        excess = [0.0 if rng.random() < 0.8 else rng.uniform(0.1, 2.0) for _ in range(n)]
+        for i in range(n):
+            want = brute_promoted(points, [e <= 0 for e in excess], i, eta, "top")
+            got = halving.promoted(np.array(points), np.array(excess), i, eta, "top")
+            assert got == want, (points, excess, i, eta)
+            front = halving.promoted(np.array(points), np.array(excess), i, eta, "front")
+            assert front or not got  # top promotes a subset of what front does
+            checked, promoted = checked + 1, promoted + want
+            first_front_stopped += front and not got
+    assert 0.1 < promoted / checked < 0.6 and first_front_stopped > 50
+
+
+def test_crowding_distances_are_nsga2s():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 7):
+        points = rng.random((n, 2))
+        assert halving.crowding_distances(points).tolist() == pytest.approx(brute_crowding(points.tolist()))
 
 
 def test_the_first_plans_at_a_rung_go_on_unless_dominated():
@@ -170,8 +218,8 @@ def test_front_export_holdout_and_hypervolume_count_only_full_fidelity(searched,
 def test_a_halving_study_is_resumed_with_its_min_images_and_eta(searched):
     result, config, _, _ = searched
     url = result.storage
-    for kwargs, made in (({"min_images": 8, "eta": 4}, "with --min-images 8 --eta 2"),
-                         ({}, "with --min-images 8 --eta 2")):
+    made = "with --min-images 8 --eta 2 --promotion front"
+    for kwargs in ({"min_images": 8, "eta": 4}, {}, {"min_images": 8, "eta": 2, "promotion": "top"}):
         with pytest.raises(ParetokenError, match=f"study: 'h' was created {made} .successive halving.; pass the same"):
             run_search("h", storage=url, space="evit", n_trials=9, eval_config=config, seed=1, **kwargs)
     assert len(optuna.load_study(study_name="h", storage=open_storage(url)).get_trials()) == 8
@@ -183,16 +231,48 @@ def test_a_study_without_halving_refuses_min_images(tmp_path):
     with pytest.raises(ParetokenError, match="created without --min-images"):
         check_settings("old", {"space": "evit"}, {"space": "evit", "min_images": 8, "eta": 4})
     check_settings("old", {"space": "evit"}, {"space": "evit"})
+    # a halving study made before --promotion was promoted by the front rule
+    before = {"space": "evit", "min_images": 8, "eta": 4}
+    check_settings("old", before, {**before, "promotion": "front"})
+    with pytest.raises(ParetokenError, match="created with --min-images 8 --eta 4 --promotion front"):
+        check_settings("old", before, {**before, "promotion": "top"})
 
 
-@pytest.mark.parametrize("min_images, eta, objectives, message", [
-    (33, None, "top1,gflops", "min-images: 33 is invalid; valid: an integer in 1..32"),
-    (0, None, "top1,gflops", "min-images: 0 is invalid"),
-    (8, 1, "top1,gflops", "eta: 1 is invalid; valid: an integer >= 2"),
-    (None, 3, "top1,gflops", "eta: 3 applies to successive halving only"),
-    (8, None, "top1,speedup", "min-images: successive halving ranks plans below the full rung, where speedup"),
+@pytest.mark.parametrize("min_images, eta, promotion, objectives, message", [
+    (33, None, None, "top1,gflops", "min-images: 33 is invalid; valid: an integer in 1..32"),
+    (0, None, None, "top1,gflops", "min-images: 0 is invalid"),
+    (8, 1, None, "top1,gflops", "eta: 1 is invalid; valid: an integer >= 2"),
+    (None, 3, None, "top1,gflops", "eta: 3 applies to successive halving only"),
+    (None, None, "top", "top1,gflops", "promotion: 'top' applies to successive halving only"),
+    (8, None, "best", "top1,gflops", "promotion: 'best' is unknown; valid: front, top"),
+    (8, None, None, "top1,speedup", "min-images: successive halving ranks plans below the full rung, where speedup"),
 ])
-def test_bad_halving_values_are_one_line(min_images, eta, objectives, message):
+def test_bad_halving_values_are_one_line(min_images, eta, promotion, objectives, message):
     with pytest.raises(ParetokenError, match=message):
-        halving.check_halving(min_images, eta, 32, objectives.split(","))
-    assert halving.check_halving(8, None, 32, ["top1"]) == 4 and halving.check_halving(None, None, 32, []) is None
+        halving.check_halving(min_images, eta, 32, objectives.split(","), promotion)
+    assert halving.check_halving(8, None, 32, ["top1"]) == (4, "front")
+    assert halving.check_halving(8, 2, 32, ["top1"], "top") == (2, "top")
+    assert halving.check_halving(None, None, 32, []) == (None, None)
+
+
+def test_a_halving_search_promotes_by_the_rule_it_records(tmp_path):
+    """``promotion="top"`` reaches the driver: each decision is the rule's on the rung's plans as they stood,
+    and the study records it (a resumed search must pass it again)."""
+    config = ev.EvalConfig(model="default", images=32, batch_size=32, speed=False, flops_images=2)
+    result = run_search("t", storage=f"sqlite:///{tmp_path}/t.db", space="evit", n_trials=10, eval_config=config,
+                        seed=2, min_images=8, eta=2, promotion="top", log=lambda _: None)
+    assert result.study.user_attrs["paretoken"]["promotion"] == "top"
+    trials = result.study.get_trials()
+    decided = 0
+    for t in (t for t in trials if not t.user_attrs.get("preset")):
+        for k, images in enumerate(RUNGS[:-1]):
+            entry = halving.rung_entry(t.user_attrs["rungs"], images)
+            if entry is None:
+                break
+            others = [halving.rung_entry(u.user_attrs["rungs"], images) for u in trials if u.number < t.number]
+            rows = [entry["metrics"], *(e["metrics"] for e in others if e is not None)]
+            losses = np.array([(-m["top1"], m["gflops"]) for m in rows])
+            went_on = len(t.user_attrs["rungs"]) > k + 1
+            assert went_on == halving.promoted(losses, np.zeros(len(rows)), 0, 2, "top"), (t.number, images)
+            decided += 1
+    assert decided >= 6

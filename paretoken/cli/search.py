@@ -13,6 +13,7 @@ from paretoken.cli import flags
 from paretoken.cli.flags import (add_batch_size_flag, add_budget_flags, add_compile_flag, add_flops_flag, add_json_flag,
                                  add_model_flags, add_objectives_flag, add_plot_flag, add_study_flags)
 from paretoken.outputs import PLOT_SUFFIXES, check_output
+from paretoken.search.halving import PROMOTIONS
 from paretoken.search.storage import MAX_HEARTBEAT_S, study_storage
 
 SPACE_NAMES = ("tome", "evit", "dynamicvit", "asvit", "jmp", "slim", "mixed")  # kept in step with spaces.SPACES
@@ -34,6 +35,10 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
                         "1/eta of each rung to eta times more, up to --images [off: every plan on --images]")
     g.add_argument("--eta", type=argtypes.int_in(2), default=None,
                    help="successive halving: each rung keeps the top 1/eta of its plans (needs --min-images) [4]")
+    g.add_argument("--promotion", choices=PROMOTIONS, default=None,
+                   help="successive halving: front: the top 1/eta of a rung and every plan no other there "
+                        "dominates go on; top: the top 1/eta only, a front's plans ordered by crowding "
+                        "distance (MO-ASHA) (needs --min-images) [front]")
     add_flops_flag(g)
     g.add_argument("--flops-images", type=argtypes.positive_int, default=16,
                    help="--flops trace: images whose GFLOPs are averaged for plans with per-image token counts [16]")
@@ -98,7 +103,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                         ray_address=args.ray_address, cpus_per_trial=args.cpus_per_trial,
                         gpus_per_trial=args.gpus_per_trial, budgets=budgets, eval_config=config, seed=args.seed,
                         presets=not args.no_presets, heartbeat_s=args.heartbeat, min_images=args.min_images,
-                        eta=args.eta)
+                        eta=args.eta, promotion=args.promotion)
     if args.plot:
         from paretoken.results.plots import plot_front
         from paretoken.results.query import trials_frame
