@@ -3,8 +3,9 @@ the driver (:mod:`paretoken.search.driver`) glues in.
 
 A plan is measured first on the first M images of the study's seeded order, and promoted rung by rung
 (M, M·η, M·η², …, N: :func:`rung_schedule`) while it ranks well among the plans measured at its rung
-(:func:`promoted`, by one of :data:`PROMOTIONS`). The rungs are prefixes of one image order, so a promoted plan is evaluated on its
-new images only (:func:`slice_config`) and its metrics at the next rung combine both (:func:`combine`).
+(:func:`promoted`, by one of :data:`PROMOTIONS`). The rungs are prefixes of one image order, so a
+promoted plan is evaluated on its new images only (:func:`slice_config`) and its metrics at the next
+rung combine both (:func:`combine`).
 
 A trial records its finished rungs as user attr ``rungs`` (:data:`paretoken.search.record.RUNGS`): a
 list of ``{"images": M_k, "metrics": {...}, "duration_s": s}``, the metrics over the first M_k images,
