@@ -102,15 +102,16 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     (RESULTS / "multifidelity").mkdir(parents=True, exist_ok=True)
 
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    paths = {(seed, halving): RESULTS / "multifidelity" / f"{args.out}-{'sh' if halving else 'sf'}-s{seed}.db"
+             for seed in seeds for halving in (False, True)}
+    existing = [str(path) for path in paths.values() if path.exists()]
+    if existing:  # a search of that name would resume it; checked before any seed runs
+        parser.error(f"--out: {', '.join(existing)} exist; remove them or choose another --out")
+
     runs, tables = [], []
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
-        arms = []
-        for halving in (False, True):
-            name = f"{args.out}-{'sh' if halving else 'sf'}-s{seed}"
-            path = RESULTS / "multifidelity" / f"{name}.db"
-            if path.exists():  # a search of that name would resume it
-                parser.error(f"--out: {path} exists; remove it or choose another --out")
-            arms.append((name, f"sqlite:///{path}", halving))
+    for seed in seeds:
+        arms = [(paths[seed, halving].stem, f"sqlite:///{paths[seed, halving]}", halving) for halving in (False, True)]
         if args.side_by_side:  # both at once, a thread each: whatever else loads the machine loads both
             procs = [_start(name, storage, args, seed, halving, 1) for name, storage, halving in arms]
             seconds = [_run_for(procs, 60 * args.minutes)] * 2

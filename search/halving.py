@@ -129,12 +129,13 @@ def promoted(losses: np.ndarray, penalty: np.ndarray, index: int, eta: int, rule
 
     if penalty[index] > 0:
         return False
-    ranks = _fast_non_domination_rank(np.asarray(losses, dtype=float), penalty=np.asarray(penalty, dtype=float))
+    losses = np.asarray(losses, dtype=float)
+    ranks = _fast_non_domination_rank(losses, penalty=np.asarray(penalty, dtype=float))
     ahead = int(np.count_nonzero(ranks < ranks[index]))
     if rule == "front":
         return bool(ranks[index] == 0 or ahead < len(losses) // eta)
     same = np.flatnonzero(ranks == ranks[index])
-    crowding = crowding_distances(np.asarray(losses, dtype=float)[same])
+    crowding = crowding_distances(losses[same])
     mine = crowding[int(np.flatnonzero(same == index)[0])]
     return ahead + int(np.count_nonzero(crowding >= mine)) - 1 < len(losses) // eta
 
