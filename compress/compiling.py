@@ -4,8 +4,10 @@ A plan without per-image stages keeps every image's token count a function of sh
 reduce of each op, :attr:`~paretoken.compress.ops.OpSpec.reduce_uniform`), so its whole forward
 compiles to one graph with static shapes (``fullgraph=True``). A per-image plan's counts come back to
 the host after each stage (to trim and split the batch, :mod:`~paretoken.compress.grouping`): it
-compiles with dynamic shapes, each block's two halves a graph of their own, and the batch
-bookkeeping runs eagerly between them.
+compiles with dynamic shapes, each block's two halves (attention with its stage, the MLP) a graph
+of its own, and the batch bookkeeping, token counts included, runs eagerly between them: the
+halves of blocks that take the same path share their graphs (one MLP graph for every block, not
+twelve).
 """
 from __future__ import annotations
 
@@ -36,6 +38,6 @@ def compile_model(model: torch.nn.Module, backend: str = "inductor", mode: str |
         raise ParetokenError("model: no plan applied; call paretoken.apply(model, plan) first")
     depth = len(model.blocks)
     whole = compiles_whole(plan, depth)
-    if not whole:  # each block's halves compile per block: let every block keep its graphs
+    if not whole:  # block halves whose stages differ compile apart: let every one keep its graphs
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * depth)
     return torch.compile(model, fullgraph=whole, dynamic=not whole, backend=backend, mode=mode)

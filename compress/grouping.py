@@ -31,15 +31,16 @@ def forward_grouped(model: "PlanModel", x: torch.Tensor) -> torch.Tensor:
     for blk in model.blocks:
         attended = []
         for index, xs, size, bias, counts in groups:
-            state.size, state.bias, state.counts = size, bias, counts
+            state.size, state.bias = size, bias
             attended.append((index, blk.attend(xs), state.size, state.bias, counts))
         if blk._pt_stage is not None:  # the whole batch regroups before the MLP, which runs on the trimmed parts
             attended = _split(_joined(attended, state), state)
         groups, slots = [], slots + [0]
         for index, xs, size, bias, counts in attended:
-            state.size, state.bias, state.counts, state.slots = size, bias, counts, []
-            groups.append((index, blk.feed_forward(xs), state.size, state.bias, counts))
-            slots[-1] += state.slots[0]
+            xs = blk.feed_forward(xs)
+            counts.append((size > 0).sum(dim=1))
+            groups.append((index, xs, size, bias, counts))
+            slots[-1] += xs.shape[0] * xs.shape[1]
     out = x.new_zeros(batch, max(xs.shape[1] for _, xs, *_ in groups), x.shape[2])
     size = state.size.new_zeros(batch, out.shape[1])
     counts = [torch.zeros(batch, dtype=torch.long, device=x.device) for _ in model.blocks]

@@ -75,6 +75,11 @@ class TokenState:
         else:
             self.bias = tokens.attention_bias(size.detach(), dtype)
 
+    def record(self, x: torch.Tensor) -> None:
+        """Record the tokens and slots a block leaves, from its output ``x`` (B, N, C)."""
+        self.counts.append((self.size > 0).sum(dim=1))
+        self.slots.append(x.shape[0] * x.shape[1])
+
     def mask(self, stage: Stage, keep: torch.Tensor, dtype: torch.dtype) -> None:
         """Multiply the sizes by a learned stage's keep factor (B, N) and record the kept fractions."""
         before = learn.effective_tokens(self.size, self.prefix).detach() / self.patches
@@ -197,7 +202,9 @@ class PlanBlock(Block):
     _pt_prefix_only: bool = False
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        return self.feed_forward(self.attend(x))
+        x = self.feed_forward(self.attend(x))
+        self._pt_state.record(x)
+        return x
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """The block's first half: attention and its residual, then the block's stage (or, last in a
@@ -212,12 +219,8 @@ class PlanBlock(Block):
         return x if self._pt_stage is None else self._reduce(self._pt_stage, x, state)
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The block's second half: the MLP and its residual; records the tokens and slots left."""
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        state = self._pt_state
-        state.counts.append((state.size > 0).sum(dim=1))
-        state.slots.append(x.shape[0] * x.shape[1])
-        return x
+        """The block's second half: the MLP and its residual."""
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
     def _reduce(self, stage: Stage, x: torch.Tensor, state: TokenState) -> torch.Tensor:
         info, prefix = self.attn._pt_info, state.prefix

@@ -12,6 +12,7 @@ import math
 import pytest
 import timm
 import torch
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list  # a code object's compiled graphs
 from torch._dynamo.utils import counters
 
 import paretoken
@@ -121,6 +122,9 @@ def test_per_image_plans_stop_recompiling_once_their_graphs_exist(name, default_
             torch.testing.assert_close(out, default_model(batch), rtol=1e-5, atol=1e-5)
     assert len(set(counts)) > 1  # the batches' token counts differ
     assert graphs[2:] == [graphs[1]] * 2, graphs  # no graph after the second batch
+    # the MLP half is the same code in every block: its graphs (a batch, and a sub-batch of one image) are
+    # shared, not one per block (the token bookkeeping runs outside it)
+    assert len(_debug_get_cache_entry_list(patch.PlanBlock.feed_forward.__code__)) <= 2
 
 
 @pytest.fixture(scope="module")
