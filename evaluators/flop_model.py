@@ -91,7 +91,7 @@ class FlopModel:
             q = m if plan.prefix_only_last and i == depth - 1 else n
             total += cost.at(n, q, m)
             if i in stages:
-                total += self._stage(stages[i], n)
+                total += self._stage(stages[i], n, m)
             n = m
         return total
 
@@ -99,9 +99,9 @@ class FlopModel:
         """GFLOPs per image, the mean over the images of ``counts`` (B, depth)."""
         return self.multiply_adds(plan, counts).double().mean().item() / 1e9
 
-    def _stage(self, stage, n: torch.Tensor) -> torch.Tensor:
-        """(B,) what a stage adds to its block with n (B,) tokens in: PlanAttention's by-products, the
-        predictor, the op's own work."""
+    def _stage(self, stage, n: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """(B,) what a stage adds to its block with n (B,) tokens in and m (B,) after: PlanAttention's
+        by-products, the predictor, the op's own work."""
         op = get_op(stage.op)
         if op.flops is None:
             raise ParetokenError(f"op {stage.op!r} declares no flops; valid: --flops trace for plans with it")
@@ -116,7 +116,7 @@ class FlopModel:
             extra = extra + n * self.dims.heads
         if stage.score == "predictor":
             extra = extra + (n - self.prefix) * self.predictor
-        return extra + op.flops(n, self.dims, self.prefix, **stage.settings)
+        return extra + op.flops(n, m, self.dims, self.prefix, **stage.settings)
 
 
 class _Call(nn.Module):

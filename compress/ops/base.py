@@ -58,14 +58,14 @@ class TokenDims:
 
 #: The multiply-adds an op's reduce function computes per image, in fvcore's convention (matmul,
 #: linear, einsum and norm layers count; elementwise, sort, gather and scatter ops count zero):
-#: ``flops(n, dims, prefix, **amounts) -> (B,)`` with n (B,) the image's tokens into the stage (prefix
-#: included; an integer tensor), dims the model's :class:`TokenDims` and the stage's amount and option
-#: fields as keywords. What attention computes for the op's score and ``needs`` is counted apart
+#: ``flops(n, m, dims, prefix, **amounts) -> (B,)`` with n (B,) the image's tokens into the stage and m
+#: (B,) those it leaves (prefix included; integer tensors), dims the model's :class:`TokenDims` and the
+#: stage's amount and option fields as keywords. What attention computes for the op's score and ``needs`` is counted apart
 #: (:mod:`paretoken.evaluators.flop_model`).
 Flops = Callable[..., Any]
 
 
-def no_flops(n, dims: TokenDims, prefix: int, **amounts: Any):
+def no_flops(n, m, dims: TokenDims, prefix: int, **amounts: Any):
     """The :data:`Flops` of an op that only selects tokens (sorting and gathering count zero)."""
     return n * 0
 

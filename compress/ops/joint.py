@@ -32,28 +32,35 @@ def joint_merge_prune(x, size, score, metric, prefix: int, mass: float, sim: flo
     Critical tokens are the fewest patch tokens holding ``mass`` of the score
     (class attention) mass. Each non-critical token merges (size-weighted)
     into its most similar critical token (cosine of ``metric`` (B, N, D)) when
-    that similarity is >= ``sim``, and is pruned otherwise.
+    that similarity is >= ``sim``, and is pruned otherwise. Similarities are computed
+    to the critical tokens only: (B, N, K), K the most critical tokens an image has.
     """
+    import torch
     import torch.nn.functional as F
 
-    from paretoken.compress.tokens import NEG, compact, merge_into
+    from paretoken.compress.tokens import NEG, compact, gather_tokens, merge_into
 
     critical = critical_by_mass(score, size, prefix, mass)
     valid = size > 0
     other = valid & ~critical
     other[:, :prefix] = False
     metric = F.normalize(metric.float(), dim=-1)
-    s = (metric @ metric.transpose(1, 2)).masked_fill(~critical[:, None, :], NEG)
-    best, match = s.max(dim=-1)
+    k = critical.sum(dim=1)
+    # each image's critical tokens first, in position order: a tie of the max goes to the first, as over all N
+    targets = torch.argsort((~critical).to(torch.int8), dim=1, stable=True)[:, :int(k.max())]
+    s = metric @ gather_tokens(metric, targets).transpose(1, 2)
+    s.masked_fill_(torch.arange(targets.shape[1], device=x.device) >= k[:, None, None], NEG)
+    best, j = s.max(dim=-1)
     merge = other & (best >= sim)
     drop = other & ~merge
-    x, size = merge_into(x, size * ~drop, merge, match)
+    x, size = merge_into(x, size * ~drop, merge, targets.gather(1, j))
     return compact(x, size, size > 0)
 
 
-def flops(n, dims, prefix: int, **amounts):
-    """Every token's similarity to every token on the D-wide keys: n * n * D."""
-    return n * n * dims.head_dim
+def flops(n, m, dims, prefix: int, **amounts):
+    """Every token's similarity to each critical token on the D-wide keys: n * (m - prefix) * D (the
+    critical tokens are what the stage leaves besides the prefix)."""
+    return n * (m - prefix) * dims.head_dim
 
 
 def reduce(x, size, info, prefix: int, mass: float, sim: float):

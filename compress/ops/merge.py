@@ -71,7 +71,7 @@ def bipartite_merge_uniform(x, size, metric, prefix: int, keep: float | None = N
     return x, torch.cat([size[:, :prefix], sa.gather(1, unmerged), sb], dim=1)
 
 
-def flops(n, dims, prefix: int, **amounts):
+def flops(n, m, dims, prefix: int, **amounts):
     """The similarities of set A (ceil(n / 2) tokens) to set B (floor(n / 2)) on the D-wide keys."""
     return (n + 1) // 2 * (n // 2) * dims.head_dim
 

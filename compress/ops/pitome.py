@@ -96,7 +96,7 @@ def pitome_merge_uniform(x, size, metric, prefix: int, margin: float, keep: floa
     return gather_tokens(x, kept), size.gather(1, kept)
 
 
-def flops(n, dims, prefix: int, **amounts):
+def flops(n, m, dims, prefix: int, **amounts):
     """The energy's similarities of every token to every token on the D-wide keys: n * n * D."""
     return n * n * dims.head_dim
 

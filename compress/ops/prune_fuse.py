@@ -26,7 +26,7 @@ def prune_fuse(x, size, score, prefix: int, keep: float | None = None, r: int | 
     return compact(x, size, torch.cat([kept, fused_size > 0], dim=1))
 
 
-def flops(n, dims, prefix: int, **amounts):
+def flops(n, m, dims, prefix: int, **amounts):
     """The fused token's weighted sum over every token: n * C."""
     return n * dims.dim
 

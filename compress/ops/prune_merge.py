@@ -76,7 +76,7 @@ def prune_merge_uniform(x, size, score, prefix: int, pruned: int, merged: int, f
                          fuse)
 
 
-def flops(n, dims, prefix: int, pruned: int, merged: int, **options):
+def flops(n, m, dims, prefix: int, pruned: int, merged: int, **options):
     """The similarities of the m merging tokens to the k - m they may merge into, on the C-wide features."""
     from paretoken.compress.tokens import count_to_keep
 
