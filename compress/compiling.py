@@ -5,9 +5,9 @@ reduce of each op, :attr:`~paretoken.compress.ops.OpSpec.reduce_uniform`), so it
 compiles to one graph with static shapes (``fullgraph=True``). A per-image plan's counts come back to
 the host after each stage (to trim and split the batch, :mod:`~paretoken.compress.grouping`): it
 compiles with dynamic shapes, each block's two halves (attention with its stage, the MLP) a graph
-of its own, and the batch bookkeeping, token counts included, runs eagerly between them: the
-halves of blocks that take the same path share their graphs (one MLP graph for every block, not
-twelve).
+of its own, and the batch bookkeeping, token counts included, runs eagerly between them, as does
+each per-image op's reduce (it brings counts to the host to trim the batch): the halves of blocks
+that take the same path share their graphs (one MLP graph for every block, not twelve).
 """
 from __future__ import annotations
 
