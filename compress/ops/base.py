@@ -60,8 +60,8 @@ class TokenDims:
 #: linear, einsum and norm layers count; elementwise, sort, gather and scatter ops count zero):
 #: ``flops(n, m, dims, prefix, **amounts) -> (B,)`` with n (B,) the image's tokens into the stage and m
 #: (B,) those it leaves (prefix included; integer tensors), dims the model's :class:`TokenDims` and the
-#: stage's amount and option fields as keywords. What attention computes for the op's score and ``needs`` is counted apart
-#: (:mod:`paretoken.evaluators.flop_model`).
+#: stage's amount and option fields as keywords. What attention computes for the op's score and
+#: ``needs`` is counted apart (:mod:`paretoken.evaluators.flop_model`).
 Flops = Callable[..., Any]
 
 
