@@ -17,7 +17,8 @@ re-measured plans re-scored on the same resamples. Studies ``<out>-sf-s<seed>`` 
 bench/results/multifidelity/, figures in bench/results/<out>.json. ``--side-by-side`` runs a seed's
 two searches at the same time, one CPU thread each (``OMP_NUM_THREADS=1``), so that any other load on
 the machine falls on both alike and the bench takes half the time. ``--held-out-only`` runs no search:
-it re-measures the studies an earlier run of the same ``--out`` left, into bench/results/<out>_held_out.json.
+it re-measures the studies an earlier run of the same ``--out`` left, into
+bench/results/<out>_held_out_<held-out images>.json.
 """
 from __future__ import annotations
 
@@ -195,7 +196,7 @@ def main() -> None:
             s["sh"]["presets_dominated_held_out"] == s["sh"]["presets"] for s in by_seed.values()),
     }
     print(json.dumps(verdict))
-    out = RESULTS / f"{args.out}{'_held_out' if args.held_out_only else ''}.json"
+    out = RESULTS / (f"{args.out}_held_out_{config.images}.json" if args.held_out_only else f"{args.out}.json")
     out.write_text(json.dumps({"command": "python bench/multifidelity.py " + " ".join(sys.argv[1:]),
                                "held_out_images": config.images, "environment": environment(),
                                "runs": runs, "verdict": verdict}, indent=2) + "\n")
