@@ -160,7 +160,7 @@ def main() -> None:
             figures, table = _figures(name, storage)
             runs.append({"seed": seed, "halving": halving, "seconds": ran, **figures})
             tables.append(table)
-            print(f"{name}: {figures['plans_screened']} plans screened, "
+            print(f"{name}: {'' if ran is None else f'{ran:.0f} s, '}{figures['plans_screened']} plans screened, "
                   f"{figures['full_fidelity_trials']} at full fidelity", flush=True)
 
     settings = query.load(runs[0]["study"], f"sqlite:///{RESULTS / 'multifidelity' / runs[0]['study']}.db"

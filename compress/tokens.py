@@ -118,17 +118,22 @@ def merge_sources(x: torch.Tensor, size: torch.Tensor, src_x: torch.Tensor, src_
     return out, merged_size
 
 
+def positions_first(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where ``keep`` (B, N) is True, each image's positions in order and padded at the end to the most
+    any image has: (B, M) positions (past an image's count, positions where ``keep`` is False) and the
+    (B,) counts."""
+    counts = keep.sum(dim=1)
+    return torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :int(counts.max())], counts
+
+
 def compact(x: torch.Tensor, size: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the tokens where ``keep`` (B, N) is True, in order, padded at the end.
 
     Returns x (B, M, C) and size (B, M) with M = max kept count; padding slots
     get size 0 and zero features. Tokens with size 0 are never kept.
     """
-    keep = keep & (size > 0)
-    counts = keep.sum(dim=1)
-    m = int(counts.max())
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :m]
-    valid = torch.arange(m, device=x.device)[None] < counts[:, None]
+    order, counts = positions_first(keep & (size > 0))
+    valid = torch.arange(order.shape[1], device=x.device)[None] < counts[:, None]
     x = gather_tokens(x, order).masked_fill(~valid[..., None], 0)
     return x, size.gather(1, order) * valid
 

@@ -38,16 +38,15 @@ def joint_merge_prune(x, size, score, metric, prefix: int, mass: float, sim: flo
     import torch
     import torch.nn.functional as F
 
-    from paretoken.compress.tokens import NEG, compact, gather_tokens, merge_into
+    from paretoken.compress.tokens import NEG, compact, gather_tokens, merge_into, positions_first
 
     critical = critical_by_mass(score, size, prefix, mass)
     valid = size > 0
     other = valid & ~critical
     other[:, :prefix] = False
     metric = F.normalize(metric.float(), dim=-1)
-    k = critical.sum(dim=1)
-    # each image's critical tokens first, in position order: a tie of the max goes to the first, as over all N
-    targets = torch.argsort((~critical).to(torch.int8), dim=1, stable=True)[:, :int(k.max())]
+    # each image's critical tokens in position order: a tie of the max goes to the first, as over all N
+    targets, k = positions_first(critical)
     s = metric @ gather_tokens(metric, targets).transpose(1, 2)
     s.masked_fill_(torch.arange(targets.shape[1], device=x.device) >= k[:, None, None], NEG)
     best, j = s.max(dim=-1)
