@@ -104,12 +104,13 @@ def merge_sources(x: torch.Tensor, size: torch.Tensor, src_x: torch.Tensor, src_
                   dst: torch.Tensor, fuse: str = "average") -> tuple[torch.Tensor, torch.Tensor]:
     """Merge the tokens ``src_x`` (B, R, C) of sizes ``src_size`` (B, R) into the tokens ``dst`` (B, R)
     index of ``x`` (B, M, C), ``size`` (B, M): :func:`merge_into`'s ``fuse`` modes, computed on the
-    sources and the tokens they merge into only. Returns x, size (B, M, ...)."""
+    sources and the tokens they merge into only; a slot of size 0 that nothing merges into (padding)
+    comes out 0. Returns x, size (B, M, ...)."""
     if fuse == "drop":
         return x, size
     total = add_tokens_(x * size[..., None].to(x.dtype), dst, src_x * src_size[..., None].to(x.dtype))
     merged_size = size.scatter_add(1, dst, src_size)
-    out = total / merged_size[..., None].to(x.dtype)
+    out = total / torch.where(merged_size > 0, merged_size, 1)[..., None].to(x.dtype)
     if fuse == "mlerp":
         largest = x.float().norm(dim=-1).scatter_reduce(1, dst, src_x.float().norm(dim=-1), reduce="amax")
         received = torch.zeros_like(size, dtype=torch.bool).scatter(1, dst, torch.ones_like(dst, dtype=torch.bool))

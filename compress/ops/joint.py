@@ -30,36 +30,39 @@ def joint_merge_prune(x, size, score, metric, prefix: int, mass: float, sim: flo
     """JMP: per image, keep critical tokens; merge or prune the rest. Returns (x, size).
 
     Critical tokens are the fewest patch tokens holding ``mass`` of the score
-    (class attention) mass. Each non-critical token merges (size-weighted)
-    into its most similar critical token (cosine of ``metric`` (B, N, D)) when
-    that similarity is >= ``sim``, and is pruned otherwise. Similarities are computed
-    to the critical tokens only: (B, N, K), K the most critical tokens an image has.
+    (class attention) mass. Each other token merges (size-weighted) into its
+    most similar critical token (cosine of ``metric`` (B, N, D)) when that
+    similarity is >= ``sim``, and is pruned otherwise. Similarities are computed
+    between those two sets only: (B, R, K), R and K the most other and critical
+    tokens an image has. The result holds the prefix and the critical tokens in
+    position order, padded at the end (size 0, zero features).
     """
     import torch
     import torch.nn.functional as F
 
-    from paretoken.compress.tokens import NEG, compact, gather_tokens, merge_into, positions_first
+    from paretoken.compress.tokens import NEG, gather_tokens, merge_sources, positions_first
 
     critical = critical_by_mass(score, size, prefix, mass)
-    valid = size > 0
-    other = valid & ~critical
+    other = (size > 0) & ~critical
     other[:, :prefix] = False
     metric = F.normalize(metric.float(), dim=-1)
-    # each image's critical tokens in position order: a tie of the max goes to the first, as over all N
+    # each image's critical and other tokens in position order: a tie of the max goes to the first critical one
     targets, k = positions_first(critical)
-    s = metric @ gather_tokens(metric, targets).transpose(1, 2)
+    sources, r = positions_first(other)
+    s = gather_tokens(metric, sources) @ gather_tokens(metric, targets).transpose(1, 2)
     s.masked_fill_(torch.arange(targets.shape[1], device=x.device) >= k[:, None, None], NEG)
     best, j = s.max(dim=-1)
-    merge = other & (best >= sim)
-    drop = other & ~merge
-    x, size = merge_into(x, size * ~drop, merge, targets.gather(1, j))
-    return compact(x, size, size > 0)
+    merge = (torch.arange(sources.shape[1], device=x.device) < r[:, None]) & (best >= sim)
+    kept = torch.cat([torch.arange(prefix, device=x.device).expand(x.shape[0], -1), targets], dim=1)
+    valid = torch.arange(kept.shape[1], device=x.device) < (prefix + k)[:, None]
+    return merge_sources(gather_tokens(x, kept), size.gather(1, kept) * valid, gather_tokens(x, sources),
+                         size.gather(1, sources) * merge, prefix + j)
 
 
 def flops(n, m, dims, prefix: int, **amounts):
-    """Every token's similarity to each critical token on the D-wide keys: n * (m - prefix) * D (the
-    critical tokens are what the stage leaves besides the prefix)."""
-    return n * (m - prefix) * dims.head_dim
+    """Each other token's similarity to each critical token on the D-wide keys: (n - m) * (m - prefix) * D
+    (the critical tokens are what the stage leaves besides the prefix; the other patch tokens, the rest)."""
+    return (n - m) * (m - prefix) * dims.head_dim
 
 
 def reduce(x, size, info, prefix: int, mass: float, sim: float):
