@@ -23,7 +23,8 @@ def forward_grouped(model: "PlanModel", x: torch.Tensor) -> torch.Tensor:
     """The blocks and final norm of a per-image plan at inference, in sub-batches of images whose token
     counts are close: after each stage (before its block's MLP), a sub-batch whose padding exceeds
     :data:`PADDING_TOLERANCE` of its slots is split by count (:func:`~paretoken.compress.tokens.padding_groups`)
-    and each part trimmed to its widest image. Each image's tokens are the same as in one batch
+    and each part trimmed to its widest image. A stage reduces the whole batch at once, padded to its
+    widest sub-batch. Each image's tokens are the same as in one batch
     (valid tokens first, in order); returns (B, N, C) in the batch's order, padded to the widest."""
     state, batch = model._pt_state, x.shape[0]
     groups = [(torch.arange(batch, device=x.device), x, state.size, state.bias, [])]
@@ -32,9 +33,14 @@ def forward_grouped(model: "PlanModel", x: torch.Tensor) -> torch.Tensor:
         attended = []
         for index, xs, size, bias, counts in groups:
             state.size, state.bias = size, bias
-            attended.append((index, blk.attend(xs), state.size, state.bias, counts))
-        if blk._pt_stage is not None:  # the whole batch regroups before the MLP, which runs on the trimmed parts
-            attended = _split(_joined(attended, state), state)
+            xs = blk.attention(xs)
+            attended.append((index, xs, state.size, state.bias, counts, blk.attn._pt_info))
+        if blk.reduces:  # the stage reduces the whole batch at once; the MLP runs on its trimmed parts
+            index, xs, _, _, counts, blk.attn._pt_info = _joined(attended, state)
+            xs = blk.reduce(xs)
+            attended = _split((index, xs, state.size, state.bias, counts), state)
+        else:
+            attended = [group[:5] for group in attended]
         groups, slots = [], slots + [0]
         for index, xs, size, bias, counts in attended:
             xs = blk.feed_forward(xs)
@@ -56,17 +62,24 @@ def forward_grouped(model: "PlanModel", x: torch.Tensor) -> torch.Tensor:
 
 @torch.compiler.disable
 def _joined(groups: list, state: TokenState) -> tuple:
-    """The sub-batches ``groups`` as one group (index, x, size, bias, counts), padded to the widest:
-    regrouping the whole batch at every stage keeps the sub-batches few (splitting each sub-batch
-    again multiplied them: asvit ran its last blocks in about 60 of them at batch 100)."""
+    """The sub-batches ``groups`` (index, x, size, bias, counts, info) as one, padded to the widest, with
+    ``state`` set to it: regrouping the whole batch at every stage keeps the sub-batches few (splitting
+    each sub-batch again multiplied them: asvit ran its last blocks in about 60 of them at batch 100),
+    and the stage's reduce runs once. ``info``'s tensors are per token, (b, n, ...); padding gets 0."""
     if len(groups) == 1:
+        state.size, state.bias = groups[0][2], groups[0][3]
         return groups[0]
     width = max(xs.shape[1] for _, xs, *_ in groups)
+
+    def padded(parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([F.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1])) for t in parts])
+
     index = torch.cat([g[0] for g in groups])
-    xs = torch.cat([F.pad(g[1], (0, 0, 0, width - g[1].shape[1])) for g in groups])
-    state.update(torch.cat([F.pad(g[2], (0, width - g[2].shape[1])) for g in groups]), xs.dtype)
+    xs = padded([g[1] for g in groups])
+    state.update(padded([g[2] for g in groups]), xs.dtype)
     counts = [torch.cat(block_counts) for block_counts in zip(*(g[4] for g in groups))]
-    return index, xs, state.size, state.bias, counts
+    info = {key: padded([g[5][key] for g in groups]) for key in groups[0][5]}
+    return index, xs, state.size, state.bias, counts, info
 
 
 @torch.compiler.disable

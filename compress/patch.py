@@ -215,17 +215,30 @@ class PlanBlock(Block):
         self._pt_state.record(x)
         return x
 
+    @property
+    def reduces(self) -> bool:
+        """Whether the block applies a stage (a ``prefix_only_last`` plan's last block skips its own)."""
+        return self._pt_stage is not None and not self._pt_prefix_only
+
     def attend(self, x: torch.Tensor) -> torch.Tensor:
-        """The block's first half: attention and its residual, then the block's stage (or, last in a
-        ``prefix_only_last`` plan, only the prefix tokens' attention)."""
+        """The block's first half: :meth:`attention` and its residual, then the block's stage."""
+        x = self.attention(x)
+        return self.reduce(x) if self.reduces else x
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention and its residual (last in a ``prefix_only_last`` plan, the prefix tokens' only); what
+        the stage scores with is left in ``attn._pt_info``."""
         state = self._pt_state
         if self._pt_prefix_only:
             prefix = state.prefix
             x = x[:, :prefix] + self.drop_path1(self.ls1(self.attn(self.norm1(x), queries=prefix)))
             state.size, state.bias = state.size[:, :prefix], None  # prefix tokens stand for one patch each
             return x
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        return x if self._pt_stage is None else self._reduce(self._pt_stage, x, state)
+        return x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's stage on the tokens ``x`` (B, N, C) that :meth:`attention` left."""
+        return self._reduce(self._pt_stage, x, self._pt_state)
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The block's second half: the MLP and its residual."""
