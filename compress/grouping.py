@@ -37,7 +37,7 @@ def forward_grouped(model: "PlanModel", x: torch.Tensor) -> torch.Tensor:
             attended.append((index, xs, state.size, state.bias, counts, blk.attn._pt_info))
         if blk.reduces:  # the stage reduces the whole batch at once; the MLP runs on its trimmed parts
             index, xs, _, _, counts, blk.attn._pt_info = _joined(attended, state)
-            xs = blk.reduce(xs)
+            xs = _reduced(blk, xs)
             attended = _split((index, xs, state.size, state.bias, counts), state)
         else:
             attended = [group[:5] for group in attended]
@@ -80,6 +80,13 @@ def _joined(groups: list, state: TokenState) -> tuple:
     counts = [torch.cat(block_counts) for block_counts in zip(*(g[4] for g in groups))]
     info = {key: padded([g[5][key] for g in groups]) for key in groups[0][5]}
     return index, xs, state.size, state.bias, counts, info
+
+
+@torch.compiler.disable
+def _reduced(blk, x: torch.Tensor) -> torch.Tensor:
+    """``blk``'s stage on the joined batch ``x``, eagerly under torch.compile: a per-image op's reduce runs
+    eagerly anyway (``patch._general_reduce``), and what is around it would compile to small graphs."""
+    return blk.reduce(x)
 
 
 @torch.compiler.disable

@@ -127,6 +127,8 @@ def test_per_image_plans_stop_recompiling_once_their_graphs_exist(name, default_
     assert len(_debug_get_cache_entry_list(patch.PlanBlock.feed_forward.__code__)) <= 2
     # the per-image op's reduce runs eagerly (its counts come to the host): no graph of it
     assert not _debug_get_cache_entry_list(get_op(plan.stages[0].op).reduce.__code__)
+    # and so does the stage around it, once per batch (grouping._reduced): no graphs of small ops around a break
+    assert not _debug_get_cache_entry_list(patch.PlanBlock._reduce.__code__)
 
 
 @pytest.fixture(scope="module")
