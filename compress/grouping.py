@@ -99,6 +99,6 @@ def _split(group, state: TokenState) -> list:
     parts = []
     for part in tokens.padding_groups(valid, PADDING_TOLERANCE):
         width = int(valid[part].max())
-        state.update(size[part, :width], xs.dtype)
-        parts.append((index[part], xs[part, :width], state.size, state.bias, [c[part] for c in counts]))
+        state.update(size[:, :width][part], xs.dtype)
+        parts.append((index[part], xs[:, :width][part], state.size, state.bias, [c[part] for c in counts]))
     return parts
