@@ -4,10 +4,10 @@ A plan without per-image stages keeps every image's token count a function of sh
 reduce of each op, :attr:`~paretoken.compress.ops.OpSpec.reduce_uniform`), so its whole forward
 compiles to one graph with static shapes (``fullgraph=True``). A per-image plan's counts come back to
 the host after each stage (to trim and split the batch, :mod:`~paretoken.compress.grouping`): it
-compiles with dynamic shapes, each block's two halves (attention with its stage, the MLP) a graph
-of its own, and the batch bookkeeping, token counts included, runs eagerly between them, as does
-each per-image op's reduce (it brings counts to the host to trim the batch): the halves of blocks
-that take the same path share their graphs (one MLP graph for every block, not twelve).
+compiles with dynamic shapes, each block's two halves (attention, the MLP) a graph of its own, and
+the batch bookkeeping, token counts included, runs eagerly between them, as does each stage (its op
+brings counts to the host to trim the batch): the halves of blocks that take the same path share
+their graphs (one MLP graph for every block, not twelve).
 """
 from __future__ import annotations
 

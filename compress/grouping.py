@@ -84,8 +84,9 @@ def _joined(groups: list, state: TokenState) -> tuple:
 
 @torch.compiler.disable
 def _reduced(blk, x: torch.Tensor) -> torch.Tensor:
-    """``blk``'s stage on the joined batch ``x``, eagerly under torch.compile: a per-image op's reduce runs
-    eagerly anyway (``patch._general_reduce``), and what is around it would compile to small graphs."""
+    """``blk``'s stage on the joined batch ``x``, eagerly under torch.compile: a per-image op's reduce
+    brings counts to the host to trim the batch, so compiled it and what is around it were a string of
+    small graphs between breaks that cost compile time and bought no speed (docs/benchmarks.md)."""
     return blk.reduce(x)
 
 

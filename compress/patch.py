@@ -178,15 +178,6 @@ class PlanAttention(Attention):
         return torch.cat(outs), {key: torch.cat([info[key] for info in infos]) for key in infos[0]}
 
 
-@torch.compiler.disable
-def _general_reduce(spec, x: torch.Tensor, size: torch.Tensor, info: dict[str, Any], prefix: int,
-                    settings: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """An op's general reduce, eager under torch.compile: it brings counts to the host to trim the batch, so
-    its graph would break there; compiled in pieces it cost a quarter of a per-image plan's graphs and
-    compile time and bought no speed (docs/benchmarks.md)."""
-    return spec.reduce(x, size, info, prefix, **settings)
-
-
 def reduce_tokens(stage: Stage, x: torch.Tensor, state: TokenState, info: dict[str, Any], **overrides: float):
     """Apply one stage to the token state with its op's reduce function (its uniform one while the batch
     is uniform); returns (x, size) and updates ``state``'s flags. ``overrides`` replace amount fields of
@@ -196,7 +187,7 @@ def reduce_tokens(stage: Stage, x: torch.Tensor, state: TokenState, info: dict[s
     if state.uniform and spec.reduce_uniform is not None:
         x, size = spec.reduce_uniform(x, state.size, info, state.prefix, **settings)
     else:
-        x, size = _general_reduce(spec, x, state.size, info, state.prefix, settings)
+        x, size = spec.reduce(x, state.size, info, state.prefix, **settings)
     state.uniform = state.uniform and not spec.per_image
     state.unit = state.unit and state.uniform and not spec.sums_sizes
     return x, size
