@@ -18,6 +18,7 @@ from pathlib import Path
 
 import paretoken
 from paretoken.evaluators.evaluate import EvalConfig, environment, evaluate
+from paretoken.evaluators.speed import timing_context
 
 
 def main() -> None:
@@ -52,7 +53,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python bench/presets.py", *sys.argv[1:]])
     out.write_text(json.dumps({"command": command, "config": vars(config),
-                               "environment": environment(), "rows": rows}, indent=2) + "\n")
+                               "environment": environment(), "timing": timing_context(),
+                               "rows": rows}, indent=2) + "\n")
     print(f"saved {out}")
 
 

@@ -5,12 +5,39 @@ timings with one of the base model on the same batch right next to it, so a drif
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import statistics
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
+
+
+#: glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_host_memory_kept: bool | None = None  # None: not tried yet in this process
+
+
+def keep_host_memory() -> bool:
+    """Make glibc's malloc serve every block from its heap and never give freed memory back to the system
+    (``mallopt``: M_MMAP_MAX 0, M_TRIM_THRESHOLD its maximum), once per process; returns whether it could
+    (False without glibc). :func:`timed_forward` calls it before timing on the CPU.
+
+    By default glibc maps large blocks afresh and trims the heap, so a forward that frees and allocates
+    megabytes per block pays a page fault for each new page it touches. On the 2-core VM the uncompressed
+    default model took about 110,000 minor faults per batch of 100, a fifth of its time, and its plans
+    few or none, so speed-ups depended on the allocator's state and varied between processes
+    (docs/benchmarks.md). With the heap kept, forwards after the first take none and a timing measures
+    the computation; the process keeps the heap of its largest forward."""
+    global _host_memory_kept
+    if _host_memory_kept is None:
+        name = ctypes.util.find_library("c")
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+        _host_memory_kept = bool(mallopt and mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return _host_memory_kept
 
 
 #: The autocast precisions a GPU forward may be timed in (``--amp`` of the benchmarks).
@@ -33,6 +60,8 @@ def timed_forward(model: torch.nn.Module, images: torch.Tensor,
     """Logits of one forward on ``images`` (B, C, H, W) and its wall time in seconds (``amp``: the
     autocast precision on CUDA)."""
     device = images.device
+    if device.type == "cpu":
+        keep_host_memory()
     synchronize(device)
     start = time.perf_counter()
     with autocast(device, amp):
@@ -70,4 +99,5 @@ def paired_speedup(base_seconds: Sequence[float], plan_seconds: Sequence[float])
 def timing_context() -> dict[str, int | str]:
     """The settings a timing depends on, recorded beside every figure."""
     return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-            "memory_format": "contiguous (NCHW)", "torch": torch.__version__}
+            "memory_format": "contiguous (NCHW)", "torch": torch.__version__,
+            "host_memory": "kept (glibc heap only, never trimmed)" if _host_memory_kept else "allocator default"}

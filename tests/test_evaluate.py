@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import math
+import platform
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -175,3 +178,35 @@ def test_devices_other_than_cpu_and_cuda_are_refused(name):
 
 def test_auto_device_is_cuda_where_present():
     assert ev.resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+_FAULTS = """
+import resource, sys, torch
+from paretoken.evaluators.models import build_default_architecture
+from paretoken.evaluators.speed import timed_forward, timing_context
+torch.set_num_threads(1)
+model = build_default_architecture().eval()
+images = torch.randn(8, *model.pretrained_cfg["input_size"])
+forward = (lambda: timed_forward(model, images)) if sys.argv[1] == "timed" else (lambda: model(images))
+with torch.inference_mode():
+    for _ in range(2):
+        forward()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        forward()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, timing_context()["host_memory"])
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_timed_cpu_forwards_keep_the_heap_and_take_no_page_faults():
+    """Timed CPU forwards run with glibc's heap kept (speed.keep_host_memory): none of the page faults
+    that the default allocator's fresh mappings cost an untimed forward of the same model."""
+    runs = {}
+    for mode in ("plain", "timed"):
+        done = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        faults, memory = done.stdout.split(maxsplit=1)
+        runs[mode] = int(faults), memory.strip()
+    assert runs["timed"][0] < 100 < 1000 < runs["plain"][0]
+    assert runs["timed"][1].startswith("kept") and runs["plain"][1] == "allocator default"
