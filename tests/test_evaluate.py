@@ -186,10 +186,10 @@ from paretoken.evaluators.models import build_default_architecture
 from paretoken.evaluators.speed import timed_forward, timing_context
 torch.set_num_threads(1)
 model = build_default_architecture().eval()
-images = torch.randn(8, *model.pretrained_cfg["input_size"])
+images = torch.randn(32, *model.pretrained_cfg["input_size"])
 forward = (lambda: timed_forward(model, images)) if sys.argv[1] == "timed" else (lambda: model(images))
 with torch.inference_mode():
-    for _ in range(2):
+    for _ in range(4):
         forward()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(3):
@@ -208,5 +208,5 @@ def test_timed_cpu_forwards_keep_the_heap_and_take_no_page_faults():
         assert done.returncode == 0, done.stderr
         faults, memory = done.stdout.split(maxsplit=1)
         runs[mode] = int(faults), memory.strip()
-    assert runs["timed"][0] < 100 < 1000 < runs["plain"][0]
+    assert runs["plain"][0] > 1000 and runs["timed"][0] < runs["plain"][0] / 10
     assert runs["timed"][1].startswith("kept") and runs["plain"][1] == "allocator default"
