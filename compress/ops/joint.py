@@ -40,7 +40,7 @@ def joint_merge_prune(x, size, score, metric, prefix: int, mass: float, sim: flo
     import torch
     import torch.nn.functional as F
 
-    from paretoken.compress.tokens import NEG, gather_tokens, merge_sources, positions_first
+    from paretoken.compress.tokens import gather_tokens, merge_sources, positions_first
 
     critical = critical_by_mass(score, size, prefix, mass)
     other = (size > 0) & ~critical
@@ -49,10 +49,14 @@ def joint_merge_prune(x, size, score, metric, prefix: int, mass: float, sim: flo
     # each image's critical and other tokens in position order: a tie of the max goes to the first critical one
     targets, k = positions_first(critical)
     sources, r = positions_first(other)
-    s = gather_tokens(metric, sources) @ gather_tokens(metric, targets).transpose(1, 2)
-    s.masked_fill_(torch.arange(targets.shape[1], device=x.device) >= k[:, None, None], NEG)
+    # a padding slot repeats the image's first critical token instead of being masked over (B, R, K): it
+    # is never a better match than that token, and where rounding makes it one, j goes back to it
+    repeated = torch.arange(targets.shape[1], device=x.device) >= k[:, None]
+    matched = torch.where(repeated, targets[:, :1], targets)
+    s = gather_tokens(metric, sources) @ gather_tokens(metric, matched).transpose(1, 2)
     best, j = s.max(dim=-1)
-    merge = (torch.arange(sources.shape[1], device=x.device) < r[:, None]) & (best >= sim)
+    j = j.masked_fill(repeated.gather(1, j), 0)
+    merge = (torch.arange(sources.shape[1], device=x.device) < r[:, None]) & (best >= sim) & (k > 0)[:, None]
     kept = torch.cat([torch.arange(prefix, device=x.device).expand(x.shape[0], -1), targets], dim=1)
     valid = torch.arange(kept.shape[1], device=x.device) < (prefix + k)[:, None]
     return merge_sources(gather_tokens(x, kept), size.gather(1, kept) * valid, gather_tokens(x, sources),
