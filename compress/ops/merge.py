@@ -61,12 +61,11 @@ def bipartite_merge_uniform(x, size, metric, prefix: int, keep: float | None = N
     r = min(removed, xa.shape[1]) if xb.shape[1] else 0
     if r == 0:  # nothing merges; the order is still prefix, A, B
         return torch.cat([x[:, :prefix], xa, xb], dim=1), torch.cat([size[:, :prefix], sa, sb], dim=1)
-    scores = scores[:, a0:, b0:]  # A patch tokens to B patch tokens
-    # each A token's best similarity, then the best B token of the r sources only: on CPU a max with
-    # indices over the last dim takes 10x as long as without
-    ranked = torch.argsort(scores.amax(dim=-1), dim=1, descending=True, stable=True)
+    # each A patch token's best similarity to a B patch token, then the best B token of the r sources only:
+    # on CPU a max with indices over the last dim takes 10x as long as without
+    ranked = torch.argsort(scores[:, a0:, b0:].amax(dim=-1), dim=1, descending=True, stable=True)
     src, unmerged = ranked[:, :r], ranked[:, r:].sort(dim=1).values
-    dst = gather_tokens(scores, src).argmax(dim=-1)
+    dst = gather_tokens(scores, a0 + src)[..., b0:].argmax(dim=-1)  # rows of scores itself: no copy of a slice
     # A's tokens taken from x itself (A is a strided view: selecting from it would copy it first)
     xb, sb = merge_sources(xb, sb, gather_tokens(x, 2 * a0 + 2 * src), sa.gather(1, src), dst, fuse)
     x = torch.cat([x[:, :prefix], gather_tokens(x, 2 * a0 + 2 * unmerged), xb], dim=1)
