@@ -58,7 +58,7 @@ def joint_merge_prune(x, size, score, metric, prefix: int, mass: float, sim: flo
     j = j.masked_fill(repeated.gather(1, j), 0)
     merge = (torch.arange(sources.shape[1], device=x.device) < r[:, None]) & (best >= sim) & (k > 0)[:, None]
     kept = torch.cat([torch.arange(prefix, device=x.device).expand(x.shape[0], -1), targets], dim=1)
-    valid = torch.arange(kept.shape[1], device=x.device) < (prefix + k)[:, None]
+    valid = F.pad(~repeated, (prefix, 0), value=True)  # the prefix and each image's critical tokens
     return merge_sources(gather_tokens(x, kept), size.gather(1, kept) * valid, gather_tokens(x, sources),
                          size.gather(1, sources) * merge, prefix + j)
 
