@@ -96,27 +96,37 @@ def best_first(score: torch.Tensor, prefix: int) -> torch.Tensor:
 def take(x: torch.Tensor, size: torch.Tensor, prefix: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The prefix and the patch tokens at positions ``index`` (B, K) of a uniform batch, in position order:
     x (B, prefix + K, C), size (B, prefix + K)."""
-    index = index.sort(dim=1).values
-    return torch.cat([x[:, :prefix], gather_tokens(x, index)], dim=1), torch.cat([size[:, :prefix], size.gather(1, index)], dim=1)
+    index = torch.cat([torch.arange(prefix, device=index.device).expand(index.shape[0], -1), index.sort(dim=1).values],
+                      dim=1)
+    return gather_tokens(x, index), size.gather(1, index)
 
 
 def merge_sources(x: torch.Tensor, size: torch.Tensor, src_x: torch.Tensor, src_size: torch.Tensor,
                   dst: torch.Tensor, fuse: str = "average") -> tuple[torch.Tensor, torch.Tensor]:
     """Merge the tokens ``src_x`` (B, R, C) of sizes ``src_size`` (B, R) into the tokens ``dst`` (B, R)
     index of ``x`` (B, M, C), ``size`` (B, M): :func:`merge_into`'s ``fuse`` modes, computed on the
-    sources and the tokens they merge into only; a slot of size 0 that nothing merges into (padding)
-    comes out 0. Returns x, size (B, M, ...)."""
+    sources and the tokens they merge into only; every other token is left as it is. ``x`` is changed
+    in place: callers pass a tensor they have just made. Returns x, size (B, M, ...)."""
     if fuse == "drop":
         return x, size
-    total = add_tokens_(x * size[..., None].to(x.dtype), dst, src_x * src_size[..., None].to(x.dtype))
+    batch, m, dim = x.shape
     merged_size = size.scatter_add(1, dst, src_size)
-    out = total / torch.where(merged_size > 0, merged_size, 1)[..., None].to(x.dtype)
-    if fuse == "mlerp":
-        largest = x.float().norm(dim=-1).scatter_reduce(1, dst, src_x.float().norm(dim=-1), reduce="amax")
-        received = torch.zeros_like(size, dtype=torch.bool).scatter(1, dst, torch.ones_like(dst, dtype=torch.bool))
-        scale = largest / out.float().norm(dim=-1).clamp(min=torch.finfo(torch.float32).tiny)
-        out = torch.where(received[..., None], out * scale[..., None].to(x.dtype), out)
-    return out, merged_size
+    rows = _flat_rows(dst, m)
+    total = merged_size.gather(1, dst).reshape(-1, 1)
+    total = torch.where(total > 0, total, 1)  # a slot of size 0 that only size-0 sources reach stays as it is
+    flat = x.view(batch * m, dim)
+    own = flat.index_select(0, rows)
+    src_x = src_x.reshape(-1, dim)
+    # each merged token's own share first (rows repeat, with the same value), then its sources' shares
+    flat.index_copy_(0, rows, own * (size.gather(1, dst).reshape(-1, 1) / total).to(x.dtype))
+    flat.index_add_(0, rows, src_x * (src_size.reshape(-1, 1) / total).to(x.dtype))
+    if fuse == "mlerp":  # rescaled to the largest norm among the tokens merged (ToFu's MLERP)
+        largest = torch.zeros(batch * m, device=x.device).scatter_reduce_(
+            0, rows, torch.maximum(own.float().norm(dim=-1), src_x.float().norm(dim=-1)), "amax")
+        out = flat.index_select(0, rows)
+        scale = largest.index_select(0, rows) / out.float().norm(dim=-1).clamp(min=torch.finfo(torch.float32).tiny)
+        flat.index_copy_(0, rows, out * scale[:, None].to(x.dtype))
+    return x, merged_size
 
 
 def positions_first(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,8 +59,9 @@ def joint_merge_prune(x, size, score, metric, prefix: int, mass: float, sim: flo
     merge = (torch.arange(sources.shape[1], device=x.device) < r[:, None]) & (best >= sim) & (k > 0)[:, None]
     kept = torch.cat([torch.arange(prefix, device=x.device).expand(x.shape[0], -1), targets], dim=1)
     valid = F.pad(~repeated, (prefix, 0), value=True)  # the prefix and each image's critical tokens
-    return merge_sources(gather_tokens(x, kept), size.gather(1, kept) * valid, gather_tokens(x, sources),
-                         size.gather(1, sources) * merge, prefix + j)
+    x, size = merge_sources(gather_tokens(x, kept), size.gather(1, kept) * valid, gather_tokens(x, sources),
+                            size.gather(1, sources) * merge, prefix + j)
+    return x.masked_fill_(~valid[..., None], 0), size  # padding slots: zero features, as compact leaves them
 
 
 def flops(n, m, dims, prefix: int, **amounts):

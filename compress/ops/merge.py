@@ -22,59 +22,71 @@ def bipartite_merge(x, size, metric, prefix: int, keep: float | None = None, r: 
 
     n = patch_counts(size, prefix)
     removed = n - count_to_keep(n, keep, r) if keep is not None else torch.full_like(n, int(r))
+    a0, b0 = first_patches(prefix)
     metric = F.normalize(metric.float(), dim=-1)
-    a, b = metric[:, ::2], metric[:, 1::2]
-    scores = a @ b.transpose(1, 2)
-    pos = torch.arange(x.shape[1], device=x.device)
-    a_ok = (pos[::2] >= prefix)[None] & (size[:, ::2] > 0)
-    b_ok = (pos[1::2] >= prefix)[None] & (size[:, 1::2] > 0)
-    scores = scores.masked_fill(~a_ok[:, :, None], NEG).masked_fill(~b_ok[:, None, :], NEG)
-    node_max, node_idx = scores.max(dim=-1)
-    rank = rank_desc(node_max)
-    src_a = (rank < removed[:, None]) & (node_max > NEG)
+    scores = metric[:, a0::2] @ metric[:, b0::2].transpose(1, 2)  # (B, NA, NB): patch tokens only
     src = torch.zeros_like(size, dtype=torch.bool)
-    src[:, ::2] = src_a
     dst = torch.zeros_like(size, dtype=torch.long)
-    dst[:, ::2] = 2 * node_idx + 1
+    if scores.shape[2]:  # some B token to merge into
+        scores = scores.masked_fill(~(size[:, a0::2] > 0)[:, :, None], NEG).masked_fill(
+            ~(size[:, b0::2] > 0)[:, None, :], NEG)
+        node_max, node_idx = scores.max(dim=-1)
+        src[:, a0::2] = (rank_desc(node_max) < removed[:, None]) & (node_max > NEG)
+        dst[:, a0::2] = b0 + 2 * node_idx
     x, size = merge_into(x, size, src, dst, fuse)
     # ToMe's output order: prefix, unmerged A tokens, then B tokens (it sets the next block's split).
+    pos = torch.arange(x.shape[1], device=x.device)
     order = torch.argsort(torch.where(pos < prefix, 0, 1 + pos % 2), stable=True)
     return compact(x[:, order], size[:, order], size[:, order] > 0)
+
+
+def first_patches(prefix: int) -> tuple[int, int]:
+    """The positions of the first patch token of set A (even positions) and of set B (odd) after
+    ``prefix`` prefix tokens."""
+    return prefix + prefix % 2, prefix + 1 - prefix % 2
 
 
 def bipartite_merge_uniform(x, size, metric, prefix: int, keep: float | None = None, r: int | None = None,
                             fuse: str = "average"):
     """:func:`bipartite_merge` on a uniform batch, in the manner of ToMe's own code: the same
-    similarities, one sort of the A tokens' best matches, and the merge computed on the r sources
-    and the B tokens only; the same tokens, in the same order."""
+    similarities and one sort of the A tokens' best matches; then the output (prefix, unmerged A
+    tokens, B tokens) in one selection of rows, and the merge computed on the r sources and the rows
+    they merge into only. The same tokens in the same order (to rounding: a B token nothing merges
+    into is copied, not multiplied and divided by its size)."""
     import torch
     import torch.nn.functional as F
 
     from paretoken.compress.tokens import gather_tokens, keep_count, merge_sources
 
-    n = x.shape[1] - prefix
+    batch, n_in, _ = x.shape
+    n = n_in - prefix
     removed = n - keep_count(n, keep, r) if keep is not None else int(r)
+    a0, b0 = first_patches(prefix)
+    na, nb = (n_in - a0 + 1) // 2, (n_in - b0 + 1) // 2
+    r = min(removed, na) if nb else 0
     metric = F.normalize(metric.float(), dim=-1)
-    scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
-    a0, b0 = (prefix + 1) // 2, prefix // 2  # the first A (even) and B (odd) patch token, in each set
-    xa, sa, xb, sb = x[:, 2 * a0::2], size[:, 2 * a0::2], x[:, 2 * b0 + 1::2], size[:, 2 * b0 + 1::2]
-    r = min(removed, xa.shape[1]) if xb.shape[1] else 0
+    scores = metric[:, a0::2] @ metric[:, b0::2].transpose(1, 2)  # (B, na, nb): patch tokens only
+    arange = torch.arange(n_in, device=x.device)
     if r == 0:  # nothing merges; the order is still prefix, A, B
-        return torch.cat([x[:, :prefix], xa, xb], dim=1), torch.cat([size[:, :prefix], sa, sb], dim=1)
-    # each A patch token's best similarity to a B patch token, then the best B token of the r sources only:
+        index = torch.cat([arange[:prefix], arange[a0::2], arange[b0::2]]).expand(batch, -1)
+        return gather_tokens(x, index), size.gather(1, index)
+    # each A token's best similarity to a B token, then the best B token of the r sources only:
     # on CPU a max with indices over the last dim takes 10x as long as without
-    ranked = torch.argsort(scores[:, a0:, b0:].amax(dim=-1), dim=1, descending=True, stable=True)
+    ranked = torch.argsort(scores.amax(dim=-1), dim=1, descending=True, stable=True)
     src, unmerged = ranked[:, :r], ranked[:, r:].sort(dim=1).values
-    dst = gather_tokens(scores, a0 + src)[..., b0:].argmax(dim=-1)  # rows of scores itself: no copy of a slice
-    # A's tokens taken from x itself (A is a strided view: selecting from it would copy it first)
-    xb, sb = merge_sources(xb, sb, gather_tokens(x, 2 * a0 + 2 * src), sa.gather(1, src), dst, fuse)
-    x = torch.cat([x[:, :prefix], gather_tokens(x, 2 * a0 + 2 * unmerged), xb], dim=1)
-    return x, torch.cat([size[:, :prefix], sa.gather(1, unmerged), sb], dim=1)
+    dst = gather_tokens(scores, src).argmax(dim=-1)
+    # the output, prefix, unmerged A tokens and B tokens, in one selection of rows; the sources then
+    # merge into the B tokens' rows
+    index = torch.cat([arange[:prefix].expand(batch, -1), a0 + 2 * unmerged, arange[b0::2].expand(batch, -1)], dim=1)
+    src = a0 + 2 * src
+    return merge_sources(gather_tokens(x, index), size.gather(1, index), gather_tokens(x, src), size.gather(1, src),
+                         prefix + na - r + dst, fuse)
 
 
 def flops(n, m, dims, prefix: int, **amounts):
-    """The similarities of set A (ceil(n / 2) tokens) to set B (floor(n / 2)) on the D-wide keys."""
-    return (n + 1) // 2 * (n // 2) * dims.head_dim
+    """The similarities of set A's patch tokens (even positions) to set B's (odd) on the D-wide keys."""
+    a0, b0 = first_patches(prefix)
+    return (n - a0 + 1) // 2 * ((n - b0 + 1) // 2) * dims.head_dim
 
 
 def reduce(x, size, info, prefix: int, keep: float | None = None, r: int | None = None, fuse: str = "average"):

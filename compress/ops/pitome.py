@@ -14,11 +14,15 @@ MARGIN = Amount("margin", False, lambda v: -1.0 <= v <= 1.0, "-1 <= margin <= 1"
                 "cosine above which a token counts towards another's cluster in the energy score")
 
 
-def elu_(z):
-    """ELU of ``z`` in place: max(z, 0) + exp(min(z, 0)) - 1. F.elu computes expm1, which PyTorch's
-    CPU kernels do not vectorise: on the n x n similarities this is about 4x faster."""
-    positive = z.clamp(min=0)
-    return z.clamp_(max=0).exp_().sub_(1).add_(positive)
+def elu_sum(sim, margin: float):
+    """(B, N): the sum over the last dim of ELU(``sim`` - margin) for ``sim`` (B, N, M), as
+    sum(max(s, m)) - M m + e^-m sum(exp(min(s, m))) - M: three passes over ``sim``, none of them
+    expm1 (F.elu's, which PyTorch's CPU kernels do not vectorise: about 4x slower on n x n similarities)."""
+    import math
+
+    columns = sim.shape[-1]
+    return (sim.clamp(min=margin).sum(dim=-1) + math.exp(-margin) * sim.clamp(max=margin).exp_().sum(dim=-1)
+            - columns * (margin + 1))
 
 
 def energy(metric, size, prefix: int, margin: float):
@@ -33,8 +37,9 @@ def energy(metric, size, prefix: int, margin: float):
     valid[:, :prefix] = False
     unit = F.normalize(metric.float(), dim=-1)
     sim = unit @ unit.transpose(1, 2)
-    elu = elu_(sim - margin) * valid[:, None, :]
-    e = elu.sum(dim=-1) / patch_counts(size, prefix).clamp(min=1)[:, None]
+    # over the patch columns; a padding column, set at the margin, adds ELU(0) = 0
+    columns = sim[:, :, prefix:].masked_fill(~valid[:, None, prefix:], margin)
+    e = elu_sum(columns, margin) / patch_counts(size, prefix).clamp(min=1)[:, None]
     return torch.where(valid, e, torch.full_like(e, NEG)), sim
 
 
@@ -46,7 +51,7 @@ def energy_uniform(metric, prefix: int, margin: float):
 
     unit = F.normalize(metric.float(), dim=-1)
     sim = unit @ unit.transpose(1, 2)
-    e = elu_(sim[:, :, prefix:] - margin).sum(dim=-1) / (sim.shape[-1] - prefix)
+    e = elu_sum(sim[:, :, prefix:], margin) / (sim.shape[-1] - prefix)
     e[:, :prefix] = NEG
     return e, sim
 
@@ -90,10 +95,11 @@ def pitome_merge_uniform(x, size, metric, prefix: int, margin: float, keep: floa
     b = ranked[:, 1:2 * removed:2].sort(dim=1).values  # in position order: ties go to the first, as there
     rows = gather_tokens(sim, a)
     match = b.gather(1, rows.gather(2, b[:, None, :].expand(-1, removed, -1)).argmax(dim=-1))
-    x, size = merge_sources(x, size, gather_tokens(x, a), size.gather(1, a), match, fuse)
     is_src = torch.zeros_like(size, dtype=torch.int8).scatter(1, a, torch.ones_like(a, dtype=torch.int8))
     kept = torch.argsort(is_src, dim=1, stable=True)[:, :n_in - removed]  # in position order
-    return gather_tokens(x, kept), size.gather(1, kept)
+    into = match - is_src.cumsum(dim=1).gather(1, match)  # a match's place among the kept: less the sources before it
+    return merge_sources(gather_tokens(x, kept), size.gather(1, kept), gather_tokens(x, a), size.gather(1, a), into,
+                         fuse)
 
 
 def flops(n, m, dims, prefix: int, **amounts):

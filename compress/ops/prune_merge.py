@@ -70,10 +70,10 @@ def prune_merge_uniform(x, size, score, prefix: int, pruned: int, merged: int, f
     by_position = dst_pos.argsort(dim=1)
     place = torch.empty_like(by_position).scatter_(1, by_position, torch.arange(
         prefix, prefix + k - m, device=x.device).expand_as(by_position))
-    targets_x = torch.cat([x[:, :prefix], gather_tokens(x_dst, by_position)], dim=1)
-    targets_size = torch.cat([size[:, :prefix], size.gather(1, dst_pos.gather(1, by_position))], dim=1)
-    return merge_sources(targets_x, targets_size, x_src, size.gather(1, src_pos), place.gather(1, sim.argmax(dim=-1)),
-                         fuse)
+    targets = torch.cat([torch.arange(prefix, device=x.device).expand(x.shape[0], -1), dst_pos.gather(1, by_position)],
+                        dim=1)
+    return merge_sources(gather_tokens(x, targets), size.gather(1, targets), x_src, size.gather(1, src_pos),
+                         place.gather(1, sim.argmax(dim=-1)), fuse)
 
 
 def flops(n, m, dims, prefix: int, pruned: int, merged: int, **options):
