@@ -29,6 +29,7 @@ import torch
 NEG = float("-inf")
 
 
+@torch.compiler.disable  # reads the sizes on the host: under torch.compile it runs eagerly, without a graph break
 def attention_bias(size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """Additive attention mask (B, 1, 1, N) = log(size), or None when every size is 1.
 
