@@ -63,8 +63,9 @@ DEVICE = "device"  # the evaluation device, e.g. "cpu", "cuda:0 (NVIDIA H200)"
 THREADS = "threads"
 VERSIONS = "versions"  # {package: version} of the worker
 DURATION_S = "duration_s"  # s, the worker's time for the trial
+HOST_MEMORY = "host_memory"  # how its CPU forwards were timed: glibc's heap kept or the allocator's defaults
 #: What a worker reports about its run of a trial (:func:`paretoken.search.worker.run_trial`), stored as is.
-RUN_KEYS = (WORKER_PID, HOSTNAME, DEVICE, THREADS, VERSIONS, DURATION_S)
+RUN_KEYS = (WORKER_PID, HOSTNAME, DEVICE, THREADS, VERSIONS, DURATION_S, HOST_MEMORY)
 #: What a retry carries over from the trial it re-runs.
 CARRIED_BY_RETRY = (PRESET, ENQUEUED_PLAN, RUNGS)
 

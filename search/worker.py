@@ -51,7 +51,7 @@ def run_trial(plan: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     """Evaluate ``plan`` (dict form) under ``config`` (EvalConfig as a dict).
 
     Returns ``{"metrics": {...}}``, ``{"error": "..."}`` or ``{"setup_error": "..."}`` plus ``device``,
-    ``threads``, ``versions``, ``hostname``, ``worker_pid`` and ``duration_s``. An exception of the plan's
+    ``threads``, ``versions``, ``hostname``, ``worker_pid``, ``duration_s`` and, on the CPU, ``host_memory``. An exception of the plan's
     evaluation (a bad plan, out of memory, non-finite logits) becomes ``error``: the search records the
     trial FAIL and goes on. One raised while preparing what every trial shares (model, images, the
     uncompressed forward; :func:`~paretoken.evaluators.evaluate.prepare`) becomes ``setup_error``: the
@@ -81,6 +81,10 @@ def run_trial(plan: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     out["device"] = env.pop("device", device)
     out["threads"] = env.pop("threads", "")
     out["versions"] = env
+    if not device.startswith("cuda"):  # speed.timing_context(): whether the timed forwards could take page faults
+        from paretoken.evaluators.speed import timing_context
+
+        out["host_memory"] = timing_context()["host_memory"]
     out["duration_s"] = time.perf_counter() - start
     return out
 

@@ -69,6 +69,7 @@ def test_local_search_stores_every_trial_and_resumes_without_repeating(config, t
         assert t.values == [attrs["top1"], attrs["gflops"]]
         assert attrs["device"].startswith("cpu") and attrs["duration_s"] > 0 and attrs["worker_pid"] > 0
         assert attrs["versions"]["optuna"] == optuna.__version__ and "torch" in attrs["versions"]
+        assert attrs["host_memory"].startswith("kept")  # its timed forwards took no page faults (glibc)
         assert attrs["space"] == "evit"
     assert trials[2].user_attrs["gflops"] < trials[1].user_attrs["gflops"] < trials[0].user_attrs["gflops"]
     assert study.user_attrs["objectives"] == ["top1", "gflops"] and study.metric_names == ["top1", "gflops"]
