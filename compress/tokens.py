@@ -94,11 +94,17 @@ def best_first(score: torch.Tensor, prefix: int) -> torch.Tensor:
     return torch.argsort(score[:, prefix:].float(), dim=1, descending=True, stable=True) + prefix
 
 
+def prefix_first(prefix: int, *positions: torch.Tensor) -> torch.Tensor:
+    """(B, prefix + K1 + K2 ...): the prefix tokens' positions, then the positions ``positions`` (B, Ki),
+    in that order: the index of a reduce's output tokens, selected with :func:`gather_tokens` in one pass."""
+    first = positions[0]
+    return torch.cat([torch.arange(prefix, device=first.device).expand(first.shape[0], -1), *positions], dim=1)
+
+
 def take(x: torch.Tensor, size: torch.Tensor, prefix: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The prefix and the patch tokens at positions ``index`` (B, K) of a uniform batch, in position order:
     x (B, prefix + K, C), size (B, prefix + K)."""
-    index = torch.cat([torch.arange(prefix, device=index.device).expand(index.shape[0], -1), index.sort(dim=1).values],
-                      dim=1)
+    index = prefix_first(prefix, index.sort(dim=1).values)
     return gather_tokens(x, index), size.gather(1, index)
 
 

@@ -81,7 +81,7 @@ def run_trial(plan: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     out["device"] = env.pop("device", device)
     out["threads"] = env.pop("threads", "")
     out["versions"] = env
-    if not device.startswith("cuda"):  # speed.timing_context(): whether the timed forwards could take page faults
+    if out["device"].startswith("cpu"):  # speed.timing_context(): whether the timed forwards could take page faults
         from paretoken.evaluators.speed import timing_context
 
         out["host_memory"] = timing_context()["host_memory"]

@@ -40,7 +40,7 @@ def joint_merge_prune(x, size, score, metric, prefix: int, mass: float, sim: flo
     import torch
     import torch.nn.functional as F
 
-    from paretoken.compress.tokens import gather_tokens, merge_sources, positions_first
+    from paretoken.compress.tokens import gather_tokens, merge_sources, positions_first, prefix_first
 
     critical = critical_by_mass(score, size, prefix, mass)
     other = (size > 0) & ~critical
@@ -57,7 +57,7 @@ def joint_merge_prune(x, size, score, metric, prefix: int, mass: float, sim: flo
     best, j = s.max(dim=-1)
     j = j.masked_fill(repeated.gather(1, j), 0)
     merge = (torch.arange(sources.shape[1], device=x.device) < r[:, None]) & (best >= sim) & (k > 0)[:, None]
-    kept = torch.cat([torch.arange(prefix, device=x.device).expand(x.shape[0], -1), targets], dim=1)
+    kept = prefix_first(prefix, targets)
     valid = F.pad(~repeated, (prefix, 0), value=True)  # the prefix and each image's critical tokens
     x, size = merge_sources(gather_tokens(x, kept), size.gather(1, kept) * valid, gather_tokens(x, sources),
                             size.gather(1, sources) * merge, prefix + j)

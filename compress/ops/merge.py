@@ -56,7 +56,7 @@ def bipartite_merge_uniform(x, size, metric, prefix: int, keep: float | None = N
     import torch
     import torch.nn.functional as F
 
-    from paretoken.compress.tokens import gather_tokens, keep_count, merge_sources
+    from paretoken.compress.tokens import gather_tokens, keep_count, merge_sources, prefix_first
 
     batch, n_in, _ = x.shape
     n = n_in - prefix
@@ -66,9 +66,9 @@ def bipartite_merge_uniform(x, size, metric, prefix: int, keep: float | None = N
     r = min(removed, na) if nb else 0
     metric = F.normalize(metric.float(), dim=-1)
     scores = metric[:, a0::2] @ metric[:, b0::2].transpose(1, 2)  # (B, na, nb): patch tokens only
-    arange = torch.arange(n_in, device=x.device)
+    b_pos = torch.arange(b0, n_in, 2, device=x.device).expand(batch, -1)
     if r == 0:  # nothing merges; the order is still prefix, A, B
-        index = torch.cat([arange[:prefix], arange[a0::2], arange[b0::2]]).expand(batch, -1)
+        index = prefix_first(prefix, torch.arange(a0, n_in, 2, device=x.device).expand(batch, -1), b_pos)
         return gather_tokens(x, index), size.gather(1, index)
     # each A token's best similarity to a B token, then the best B token of the r sources only:
     # on CPU a max with indices over the last dim takes 10x as long as without
@@ -77,7 +77,7 @@ def bipartite_merge_uniform(x, size, metric, prefix: int, keep: float | None = N
     dst = gather_tokens(scores, src).argmax(dim=-1)
     # the output, prefix, unmerged A tokens and B tokens, in one selection of rows; the sources then
     # merge into the B tokens' rows
-    index = torch.cat([arange[:prefix].expand(batch, -1), a0 + 2 * unmerged, arange[b0::2].expand(batch, -1)], dim=1)
+    index = prefix_first(prefix, a0 + 2 * unmerged, b_pos)
     src = a0 + 2 * src
     return merge_sources(gather_tokens(x, index), size.gather(1, index), gather_tokens(x, src), size.gather(1, src),
                          prefix + na - r + dst, fuse)

@@ -56,7 +56,7 @@ def prune_merge_uniform(x, size, score, prefix: int, pruned: int, merged: int, f
     import torch
     import torch.nn.functional as F
 
-    from paretoken.compress.tokens import best_first, gather_tokens, keep_count, merge_sources, take
+    from paretoken.compress.tokens import best_first, gather_tokens, keep_count, merge_sources, prefix_first, take
 
     k = keep_count(x.shape[1] - prefix, r=pruned)
     m = min(max(k - 1, 0), merged)
@@ -70,8 +70,7 @@ def prune_merge_uniform(x, size, score, prefix: int, pruned: int, merged: int, f
     by_position = dst_pos.argsort(dim=1)
     place = torch.empty_like(by_position).scatter_(1, by_position, torch.arange(
         prefix, prefix + k - m, device=x.device).expand_as(by_position))
-    targets = torch.cat([torch.arange(prefix, device=x.device).expand(x.shape[0], -1), dst_pos.gather(1, by_position)],
-                        dim=1)
+    targets = prefix_first(prefix, dst_pos.gather(1, by_position))
     return merge_sources(gather_tokens(x, targets), size.gather(1, targets), x_src, size.gather(1, src_pos),
                          place.gather(1, sim.argmax(dim=-1)), fuse)
 
